@@ -1,0 +1,225 @@
+/* check.c - `evictd check [--connect]`: validate the config, describe it, check the live servers. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include <hiredis/hiredis.h>
+#include <libpq-fe.h>
+
+#include "config.h"
+#include "daemon.h"
+
+/* A blocking query is fine here: check runs no loop. Returns NULL after printing the error. */
+static PGresult *q(PGconn *c, const char *sql, const char *arg)
+{
+    const char *params[1] = {arg};
+    PGresult *r = PQexecParams(c, sql, arg ? 1 : 0, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
+        fprintf(stderr, "postgres: %s", PQresultErrorMessage(r));
+        PQclear(r);
+        return NULL;
+    }
+    return r;
+}
+
+static bool in_csv(const char *csv, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = csv; p && *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0)
+            return true;
+        p = e ? e + 1 : NULL;
+    }
+    return false;
+}
+
+/* Checks one table: exists, has the columns, is watched with triggers for every event and a
+ * capture holding every needed column. Returns the number of problems. */
+static int check_table(PGconn *c, const evd_config_t *cfg, const evd_rule_t *rule)
+{
+    char name[140];
+    snprintf(name, sizeof(name), "\"%s\".\"%s\"", rule->schema, rule->table);
+    int problems = 0;
+    PGresult *r = q(c, "SELECT to_regclass($1) IS NOT NULL", name);
+    if (!r)
+        return 1;
+    bool exists = PQgetvalue(r, 0, 0)[0] == 't';
+    PQclear(r);
+    if (!exists) {
+        printf("FAIL %s.%s: table does not exist\n", rule->schema, rule->table);
+        return 1;
+    }
+    evd_strv_t need = {0};
+    if (evd_config_needed_columns(cfg, rule->schema, rule->table, &need) < 0)
+        return 1;
+    evd_buf_t cols = {0};
+    r = q(c, "SELECT string_agg(attname, ',') FROM pg_catalog.pg_attribute "
+             "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped", name);
+    if (r && evd_buf_puts(&cols, PQgetvalue(r, 0, 0)) == 0) {
+        for (size_t i = 0; i < need.n; i++)
+            if (!in_csv(cols.data, need.v[i])) {
+                printf("FAIL %s.%s: column %s (named by a rule) does not exist\n", rule->schema, rule->table,
+                       need.v[i]);
+                problems++;
+            }
+    }
+    PQclear(r);
+    evd_buf_free(&cols);
+    r = q(c, "SELECT array_to_string(columns, ','), durable FROM evictd.watches WHERE tbl = $1::regclass", name);
+    if (!r) {
+        printf("FAIL %s.%s: cannot read evictd.watches (is sql/install.sql applied?)\n", rule->schema, rule->table);
+        problems++;
+    } else if (PQntuples(r) == 0) {
+        printf("FAIL %s.%s: not watched: apply the output of `evictd sql`\n", rule->schema, rule->table);
+        problems++;
+    } else {
+        const char *captured = PQgetvalue(r, 0, 0);
+        for (size_t i = 0; i < need.n; i++)
+            if (!in_csv(captured, need.v[i])) {
+                printf("FAIL %s.%s: column %s is not captured (templates using it would widen); "
+                       "apply the output of `evictd sql`\n",
+                       rule->schema, rule->table, need.v[i]);
+                problems++;
+            }
+        printf("%s %s.%s: captured columns [%s], %s\n", problems ? "    " : "ok  ", rule->schema, rule->table,
+               captured, PQgetvalue(r, 0, 1)[0] == 't' ? "durable" : "notify-only");
+    }
+    PQclear(r);
+    evd_strv_free(&need);
+    /* Triggers: row-level or statement-level with transition tables, any shape, as long as
+     * INSERT, UPDATE, DELETE and TRUNCATE are all covered by evictd's functions. */
+    r = q(c, "SELECT coalesce(bit_or(tgtype::int), 0) FROM pg_catalog.pg_trigger t "
+             "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
+             "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+             "WHERE t.tgrelid = $1::regclass AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
+             "AND n.nspname = 'evictd'", name);
+    if (r) {
+        int bits = atoi(PQgetvalue(r, 0, 0));
+        const struct {
+            int bit;
+            const char *op;
+        } ev[] = {{4, "INSERT"}, {16, "UPDATE"}, {8, "DELETE"}, {32, "TRUNCATE"}};
+        for (size_t i = 0; i < 4; i++)
+            if (!(bits & ev[i].bit)) {
+                printf("FAIL %s.%s: no evictd trigger for %s\n", rule->schema, rule->table, ev[i].op);
+                problems++;
+            }
+        PQclear(r);
+    } else {
+        problems++;
+    }
+    return problems;
+}
+
+static int check_postgres(const evd_config_t *cfg)
+{
+    PGconn *c = PQconnectdb(cfg->pg_url);
+    if (PQstatus(c) != CONNECTION_OK) {
+        printf("FAIL postgres: cannot connect: %s", PQerrorMessage(c));
+        PQfinish(c);
+        return 1;
+    }
+    printf("ok   postgres: connected to %s:%s database %s\n", PQhost(c), PQport(c), PQdb(c));
+    int problems = 0;
+    for (size_t i = 0; i < cfg->rules.n; i++) {
+        const evd_rule_t *rule = &cfg->rules.v[i];
+        bool first = true;
+        for (size_t k = 0; k < i; k++)
+            if (!strcmp(cfg->rules.v[k].schema, rule->schema) && !strcmp(cfg->rules.v[k].table, rule->table))
+                first = false;
+        if (first)
+            problems += check_table(c, cfg, rule);
+        for (size_t l = 0; l < rule->nlookups; l++) {
+            PGresult *r = PQprepare(c, "", rule->lookups[l].sql, (int)rule->lookups[l].nargs, NULL);
+            if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+                printf("FAIL rules[%zu].lookups[%zu] (%s): %s", i, l, rule->lookups[l].as, PQresultErrorMessage(r));
+                problems++;
+            }
+            PQclear(r);
+        }
+    }
+    PGresult *r = q(c, "SELECT n.nspname, c.relname FROM evictd.watches w "
+                       "JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
+                       "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2", NULL);
+    for (int i = 0; r && i < PQntuples(r); i++) {
+        if (!evd_rules_watches(&cfg->rules, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)))
+            printf("warn %s.%s is watched but no rule names it (its changes are acknowledged and counted "
+                   "as unmatched; `SELECT evictd.unwatch('%s.%s')` stops the capture)\n",
+                   PQgetvalue(r, i, 0), PQgetvalue(r, i, 1), PQgetvalue(r, i, 0), PQgetvalue(r, i, 1));
+    }
+    PQclear(r);
+    PQfinish(c);
+    return problems ? 1 : 0;
+}
+
+static int check_redis(const evd_target_cfg_t *t)
+{
+    struct timeval tv = {.tv_sec = t->timeout_ms / 1000, .tv_usec = (t->timeout_ms % 1000) * 1000};
+    redisContext *c = t->unix_path ? redisConnectUnixWithTimeout(t->unix_path, tv)
+                                   : redisConnectWithTimeout(t->host, t->port, tv);
+    if (!c || c->err) {
+        printf("FAIL redis %s: cannot connect: %s\n", t->name, c ? c->errstr : "out of memory");
+        if (c)
+            redisFree(c);
+        return 1;
+    }
+    redisSetTimeout(c, tv);
+    redisReply *r = NULL;
+    int fail = 0;
+    if (t->password) {
+        r = t->username ? redisCommand(c, "AUTH %s %s", t->username, t->password)
+                        : redisCommand(c, "AUTH %s", t->password);
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            printf("FAIL redis %s: AUTH failed: %s\n", t->name, r ? r->str : c->errstr);
+            fail = 1;
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    if (!fail && t->db) {
+        r = redisCommand(c, "SELECT %d", t->db);
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            printf("FAIL redis %s: SELECT %d failed: %s\n", t->name, t->db, r ? r->str : c->errstr);
+            fail = 1;
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    if (!fail) {
+        r = redisCommand(c, "PING");
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            printf("FAIL redis %s: PING failed: %s\n", t->name, r ? r->str : c->errstr);
+            fail = 1;
+        } else {
+            printf("ok   redis %s: answers\n", t->name);
+        }
+        if (r)
+            freeReplyObject(r);
+    }
+    redisFree(c);
+    return fail;
+}
+
+int evd_check_run(const char *config_path, bool connect)
+{
+    char err[1024];
+    evd_config_t *cfg = evd_config_load(config_path, getenv, err, sizeof(err));
+    if (!cfg) {
+        fprintf(stderr, "evictd: %s\n", err);
+        return 2;
+    }
+    evd_config_describe(cfg, stdout);
+    int rc = 0;
+    if (connect) {
+        rc |= check_postgres(cfg);
+        for (size_t i = 0; i < cfg->ntargets; i++)
+            rc |= check_redis(&cfg->targets[i]);
+        printf("%s\n", rc ? "check failed" : "check passed");
+    }
+    evd_config_free(cfg);
+    return rc ? 1 : 0;
+}

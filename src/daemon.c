@@ -1,0 +1,1470 @@
+/* daemon.c - `evictd run`: notification -> change -> keys -> Redis batches -> ack, on one loop. */
+#include "daemon.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "config.h"
+#include "deadletter.h"
+#include "log.h"
+#include "payload.h"
+#include "pg.h"
+#include "redis.h"
+#include "rules.h"
+
+#define CLAIM_ROWS 1000
+#define LAG_SAMPLES 8192
+
+/* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
+static const char SQL_BEGIN[] = "BEGIN";
+static const char SQL_COMMIT[] = "COMMIT";
+static const char SQL_CLAIM[] =
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2::bigint[]) "
+    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED";
+static const char SQL_PEEK[] =
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+static const char SQL_ACK[] = "DELETE FROM evictd.outbox WHERE id = ANY($1::bigint[])";
+/* A claim that was released (retry backoff) acks only rows no other replica has locked. */
+static const char SQL_ACK_RELEASED[] =
+    "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
+    "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
+static const char SQL_IDLE[] = "SELECT setval('evictd.idle', 1)";
+static const char SQL_WATCHES[] =
+    "SELECT n.nspname, c.relname, array_to_string(w.columns, ','), w.durable "
+    "FROM evictd.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+
+/* A config shared by the work that started under it (reload swaps the current one). */
+typedef struct cfgref {
+    evd_config_t *cfg;
+    int refs;
+} cfgref_t;
+
+typedef struct daemon daemon_t;
+typedef struct unit unit_t;
+
+/* One change in memory: its parse, its keys per target and its jobs. */
+typedef struct rec {
+    unit_t *unit;
+    evd_change_t ch;
+    char *raw;             /* the payload text, for dead letters */
+    int64_t id;            /* outbox id or -1 */
+    char table[130];       /* schema.table */
+    size_t njobs;
+    int outstanding;       /* jobs not called back */
+    evd_job_t *jobs;       /* njobs entries */
+    int *job_target;       /* target index per job */
+    evd_strv_t *keys;      /* per job */
+    evd_strv_t *patterns;  /* per job */
+} rec_t;
+
+/* Changes read together: one outbox claim, or the notifications of one loop iteration. */
+struct unit {
+    daemon_t *d;
+    cfgref_t *cfg;
+    bool claim;            /* outbox rows: ack when done */
+    bool in_tx;            /* the claim's transaction is still open */
+    bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
+    rec_t **recs;
+    size_t nrecs, cap;
+    int outstanding;       /* recs not finished */
+    int lookups_pending;
+    evd_buf_t dl;          /* retries_exhausted / shutdown lines */
+    evd_buf_t dl_bad;      /* bad-input lines */
+    int dl_writes;         /* dead-letter writes in flight */
+    /* lookup results of this unit */
+    struct lres *lres;
+    unit_t *next;          /* in the daemon's list of live units */
+    unit_t *prev;
+};
+
+typedef struct lres {
+    struct lres *next;
+    const evd_rule_t *rule;
+    size_t lookup;
+    char *argkey;          /* args joined by \x1f */
+    evd_lookup_vals_t vals;
+    bool done;
+} lres_t;
+
+typedef struct target {
+    evd_redis_t *r;
+    char *name;
+} target_t;
+
+struct daemon {
+    uv_loop_t *loop;
+    evd_run_opts_t opts;
+    cfgref_t *cfg;
+    evd_pg_t *listen;
+    evd_pg_t *claimc;
+    evd_pg_t *lookupc;
+    target_t *targets;     /* per current config target */
+    size_t ntargets;
+    evd_redis_t **retiring; /* old targets draining after a reload */
+    size_t nretiring;
+    evd_dl_t *dl;
+    evd_expansion_t x;
+
+    unit_t *units;         /* live units */
+    unit_t *incoming;      /* notifications of this iteration */
+    size_t pending;        /* changes in memory */
+    bool paused;
+
+    /* outbox claiming */
+    bool claiming;         /* a claim query is in flight */
+    unit_t *open_claim;    /* the unit whose transaction is open */
+    int64_t cursor;
+    bool busy_since_idle;  /* rows found since the idle flag was last set */
+    bool idle;             /* the flag is set and the last claim found nothing */
+    bool want_drain;       /* a doorbell arrived while a claim was running */
+    bool watched_loaded;
+    evd_set_t watched;     /* "schema.table" of evictd.watches */
+
+    uv_timer_t poll_timer;
+    uv_timer_t stats_timer;
+    uv_timer_t shutdown_timer;
+    uv_check_t check;
+    uv_signal_t sigterm, sigint, sighup;
+    bool stopping;
+    int exit_code;
+
+    /* stats for the current interval and in total */
+    uint64_t n_changes, n_keys, n_patterns, n_dead, n_unmatched, n_bad;
+    uint64_t t_changes, t_dead;
+    double lags[LAG_SAMPLES];
+    size_t nlags;
+    uint64_t retries_seen;
+};
+
+static void maybe_drain(daemon_t *d);
+static void unit_finish_rec(unit_t *u);
+static void process_incoming(daemon_t *d);
+
+/* ---------------------------------------------------------------- config refs */
+
+static cfgref_t *cfg_get(cfgref_t *c)
+{
+    c->refs++;
+    return c;
+}
+
+static void cfg_put(cfgref_t *c)
+{
+    if (c && --c->refs == 0) {
+        evd_config_free(c->cfg);
+        free(c);
+    }
+}
+
+/* ---------------------------------------------------------------- units and records */
+
+static unit_t *unit_new(daemon_t *d, bool claim)
+{
+    unit_t *u = calloc(1, sizeof(*u));
+    if (!u)
+        return NULL;
+    u->d = d;
+    u->claim = claim;
+    u->cfg = cfg_get(d->cfg);
+    u->next = d->units;
+    if (d->units)
+        d->units->prev = u;
+    d->units = u;
+    return u;
+}
+
+static void rec_free(rec_t *r)
+{
+    if (!r)
+        return;
+    evd_change_clear(&r->ch);
+    free(r->raw);
+    for (size_t i = 0; i < r->njobs; i++) {
+        evd_strv_free(&r->keys[i]);
+        evd_strv_free(&r->patterns[i]);
+    }
+    free(r->keys);
+    free(r->patterns);
+    free(r->jobs);
+    free(r->job_target);
+    free(r);
+}
+
+static void lres_free_all(unit_t *u)
+{
+    lres_t *l = u->lres;
+    while (l) {
+        lres_t *next = l->next;
+        for (size_t i = 0; i < l->vals.n; i++)
+            free(l->vals.v[i]);
+        free(l->vals.v);
+        free(l->argkey);
+        free(l);
+        l = next;
+    }
+    u->lres = NULL;
+}
+
+static void unit_free(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        d->units = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    for (size_t i = 0; i < u->nrecs; i++)
+        rec_free(u->recs[i]);
+    d->pending -= u->nrecs;
+    free(u->recs);
+    evd_buf_free(&u->dl);
+    evd_buf_free(&u->dl_bad);
+    lres_free_all(u);
+    cfg_put(u->cfg);
+    free(u);
+}
+
+static rec_t *unit_add(unit_t *u, const char *payload, size_t len, int64_t id)
+{
+    if (u->nrecs == u->cap) {
+        size_t cap = u->cap ? u->cap * 2 : 16;
+        rec_t **v = realloc(u->recs, cap * sizeof(*v));
+        if (!v)
+            return NULL;
+        u->recs = v;
+        u->cap = cap;
+    }
+    rec_t *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->raw = malloc(len + 1);
+    if (!r->raw) {
+        free(r);
+        return NULL;
+    }
+    memcpy(r->raw, payload, len);
+    r->raw[len] = '\0';
+    r->unit = u;
+    r->id = id;
+    r->ch.id = -1;
+    u->recs[u->nrecs++] = r;
+    u->outstanding++;
+    u->d->pending++;
+    return r;
+}
+
+/* ---------------------------------------------------------------- dead letters */
+
+/* Appends one dead-letter line for rec r (target < 0: bad input). */
+static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const char *error, int attempts)
+{
+    daemon_t *d = u->d;
+    evd_buf_t *b = target < 0 ? &u->dl_bad : &u->dl;
+    char ts[40];
+    snprintf(ts, sizeof(ts), "%.3f", evd_now_wall_ms());
+    int rc = evd_buf_printf(b, "{\"ts\":%s,\"reason\":\"%s\",\"target\":", ts, reason);
+    if (target >= 0) {
+        const char *tname = u->cfg->cfg->targets[r->job_target[target]].name;
+        rc |= evd_buf_json_str(b, tname, strlen(tname));
+    } else {
+        rc |= evd_buf_puts(b, "null");
+    }
+    rc |= evd_buf_puts(b, ",\"keys\":[");
+    if (target >= 0)
+        for (size_t i = 0; i < r->keys[target].n; i++) {
+            rc |= evd_buf_puts(b, i ? "," : "");
+            rc |= evd_buf_json_str(b, r->keys[target].v[i], strlen(r->keys[target].v[i]));
+        }
+    rc |= evd_buf_puts(b, "],\"patterns\":[");
+    if (target >= 0)
+        for (size_t i = 0; i < r->patterns[target].n; i++) {
+            rc |= evd_buf_puts(b, i ? "," : "");
+            rc |= evd_buf_json_str(b, r->patterns[target].v[i], strlen(r->patterns[target].v[i]));
+        }
+    rc |= evd_buf_puts(b, "],\"change\":");
+    /* The parsed change when it parsed, else the raw payload as a string. */
+    if (r->ch.root) {
+        char *s = json_dumps(r->ch.root, JSON_COMPACT);
+        rc |= s ? evd_buf_puts(b, s) : -ENOMEM;
+        free(s);
+    } else {
+        rc |= evd_buf_json_str(b, r->raw, strlen(r->raw));
+    }
+    rc |= evd_buf_puts(b, ",\"error\":");
+    rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
+    rc |= evd_buf_printf(b, ",\"attempts\":%d}\n", attempts);
+    d->n_dead++;
+    d->t_dead++;
+    if (rc)
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
+    EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
+            F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
+            F_STR("table", r->table[0] ? r->table : NULL), F_INT("id", r->id), F_STR("error", error),
+            F_INT("attempts", attempts));
+}
+
+/* ---------------------------------------------------------------- acks and unit completion */
+
+static void after_ack(const PGresult *res, const char *err, void *arg)
+{
+    unit_t *u = arg;
+    if (!res)
+        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
+    daemon_t *d = u->d;
+    unit_free(u);
+    maybe_drain(d);
+}
+
+static void ids_param(unit_t *u, evd_buf_t *b)
+{
+    int rc = evd_buf_putc(b, '{');
+    bool first = true;
+    for (size_t i = 0; i < u->nrecs && rc == 0; i++) {
+        if (u->recs[i]->id < 0)
+            continue;
+        rc = evd_buf_printf(b, "%s%" PRId64, first ? "" : ",", u->recs[i]->id);
+        first = false;
+    }
+    if (rc == 0)
+        rc = evd_buf_putc(b, '}');
+    (void)rc;
+}
+
+static void ack_step_done(const PGresult *res, const char *err, void *arg);
+
+/* Sends DELETE (+ COMMIT when the claim's transaction is open). */
+static void unit_send_ack(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (!u->claim || d->opts.dry_run) {
+        if (d->open_claim == u)
+            d->open_claim = NULL;
+        unit_free(u);
+        maybe_drain(d);
+        return;
+    }
+    evd_buf_t ids = {0};
+    ids_param(u, &ids);
+    const char *params[1] = {ids.data};
+    int rc;
+    if (u->in_tx) {
+        rc = evd_pg_query(d->claimc, SQL_ACK, 1, params, true, ack_step_done, NULL);
+        if (rc == 0)
+            rc = evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, after_ack, u);
+    } else {
+        rc = evd_pg_query(d->claimc, SQL_ACK_RELEASED, 1, params, true, after_ack, u);
+    }
+    evd_buf_free(&ids);
+    if (d->open_claim == u)
+        d->open_claim = NULL;
+    if (rc < 0) {
+        /* Not connected: the rows stay in the outbox and are claimed again (deletes are
+         * idempotent, so repeating them is harmless). */
+        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
+                F_INT("changes", (int64_t)u->nrecs));
+        unit_free(u);
+        maybe_drain(d);
+    }
+}
+
+static void ack_step_done(const PGresult *res, const char *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+static void dl_written(int status, void *arg)
+{
+    unit_t *u = arg;
+    if (status < 0)
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "write failed"), F_STR("detail", strerror(-status)));
+    if (--u->dl_writes == 0)
+        unit_send_ack(u);
+}
+
+/* Called when a rec finished: when the unit is complete, dead letters first, then the ack. */
+static void unit_finish_rec(unit_t *u)
+{
+    if (--u->outstanding > 0)
+        return;
+    daemon_t *d = u->d;
+    u->dl_writes = 1;
+    if (u->dl.len) {
+        u->dl_writes++;
+        if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0)
+            u->dl_writes--;
+    }
+    if (u->dl_bad.len) {
+        u->dl_writes++;
+        if (evd_dl_write(d->dl, &u->dl_bad, true, dl_written, u) < 0)
+            u->dl_writes--;
+    }
+    dl_written(0, u);
+}
+
+/* ---------------------------------------------------------------- Redis jobs */
+
+static void record_lag(daemon_t *d, double ts)
+{
+    if (ts <= 0)
+        return;
+    double lag = evd_now_wall_ms() - ts;
+    if (lag < 0)
+        lag = 0;
+    if (d->nlags < LAG_SAMPLES)
+        d->lags[d->nlags++] = lag;
+    else
+        d->lags[(size_t)rand() % LAG_SAMPLES] = lag;
+}
+
+static void release_claim(unit_t *u);
+
+static void job_done(evd_job_t *job, int status, const char *error, void *ud)
+{
+    daemon_t *d = ud;
+    rec_t *r = job->ud;
+    unit_t *u = r->unit;
+    size_t ji = (size_t)(job - r->jobs);
+    if (status == 1) {
+        /* The batch entered retry backoff: let other replicas have the rows meanwhile. */
+        release_claim(u);
+        return;
+    }
+    if (status == -EIO) {
+        dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
+    } else if (status == -ECANCELED) {
+        /* Shutting down: notify-only changes cannot wait in the outbox. */
+        if (r->id < 0)
+            dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed",
+                    job->attempts);
+    } else {
+        d->n_keys += r->keys[ji].n;
+        d->n_patterns += r->patterns[ji].n;
+    }
+    if (--r->outstanding == 0) {
+        if (status == 0)
+            record_lag(d, r->ch.ts);
+        unit_finish_rec(u);
+    }
+}
+
+/* ---------------------------------------------------------------- lookups */
+
+static char *args_key(const char *const *args, size_t nargs)
+{
+    evd_buf_t b = {0};
+    for (size_t i = 0; i < nargs; i++)
+        if (evd_buf_puts(&b, args[i]) < 0 || evd_buf_putc(&b, '\x1f') < 0) {
+            evd_buf_free(&b);
+            return NULL;
+        }
+    if (!b.data && evd_buf_reserve(&b, 0) < 0)
+        return NULL;
+    if (b.data)
+        b.data[b.len] = '\0';
+    return b.data;
+}
+
+static lres_t *lres_find(unit_t *u, const evd_rule_t *rule, size_t lookup, const char *key)
+{
+    for (lres_t *l = u->lres; l; l = l->next)
+        if (l->rule == rule && l->lookup == lookup && strcmp(l->argkey, key) == 0)
+            return l;
+    return NULL;
+}
+
+static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t lookup,
+                                        const char *const *args, size_t nargs)
+{
+    unit_t *u = ud;
+    char *key = args_key(args, nargs);
+    if (!key)
+        return NULL;
+    lres_t *l = lres_find(u, rule, lookup, key);
+    free(key);
+    return l && l->done ? &l->vals : NULL;
+}
+
+static void expand_unit(unit_t *u);
+
+static void lookup_done(const PGresult *res, const char *err, void *arg)
+{
+    lres_t *l = arg;
+    l->done = true;
+    if (!res) {
+        l->vals.status = -1;
+        EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("as", l->rule->lookups[l->lookup].as), F_STR("error", err));
+    } else {
+        int n = PQntuples(res);
+        bool is_bool = PQnfields(res) > 0 && PQftype(res, 0) == 16; /* BOOLOID */
+        l->vals.v = calloc((size_t)(n ? n : 1), sizeof(char *));
+        if (!l->vals.v) {
+            l->vals.status = -1;
+        } else {
+            for (int i = 0; i < n && PQnfields(res) > 0; i++) {
+                if (PQgetisnull(res, i, 0)) {
+                    l->vals.v[l->vals.n++] = NULL;
+                    continue;
+                }
+                const char *v = PQgetvalue(res, i, 0);
+                if (is_bool)
+                    v = v[0] == 't' ? "True" : "False";
+                l->vals.v[l->vals.n++] = strdup(v);
+            }
+        }
+    }
+}
+
+typedef struct lookup_ctx {
+    unit_t *u;
+    int rc;
+} lookup_ctx_t;
+
+typedef struct lookup_req {
+    lres_t *l;
+    unit_t *u;
+} lookup_req_t;
+
+static void lookup_req_done(const PGresult *res, const char *err, void *arg)
+{
+    lookup_req_t *q = arg;
+    unit_t *u = q->u;
+    lookup_done(res, err, q->l);
+    free(q);
+    if (--u->lookups_pending == 0)
+        expand_unit(u);
+}
+
+static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const char *const *args, size_t nargs)
+{
+    lookup_ctx_t *lc = ud;
+    unit_t *u = lc->u;
+    daemon_t *d = u->d;
+    char *key = args_key(args, nargs);
+    if (!key)
+        return -ENOMEM;
+    if (lres_find(u, rule, lookup, key)) {
+        free(key);
+        return 0;
+    }
+    lres_t *l = calloc(1, sizeof(*l));
+    lookup_req_t *q = calloc(1, sizeof(*q));
+    if (!l || !q) {
+        free(l);
+        free(q);
+        free(key);
+        return -ENOMEM;
+    }
+    l->rule = rule;
+    l->lookup = lookup;
+    l->argkey = key;
+    l->next = u->lres;
+    u->lres = l;
+    q->l = l;
+    q->u = u;
+    int rc = d->lookupc ? evd_pg_query(d->lookupc, rule->lookups[lookup].sql, (int)nargs, args, true,
+                                       lookup_req_done, q)
+                        : -ENOTCONN;
+    if (rc < 0) {
+        /* Unknown: the template widens. */
+        l->done = true;
+        l->vals.status = -1;
+        free(q);
+        return 0;
+    }
+    u->lookups_pending++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- expanding and submitting */
+
+static void log_change_keys(rec_t *r)
+{
+    evd_buf_t b = {0};
+    int rc = evd_buf_putc(&b, '[');
+    bool first = true;
+    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
+        for (size_t i = 0; i < r->keys[j].n && rc == 0; i++) {
+            rc |= evd_buf_puts(&b, first ? "" : ",");
+            rc |= evd_buf_json_str(&b, r->keys[j].v[i], strlen(r->keys[j].v[i]));
+            first = false;
+        }
+    }
+    rc |= evd_buf_putc(&b, ']');
+    evd_buf_t p = {0};
+    rc |= evd_buf_putc(&p, '[');
+    first = true;
+    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
+        for (size_t i = 0; i < r->patterns[j].n && rc == 0; i++) {
+            rc |= evd_buf_puts(&p, first ? "" : ",");
+            rc |= evd_buf_json_str(&p, r->patterns[j].v[i], strlen(r->patterns[j].v[i]));
+            first = false;
+        }
+    }
+    rc |= evd_buf_putc(&p, ']');
+    if (rc == 0) {
+        bool dry = r->unit->d->opts.dry_run;
+        EVD_LOG(dry ? EVD_LOG_INFO : EVD_LOG_DEBUG, dry ? "would_invalidate" : "change", F_STR("table", r->table),
+                F_STR("op", evd_op_name(r->ch.op)), F_INT("id", r->id), F_RAW("keys", b.data),
+                F_RAW("patterns", p.data));
+    }
+    evd_buf_free(&b);
+    evd_buf_free(&p);
+}
+
+/* Turns the scratch expansion into jobs owned by r. */
+static int take_expansion(daemon_t *d, rec_t *r)
+{
+    evd_expansion_t *x = &d->x;
+    size_t n = 0;
+    for (size_t t = 0; t < x->ntargets; t++)
+        if (x->per_target[t].keys.n || x->per_target[t].patterns.n)
+            n++;
+    if (!n)
+        return 0;
+    r->jobs = calloc(n, sizeof(*r->jobs));
+    r->job_target = calloc(n, sizeof(int));
+    r->keys = calloc(n, sizeof(evd_strv_t));
+    r->patterns = calloc(n, sizeof(evd_strv_t));
+    if (!r->jobs || !r->job_target || !r->keys || !r->patterns)
+        return -ENOMEM;
+    for (size_t t = 0; t < x->ntargets; t++) {
+        evd_keyset_t *k = &x->per_target[t];
+        if (!k->keys.n && !k->patterns.n)
+            continue;
+        size_t j = r->njobs++;
+        r->job_target[j] = (int)t;
+        r->keys[j] = k->keys;
+        r->patterns[j] = k->patterns;
+        memset(&k->keys, 0, sizeof(k->keys));
+        memset(&k->patterns, 0, sizeof(k->patterns));
+        evd_job_t *job = &r->jobs[j];
+        job->keys = r->keys[j].v;
+        job->nkeys = r->keys[j].n;
+        job->patterns = r->patterns[j].v;
+        job->npatterns = r->patterns[j].n;
+        job->table = r->table;
+        job->ts = r->ch.ts;
+        job->ud = r;
+    }
+    return 0;
+}
+
+static void expand_rec(unit_t *u, rec_t *r)
+{
+    daemon_t *d = u->d;
+    const evd_config_t *cfg = u->cfg->cfg;
+    if (d->x.ntargets != cfg->ntargets) {
+        evd_expansion_free(&d->x);
+        if (evd_expansion_init(&d->x, cfg->ntargets) < 0) {
+            dl_line(u, r, "bad_payload", -1, "out of memory", 0);
+            unit_finish_rec(u);
+            return;
+        }
+    }
+    evd_expansion_reset(&d->x);
+    int rc = evd_rules_expand(&cfg->rules, &r->ch, resolve, u, &d->x);
+    if (rc == 0)
+        rc = take_expansion(d, r);
+    if (rc == 0 && d->x.widened)
+        evd_log_ratelimited("widened", "widened",
+                            (const evd_field_t[]){F_STR("table", r->table), F_STR("op", evd_op_name(r->ch.op)),
+                                                  F_INT("id", r->id), F_INT("templates", d->x.widened),
+                                                  F_STR("reason", d->x.widen_reason), {0}});
+    evd_expansion_reset(&d->x);
+    if (rc < 0) {
+        dl_line(u, r, "bad_payload", -1, "out of memory expanding the change", 0);
+        unit_finish_rec(u);
+        return;
+    }
+    d->n_changes++;
+    d->t_changes++;
+    log_change_keys(r);
+    if (!r->njobs || d->opts.dry_run || d->ntargets != cfg->ntargets || cfg != d->cfg->cfg) {
+        /* Nothing to delete, a dry run, or the config changed under us (resubmit below). */
+        if (r->njobs && !d->opts.dry_run) {
+            /* Targets are looked up by name in the current config. */
+            r->outstanding = (int)r->njobs;
+            for (size_t j = 0; j < r->njobs; j++) {
+                const char *tname = cfg->targets[r->job_target[j]].name;
+                evd_redis_t *t = NULL;
+                for (size_t k = 0; k < d->ntargets; k++)
+                    if (strcmp(d->targets[k].name, tname) == 0)
+                        t = d->targets[k].r;
+                if (t) {
+                    evd_redis_submit(t, &r->jobs[j]);
+                } else {
+                    r->jobs[j].attempts = 0;
+                    job_done(&r->jobs[j], -EIO, "target removed by a config reload", d);
+                }
+            }
+            return;
+        }
+        unit_finish_rec(u);
+        return;
+    }
+    r->outstanding = (int)r->njobs;
+    for (size_t j = 0; j < r->njobs; j++)
+        evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
+}
+
+static void expand_unit(unit_t *u)
+{
+    size_t n = u->nrecs;
+    /* Expanding may finish the unit (and free it) once the last rec is done: count first. */
+    u->outstanding++;
+    for (size_t i = 0; i < n; i++) {
+        rec_t *r = u->recs[i];
+        if (!r->ch.root && !r->ch.ref && r->ch.op == 0)
+            continue; /* bad input or unmatched: already finished */
+        expand_rec(u, r);
+    }
+    lres_free_all(u);
+    unit_finish_rec(u);
+}
+
+/* Parses a payload into a new rec of u; bad input and unmatched tables finish at once. */
+static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
+{
+    daemon_t *d = u->d;
+    rec_t *r = unit_add(u, payload, len, id);
+    if (!r) {
+        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"));
+        return;
+    }
+    char err[256];
+    evd_payload_status_t st = evd_payload_parse(payload, len, &r->ch, err, sizeof(err));
+    if (st == EVD_PAYLOAD_BAD) {
+        d->n_bad++;
+        evd_log_ratelimited("bad_payload", "bad_input",
+                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err),
+                                                  F_INT("id", id), {0}});
+        dl_line(u, r, "bad_payload", -1, err, 0);
+        memset(&r->ch, 0, sizeof(r->ch));
+        unit_finish_rec(u);
+        return;
+    }
+    if (r->ch.id < 0)
+        r->ch.id = id;
+    snprintf(r->table, sizeof(r->table), "%s.%s", r->ch.schema, r->ch.table);
+    const evd_config_t *cfg = u->cfg->cfg;
+    if (!evd_rules_watches(&cfg->rules, r->ch.schema, r->ch.table)) {
+        bool watched = evd_set_has(&d->watched, r->table, strlen(r->table));
+        if (watched) {
+            d->n_unmatched++;
+        } else {
+            d->n_bad++;
+            snprintf(err, sizeof(err), "table %s is not watched by evictd", r->table);
+            evd_log_ratelimited("unknown_table", "bad_input",
+                                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", r->table),
+                                                      F_INT("id", id), {0}});
+            dl_line(u, r, "unknown_table", -1, err, 0);
+        }
+        evd_change_clear(&r->ch);
+        r->ch.op = 0;
+        unit_finish_rec(u);
+        return;
+    }
+    lookup_ctx_t lc = {.u = u};
+    if (evd_rules_lookups(&cfg->rules, &r->ch, need_lookup, &lc) < 0)
+        EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("error", "out of memory"));
+}
+
+/* All payloads of u are in: expand now or when the lookups return. */
+static void unit_start(unit_t *u)
+{
+    u->lookups_pending++;
+    if (--u->lookups_pending == 0)
+        expand_unit(u);
+}
+
+/* ---------------------------------------------------------------- backpressure */
+
+static void update_pause(daemon_t *d)
+{
+    size_t max = (size_t)d->cfg->cfg->batch_max_pending;
+    bool pause = d->pending >= max || d->stopping;
+    if (pause != d->paused) {
+        d->paused = pause;
+        if (d->listen)
+            evd_pg_pause(d->listen, pause);
+        EVD_LOG(EVD_LOG_DEBUG, pause ? "paused" : "resumed", F_INT("pending", (int64_t)d->pending));
+    }
+}
+
+/* ---------------------------------------------------------------- outbox claims */
+
+static void release_claim(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (!u->in_tx || d->open_claim != u)
+        return;
+    u->in_tx = false;
+    u->released = true;
+    d->open_claim = NULL;
+    if (evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, ack_step_done, NULL) < 0)
+        return;
+    maybe_drain(d);
+}
+
+static void held_ids(daemon_t *d, evd_buf_t *b)
+{
+    int rc = evd_buf_putc(b, '{');
+    bool first = true;
+    for (unit_t *u = d->units; u && rc == 0; u = u->next) {
+        if (!u->claim)
+            continue;
+        for (size_t i = 0; i < u->nrecs && rc == 0; i++) {
+            if (u->recs[i]->id < 0)
+                continue;
+            rc = evd_buf_printf(b, "%s%" PRId64, first ? "" : ",", u->recs[i]->id);
+            first = false;
+        }
+    }
+    if (rc == 0)
+        rc = evd_buf_putc(b, '}');
+    (void)rc;
+}
+
+static void claim_done(const PGresult *res, const char *err, void *arg);
+static void idle_set(const PGresult *res, const char *err, void *arg);
+
+static void begin_done(const PGresult *res, const char *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+static void send_claim(daemon_t *d)
+{
+    char cursor[32], limit[32];
+    size_t room = (size_t)d->cfg->cfg->batch_max_pending - d->pending;
+    snprintf(cursor, sizeof(cursor), "%" PRId64, d->cursor);
+    snprintf(limit, sizeof(limit), "%zu", room < CLAIM_ROWS ? room : CLAIM_ROWS);
+    int rc;
+    if (d->opts.dry_run) {
+        const char *params[2] = {cursor, limit};
+        rc = evd_pg_query(d->claimc, SQL_PEEK, 2, params, true, claim_done, d);
+    } else {
+        evd_buf_t held = {0};
+        held_ids(d, &held);
+        const char *params[3] = {cursor, held.data, limit};
+        rc = evd_pg_query(d->claimc, SQL_BEGIN, 0, NULL, false, begin_done, NULL);
+        if (rc == 0)
+            rc = evd_pg_query(d->claimc, SQL_CLAIM, 3, params, true, claim_done, d);
+        evd_buf_free(&held);
+    }
+    if (rc == 0)
+        d->claiming = true;
+}
+
+/* Claims the next chunk when there is room and nothing else is claiming. */
+static void maybe_drain(daemon_t *d)
+{
+    update_pause(d);
+    if (d->stopping || d->claiming || d->open_claim || d->paused || !d->claimc ||
+        !evd_pg_ready(d->claimc) || !d->watched_loaded)
+        return;
+    d->want_drain = false;
+    send_claim(d);
+}
+
+static void on_poll_timer(uv_timer_t *t)
+{
+    maybe_drain(evd_container_of(t, daemon_t, poll_timer));
+}
+
+static void claim_done(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    d->claiming = false;
+    if (!res) {
+        EVD_LOG(EVD_LOG_WARN, "claim_failed", F_STR("error", err));
+        if (!d->opts.dry_run)
+            if (evd_pg_query(d->claimc, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        return;
+    }
+    int n = PQntuples(res);
+    if (n == 0) {
+        if (!d->opts.dry_run)
+            if (evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
+        if (d->stopping)
+            return;
+        if (d->cursor > 0 && !d->opts.dry_run) {
+            /* A full pass is over: start again from the lowest id. */
+            d->cursor = 0;
+            maybe_drain(d);
+            return;
+        }
+        if (d->opts.dry_run || d->idle)
+            goto idle;
+        if (d->busy_since_idle) {
+            /* Say we are idle, then look once more so nothing slips between. */
+            d->busy_since_idle = false;
+            if (evd_pg_query(d->claimc, SQL_IDLE, 0, NULL, false, idle_set, d) == 0)
+                return;
+        }
+        d->idle = true;
+    idle:
+        if (d->want_drain) {
+            maybe_drain(d);
+            return;
+        }
+        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        return;
+    }
+    d->idle = false;
+    d->busy_since_idle = true;
+    unit_t *u = unit_new(d, true);
+    if (!u) {
+        EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
+        if (!d->opts.dry_run)
+            if (evd_pg_query(d->claimc, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        return;
+    }
+    u->in_tx = !d->opts.dry_run;
+    if (u->in_tx)
+        d->open_claim = u;
+    for (int i = 0; i < n; i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        if (id > d->cursor)
+            d->cursor = id;
+        accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
+    }
+    unit_start(u);
+    if (d->opts.dry_run)
+        maybe_drain(d);
+    else
+        update_pause(d);
+}
+
+static void idle_set(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    if (!res)
+        EVD_LOG(EVD_LOG_WARN, "idle_flag_failed", F_STR("error", err));
+    d->idle = res != NULL;
+    d->want_drain = true;
+    maybe_drain(d);
+}
+
+/* ---------------------------------------------------------------- PostgreSQL events */
+
+static void on_notify(evd_pg_t *pg, const char *channel, const char *payload, size_t len, void *ud)
+{
+    daemon_t *d = ud;
+    (void)pg;
+    (void)channel;
+    if (d->stopping)
+        return;
+    if (len == 0) {
+        /* A doorbell: the outbox has rows. */
+        d->want_drain = true;
+        d->idle = false;
+        uv_timer_stop(&d->poll_timer);
+        maybe_drain(d);
+        return;
+    }
+    if (!d->incoming && !(d->incoming = unit_new(d, false)))
+        return;
+    /* An oversize durable change is a reference: the outbox row has it. */
+    if (len < 512 && strstr(payload, "\"ref\"") && !strstr(payload, "\"id\":null")) {
+        evd_change_t c;
+        char err[64];
+        if (evd_payload_parse(payload, len, &c, err, sizeof(err)) == EVD_PAYLOAD_OK && c.ref && c.id > 0) {
+            evd_change_clear(&c);
+            d->want_drain = true;
+            maybe_drain(d);
+            return;
+        }
+        evd_change_clear(&c);
+    }
+    accept_payload(d->incoming, payload, len, -1);
+    if (d->pending >= (size_t)d->cfg->cfg->batch_max_pending)
+        process_incoming(d);
+    update_pause(d);
+}
+
+static void process_incoming(daemon_t *d)
+{
+    unit_t *u = d->incoming;
+    if (!u)
+        return;
+    d->incoming = NULL;
+    unit_start(u);
+}
+
+static void on_check(uv_check_t *h)
+{
+    daemon_t *d = evd_container_of(h, daemon_t, check);
+    process_incoming(d);
+    evd_log_flush();
+}
+
+static void watches_loaded(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    evd_set_clear(&d->watched);
+    if (!res) {
+        EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("error", err),
+                F_STR("hint", "apply sql/install.sql and the output of `evictd sql`"));
+    } else {
+        const evd_config_t *cfg = d->cfg->cfg;
+        for (int i = 0; i < PQntuples(res); i++) {
+            char name[130];
+            snprintf(name, sizeof(name), "%s.%s", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
+            if (evd_set_add(&d->watched, name, strlen(name)) < 0)
+                break;
+        }
+        /* Every column a rule needs must be captured, else its templates widen. */
+        for (size_t r = 0; r < cfg->rules.n; r++) {
+            const evd_rule_t *rule = &cfg->rules.v[r];
+            bool first = true;
+            for (size_t k = 0; k < r; k++)
+                if (!strcmp(cfg->rules.v[k].schema, rule->schema) && !strcmp(cfg->rules.v[k].table, rule->table))
+                    first = false;
+            if (!first)
+                continue;
+            int row = -1;
+            for (int i = 0; i < PQntuples(res); i++)
+                if (!strcmp(PQgetvalue(res, i, 0), rule->schema) && !strcmp(PQgetvalue(res, i, 1), rule->table))
+                    row = i;
+            char tname[130];
+            snprintf(tname, sizeof(tname), "%s.%s", rule->schema, rule->table);
+            if (row < 0) {
+                EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("table", tname),
+                        F_STR("error", "table is not watched: run `evictd sql` and apply its output"));
+                continue;
+            }
+            evd_strv_t need = {0};
+            if (evd_config_needed_columns(cfg, rule->schema, rule->table, &need) < 0)
+                break;
+            char cols[1024];
+            snprintf(cols, sizeof(cols), ",%s,", PQgetvalue(res, row, 2));
+            for (size_t c = 0; c < need.n; c++) {
+                char pat[200];
+                snprintf(pat, sizeof(pat), ",%s,", need.v[c]);
+                if (!strstr(cols, pat))
+                    EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("table", tname), F_STR("column", need.v[c]),
+                            F_STR("error", "column not captured: templates using it widen"));
+            }
+            evd_strv_free(&need);
+        }
+    }
+    d->watched_loaded = true;
+    maybe_drain(d);
+}
+
+static void claim_connected(evd_pg_t *pg, void *ud)
+{
+    daemon_t *d = ud;
+    (void)pg;
+    d->cursor = 0;
+    d->busy_since_idle = true;
+    d->idle = false;
+    d->watched_loaded = false;
+    if (evd_pg_query(d->claimc, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+        d->watched_loaded = true;
+}
+
+static void claim_disconnected(evd_pg_t *pg, const char *why, void *ud)
+{
+    daemon_t *d = ud;
+    (void)pg;
+    (void)why;
+    d->claiming = false;
+    /* The open claim's locks are gone with the connection; its rows stay held in memory. */
+    if (d->open_claim) {
+        d->open_claim->in_tx = false;
+        d->open_claim->released = true;
+        d->open_claim = NULL;
+    }
+}
+
+static void listen_connected(evd_pg_t *pg, void *ud)
+{
+    daemon_t *d = ud;
+    (void)pg;
+    /* Notifications sent while we were away are lost: the outbox has them. */
+    d->want_drain = true;
+    maybe_drain(d);
+}
+
+static void noop_disconnected(evd_pg_t *pg, const char *why, void *ud)
+{
+    (void)pg;
+    (void)why;
+    (void)ud;
+}
+
+static const evd_pg_handlers_t listen_handlers = {listen_connected, noop_disconnected, on_notify};
+static const evd_pg_handlers_t claim_handlers = {claim_connected, claim_disconnected, NULL};
+static const evd_pg_handlers_t lookup_handlers = {NULL, noop_disconnected, NULL};
+
+static bool has_lookups(const evd_config_t *cfg)
+{
+    for (size_t i = 0; i < cfg->rules.n; i++)
+        if (cfg->rules.v[i].nlookups)
+            return true;
+    return false;
+}
+
+static int pg_start(daemon_t *d)
+{
+    const evd_config_t *cfg = d->cfg->cfg;
+    int rc = evd_pg_new(d->loop, "listen", cfg->pg_url, cfg->channels, cfg->nchannels, &listen_handlers, d,
+                        &d->listen);
+    if (rc == 0)
+        rc = evd_pg_new(d->loop, "outbox", cfg->pg_url, NULL, 0, &claim_handlers, d, &d->claimc);
+    if (rc == 0 && has_lookups(cfg))
+        rc = evd_pg_new(d->loop, "lookups", cfg->pg_url, NULL, 0, &lookup_handlers, d, &d->lookupc);
+    if (rc == 0 && d->paused)
+        evd_pg_pause(d->listen, true);
+    return rc;
+}
+
+static void pg_stop(daemon_t *d)
+{
+    if (d->listen)
+        evd_pg_close(d->listen, NULL, NULL);
+    if (d->claimc)
+        evd_pg_close(d->claimc, NULL, NULL);
+    if (d->lookupc)
+        evd_pg_close(d->lookupc, NULL, NULL);
+    d->listen = d->claimc = d->lookupc = NULL;
+    d->claiming = false;
+    if (d->open_claim) {
+        d->open_claim->in_tx = false;
+        d->open_claim->released = true;
+        d->open_claim = NULL;
+    }
+}
+
+/* ---------------------------------------------------------------- Redis targets */
+
+static void redis_opts(const evd_config_t *cfg, evd_redis_opts_t *o)
+{
+    o->max_keys = cfg->batch_max_keys;
+    o->max_delay_ms = cfg->batch_max_delay_ms;
+    o->max_attempts = cfg->retry_max_attempts;
+    o->initial_backoff_ms = cfg->retry_initial_backoff_ms;
+    o->max_backoff_ms = cfg->retry_max_backoff_ms;
+    o->redelete_after_ms = cfg->redelete_after_ms;
+}
+
+/* Builds the target array for cfg, reusing matching targets from old (moved out of it). */
+static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, size_t nold, target_t **out)
+{
+    evd_redis_opts_t o;
+    redis_opts(cfg, &o);
+    target_t *t = calloc(cfg->ntargets ? cfg->ntargets : 1, sizeof(*t));
+    if (!t)
+        return -ENOMEM;
+    for (size_t i = 0; i < cfg->ntargets; i++) {
+        const evd_target_cfg_t *tc = &cfg->targets[i];
+        t[i].name = strdup(tc->name);
+        for (size_t k = 0; k < nold; k++) {
+            if (old[k].r && !strcmp(old[k].name, tc->name) && !evd_redis_cfg_differs(old[k].r, tc)) {
+                t[i].r = old[k].r;
+                old[k].r = NULL;
+                evd_redis_set_opts(t[i].r, &o);
+            }
+        }
+        if (!t[i].r && !d->opts.dry_run) {
+            int rc = evd_redis_new(d->loop, tc, &o, job_done, d, &t[i].r);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    *out = t;
+    return 0;
+}
+
+static void retire_target(daemon_t *d, evd_redis_t *r)
+{
+    evd_redis_t **v = realloc(d->retiring, (d->nretiring + 1) * sizeof(*v));
+    if (!v) {
+        evd_redis_close(r, NULL, NULL);
+        return;
+    }
+    d->retiring = v;
+    d->retiring[d->nretiring++] = r;
+}
+
+static void reap_retired(daemon_t *d)
+{
+    for (size_t i = 0; i < d->nretiring;) {
+        if (evd_redis_pending(d->retiring[i]) == 0) {
+            evd_redis_close(d->retiring[i], NULL, NULL);
+            d->retiring[i] = d->retiring[--d->nretiring];
+        } else {
+            i++;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- stats */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void on_stats(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, stats_timer);
+    uint64_t retries = 0;
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            retries += evd_redis_stats(d->targets[i].r)->retries;
+    double p50 = 0, p99 = 0;
+    if (d->nlags) {
+        qsort(d->lags, d->nlags, sizeof(double), cmp_double);
+        p50 = d->lags[d->nlags / 2];
+        p99 = d->lags[(size_t)((double)(d->nlags - 1) * 0.99)];
+    }
+    EVD_LOG(EVD_LOG_INFO, "stats", F_INT("changes", d->n_changes), F_INT("keys", d->n_keys),
+            F_INT("patterns", d->n_patterns), F_INT("retries", retries - d->retries_seen),
+            F_INT("dead_letters", d->n_dead), F_INT("unmatched", d->n_unmatched), F_INT("bad_input", d->n_bad),
+            F_DBL("lag_p50_ms", p50), F_DBL("lag_p99_ms", p99), F_INT("pending", (int64_t)d->pending));
+    d->retries_seen = retries;
+    d->n_changes = d->n_keys = d->n_patterns = d->n_dead = d->n_unmatched = d->n_bad = 0;
+    d->nlags = 0;
+    reap_retired(d);
+}
+
+static void stats_arm(daemon_t *d)
+{
+    uint64_t ms = (uint64_t)d->cfg->cfg->stats_interval_s * 1000;
+    uv_timer_stop(&d->stats_timer);
+    if (ms)
+        uv_timer_start(&d->stats_timer, on_stats, ms, ms);
+}
+
+/* ---------------------------------------------------------------- logging setup */
+
+static int apply_log(daemon_t *d, const evd_config_t *cfg)
+{
+    evd_log_format_t f;
+    evd_log_level_t l;
+    if (evd_log_parse_format(d->opts.log_format ? d->opts.log_format : cfg->log_format, &f) < 0 ||
+        evd_log_parse_level(d->opts.log_level ? d->opts.log_level : cfg->log_level, &l) < 0)
+        return -EINVAL;
+    evd_log_configure(f, l);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- reload and shutdown */
+
+static void on_sighup(uv_signal_t *h, int sig)
+{
+    daemon_t *d = evd_container_of(h, daemon_t, sighup);
+    (void)sig;
+    char err[1024];
+    evd_config_t *cfg = evd_config_load(d->opts.config_path, getenv, err, sizeof(err));
+    if (!cfg) {
+        EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("path", d->opts.config_path), F_STR("error", err));
+        return;
+    }
+    cfgref_t *ref = calloc(1, sizeof(*ref));
+    target_t *nt = NULL;
+    if (!ref || targets_build(d, cfg, d->targets, d->ntargets, &nt) < 0) {
+        EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("error", "out of memory"));
+        free(ref);
+        evd_config_free(cfg);
+        return;
+    }
+    for (size_t i = 0; i < d->ntargets; i++) {
+        if (d->targets[i].r)
+            retire_target(d, d->targets[i].r);
+        free(d->targets[i].name);
+    }
+    free(d->targets);
+    d->targets = nt;
+    d->ntargets = cfg->ntargets;
+    const evd_config_t *old = d->cfg->cfg;
+    bool pg_changed = strcmp(old->pg_url, cfg->pg_url) != 0 || old->nchannels != cfg->nchannels ||
+                      has_lookups(old) != has_lookups(cfg);
+    for (size_t i = 0; !pg_changed && i < cfg->nchannels; i++)
+        pg_changed = strcmp(old->channels[i], cfg->channels[i]) != 0;
+    ref->cfg = cfg;
+    ref->refs = 1;
+    cfg_put(d->cfg);
+    d->cfg = ref;
+    apply_log(d, cfg);
+    if (evd_dl_reopen(d->dl, cfg->dl_path, cfg->dl_max_bytes) < 0)
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "cannot reopen"), F_STR("path", cfg->dl_path));
+    stats_arm(d);
+    reap_retired(d);
+    if (pg_changed) {
+        pg_stop(d);
+        if (pg_start(d) < 0)
+            EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
+    } else if (d->claimc && evd_pg_ready(d->claimc)) {
+        /* Re-check the capture against the new rules. */
+        if (evd_pg_query(d->claimc, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+            d->watched_loaded = true;
+    }
+    EVD_LOG(EVD_LOG_INFO, "config_reloaded", F_STR("path", cfg->path), F_INT("rules", (int64_t)cfg->rules.n),
+            F_INT("targets", (int64_t)cfg->ntargets), F_BOOL("postgres_reconnect", pg_changed));
+    update_pause(d);
+    maybe_drain(d);
+}
+
+static void close_all(daemon_t *d);
+
+static void on_shutdown_timer(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, shutdown_timer);
+    /* shutdown_timeout_ms passed: cancel what is left (notify-only changes are dead-lettered,
+     * durable ones stay in the outbox for the next start). */
+    close_all(d);
+}
+
+static void shutdown_poll(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
+    if (!d->units)
+        close_all(d);
+}
+
+static void on_sigterm(uv_signal_t *h, int sig)
+{
+    daemon_t *d = h->data;
+    if (d->stopping)
+        return;
+    d->stopping = true;
+    EVD_LOG(EVD_LOG_INFO, "shutdown", F_STR("signal", sig == SIGINT ? "SIGINT" : "SIGTERM"),
+            F_INT("pending", (int64_t)d->pending));
+    process_incoming(d);
+    update_pause(d);
+    uv_timer_start(&d->shutdown_timer, on_shutdown_timer, (uint64_t)d->cfg->cfg->shutdown_timeout_ms, 0);
+    uv_timer_stop(&d->poll_timer);
+    uv_timer_start(&d->poll_timer, shutdown_poll, 0, 10);
+}
+
+static void handle_close_noop(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static bool closed_all;
+
+static void close_all(daemon_t *d)
+{
+    if (closed_all)
+        return;
+    closed_all = true;
+    uv_timer_stop(&d->poll_timer);
+    /* Cancels pending jobs: notify-only ones are dead-lettered with reason shutdown. */
+    for (size_t i = 0; i < d->ntargets; i++) {
+        if (d->targets[i].r)
+            evd_redis_close(d->targets[i].r, NULL, NULL);
+        d->targets[i].r = NULL;
+    }
+    for (size_t i = 0; i < d->nretiring; i++)
+        evd_redis_close(d->retiring[i], NULL, NULL);
+    d->nretiring = 0;
+    pg_stop(d);
+    uv_close((uv_handle_t *)&d->poll_timer, handle_close_noop);
+    uv_close((uv_handle_t *)&d->stats_timer, handle_close_noop);
+    uv_close((uv_handle_t *)&d->shutdown_timer, handle_close_noop);
+    uv_close((uv_handle_t *)&d->check, handle_close_noop);
+    uv_close((uv_handle_t *)&d->sigterm, handle_close_noop);
+    uv_close((uv_handle_t *)&d->sigint, handle_close_noop);
+    uv_close((uv_handle_t *)&d->sighup, handle_close_noop);
+}
+
+/* ---------------------------------------------------------------- entry point */
+
+int evd_daemon_run(const evd_run_opts_t *opts)
+{
+    char err[1024];
+    evd_config_t *cfg = evd_config_load(opts->config_path, getenv, err, sizeof(err));
+    if (!cfg) {
+        fprintf(stderr, "evictd: %s\n", err);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    static daemon_t dd;
+    daemon_t *d = &dd;
+    memset(d, 0, sizeof(*d));
+    d->opts = *opts;
+    d->loop = uv_default_loop();
+    d->cfg = calloc(1, sizeof(*d->cfg));
+    if (!d->cfg) {
+        evd_config_free(cfg);
+        return 1;
+    }
+    d->cfg->cfg = cfg;
+    d->cfg->refs = 1;
+    if (apply_log(d, cfg) < 0) {
+        fprintf(stderr, "evictd: bad log settings\n");
+        return 2;
+    }
+    srand((unsigned)uv_hrtime() ^ (unsigned)getpid());
+    if (evd_expansion_init(&d->x, cfg->ntargets) < 0)
+        return 1;
+    int rc = evd_dl_open(d->loop, cfg->dl_path, cfg->dl_max_bytes, &d->dl);
+    if (rc < 0) {
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("path", cfg->dl_path), F_STR("error", strerror(-rc)),
+                F_STR("hint", "set dead_letter.path to a writable file"));
+        evd_log_flush();
+        return 1;
+    }
+    EVD_LOG(EVD_LOG_INFO, "starting", F_STR("version", EVD_VERSION), F_STR("config", cfg->path),
+            F_INT("rules", (int64_t)cfg->rules.n), F_INT("targets", (int64_t)cfg->ntargets),
+            F_BOOL("dry_run", opts->dry_run), F_STR("postgres", cfg->pg_url));
+    if (targets_build(d, cfg, NULL, 0, &d->targets) < 0)
+        return 1;
+    d->ntargets = cfg->ntargets;
+    uv_timer_init(d->loop, &d->poll_timer);
+    uv_timer_init(d->loop, &d->stats_timer);
+    uv_timer_init(d->loop, &d->shutdown_timer);
+    uv_check_init(d->loop, &d->check);
+    uv_check_start(&d->check, on_check);
+    uv_signal_init(d->loop, &d->sigterm);
+    uv_signal_init(d->loop, &d->sigint);
+    uv_signal_init(d->loop, &d->sighup);
+    d->sigterm.data = d->sigint.data = d;
+    uv_signal_start(&d->sigterm, on_sigterm, SIGTERM);
+    uv_signal_start(&d->sigint, on_sigterm, SIGINT);
+    uv_signal_start(&d->sighup, on_sighup, SIGHUP);
+    stats_arm(d);
+    if (pg_start(d) < 0)
+        return 1;
+    uv_run(d->loop, UV_RUN_DEFAULT);
+    /* Dead-letter writes queued by cancelled jobs complete here. */
+    evd_dl_close(d->dl);
+    uv_run(d->loop, UV_RUN_DEFAULT);
+    EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
+            F_INT("unacknowledged", (int64_t)d->pending));
+    evd_log_flush();
+    while (d->units)
+        unit_free(d->units);
+    for (size_t i = 0; i < d->ntargets; i++)
+        free(d->targets[i].name);
+    free(d->targets);
+    free(d->retiring);
+    evd_expansion_free(&d->x);
+    evd_set_free(&d->watched);
+    cfg_put(d->cfg);
+    int lc = uv_loop_close(d->loop);
+    (void)lc;
+    return d->exit_code;
+}

@@ -1,0 +1,276 @@
+/* deadletter.c - appends dead-letter batches on the thread pool, one at a time, each fsynced. */
+#include "deadletter.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* Everything waits its turn in one FIFO, so batches reach the file in the order they were
+ * handed over, and a reopen takes effect only after every batch queued before it is written
+ * to the old file. Only the head of the queue is ever on the thread pool. */
+typedef enum {
+    DL_WRITE,  /* append buf and fsync (or count it as dropped) */
+    DL_SWITCH, /* close the current file and carry on with one opened by evd_dl_reopen */
+} dl_op_t;
+
+typedef struct dl_req {
+    uv_work_t work;
+    struct dl_req *next;
+    evd_dl_t *dl;
+    dl_op_t op;
+    evd_buf_t buf; /* owned */
+    bool bad_input;
+    void (*done)(int status, void *arg);
+    void *arg;
+    /* DL_SWITCH: the already opened file and its settings. DL_WRITE: the file to write, set
+     * on the loop just before the work is queued. */
+    int fd;
+    int64_t size;
+    int64_t max_bytes;
+    /* Set on the loop before queueing, read by the worker. */
+    bool drop;    /* bad input past max_bytes: count, don't write */
+    bool lead_nl; /* the file ends in a partial line (an earlier failed write): end it first */
+    /* Set by the worker, read on the loop afterwards. */
+    int status;
+    size_t written;
+    uint64_t nlines;
+    bool torn; /* the file now ends in a partial line */
+} dl_req_t;
+
+struct evd_dl {
+    uv_loop_t *loop;
+    int fd;
+    int64_t size; /* fstat at open plus bytes written since */
+    int64_t max_bytes;
+    uint64_t lines;
+    uint64_t dropped;
+    dl_req_t *head, *tail;
+    bool busy;    /* head is on the thread pool */
+    bool closing; /* free once the queue is empty */
+    bool torn;
+};
+
+static int open_file(const char *path, int *fd_out, int64_t *size_out)
+{
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int err = -errno;
+        close(fd);
+        return err;
+    }
+    *fd_out = fd;
+    *size_out = (int64_t)st.st_size;
+    return 0;
+}
+
+/* A final line without its '\n' still counts. */
+static uint64_t count_lines(const char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    uint64_t lines = 0;
+    const char *end = p + n, *nl;
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        lines++;
+        p = nl + 1;
+    }
+    return lines + (p < end ? 1 : 0);
+}
+
+static int write_all(int fd, const char *p, size_t n, size_t *written)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += w;
+        n -= (size_t)w;
+        *written += (size_t)w;
+    }
+    return 0;
+}
+
+/* Thread pool: touches only the request. */
+static void work_cb(uv_work_t *w)
+{
+    dl_req_t *r = evd_container_of(w, dl_req_t, work);
+    r->nlines = count_lines(r->buf.data, r->buf.len);
+    r->torn = r->lead_nl;
+    if (r->drop || r->buf.len == 0)
+        return;
+    if (r->lead_nl) {
+        r->status = write_all(r->fd, "\n", 1, &r->written);
+        if (r->status < 0)
+            return;
+        r->torn = false;
+    }
+    size_t before = r->written;
+    r->status = write_all(r->fd, r->buf.data, r->buf.len, &r->written);
+    size_t data = r->written - before;
+    if (data > 0)
+        r->torn = r->buf.data[data - 1] != '\n';
+    if (r->status < 0)
+        return;
+    while (fsync(r->fd) < 0) {
+        if (errno != EINTR) {
+            r->status = -errno;
+            break;
+        }
+    }
+}
+
+static void dl_destroy(evd_dl_t *dl)
+{
+    close(dl->fd);
+    free(dl);
+}
+
+static void after_cb(uv_work_t *w, int status);
+
+/* Starts the head of the queue if nothing is in flight; frees dl when it is closing and idle,
+ * so callers must not touch dl after calling this. */
+static void pump(evd_dl_t *dl)
+{
+    while (!dl->busy && dl->head) {
+        dl_req_t *r = dl->head;
+        if (r->op == DL_SWITCH) {
+            dl->head = r->next;
+            close(dl->fd);
+            dl->fd = r->fd;
+            dl->size = r->size;
+            dl->max_bytes = r->max_bytes;
+            dl->torn = false;
+            free(r);
+            continue;
+        }
+        r->fd = dl->fd;
+        r->drop = r->bad_input && dl->max_bytes > 0 && dl->size >= dl->max_bytes;
+        r->lead_nl = dl->torn;
+        /* Fails only for a NULL work callback. */
+        (void)uv_queue_work(dl->loop, &r->work, work_cb, after_cb);
+        dl->busy = true;
+    }
+    if (!dl->head)
+        dl->tail = NULL;
+    if (!dl->busy && !dl->head && dl->closing)
+        dl_destroy(dl);
+}
+
+static void after_cb(uv_work_t *w, int status)
+{
+    dl_req_t *r = evd_container_of(w, dl_req_t, work);
+    evd_dl_t *dl = r->dl;
+    void (*done)(int, void *) = r->done;
+    void *arg = r->arg;
+
+    dl->head = r->next;
+    dl->busy = false;
+    if (status == 0) /* UV_ECANCELED is impossible: nothing calls uv_cancel */
+        status = r->status;
+    if (r->drop) {
+        dl->dropped += r->nlines;
+    } else {
+        dl->size += (int64_t)r->written;
+        dl->torn = r->torn;
+        if (status == 0)
+            dl->lines += r->nlines;
+    }
+    evd_buf_free(&r->buf);
+    free(r);
+    /* Start the next batch before the callback, which may well queue another or close dl. */
+    pump(dl);
+    if (done)
+        done(status, arg);
+}
+
+static void enqueue(evd_dl_t *dl, dl_req_t *r)
+{
+    r->dl = dl;
+    r->next = NULL;
+    if (dl->tail)
+        dl->tail->next = r;
+    else
+        dl->head = r;
+    dl->tail = r;
+    pump(dl);
+}
+
+int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t **out)
+{
+    if (!loop || !path || !out)
+        return -EINVAL;
+    evd_dl_t *dl = calloc(1, sizeof(*dl));
+    if (!dl)
+        return -ENOMEM;
+    int rc = open_file(path, &dl->fd, &dl->size);
+    if (rc < 0) {
+        free(dl);
+        return rc;
+    }
+    dl->loop = loop;
+    dl->max_bytes = max_bytes;
+    *out = dl;
+    return 0;
+}
+
+int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input,
+                 void (*done)(int status, void *arg), void *arg)
+{
+    dl_req_t *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    r->op = DL_WRITE;
+    r->buf = *lines;
+    *lines = (evd_buf_t){0};
+    r->bad_input = bad_input;
+    r->done = done;
+    r->arg = arg;
+    r->fd = -1;
+    enqueue(dl, r);
+    return 0;
+}
+
+int evd_dl_reopen(evd_dl_t *dl, const char *path, int64_t max_bytes)
+{
+    if (!path || dl->closing)
+        return -EINVAL;
+    dl_req_t *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    int rc = open_file(path, &r->fd, &r->size);
+    if (rc < 0) {
+        free(r);
+        return rc;
+    }
+    r->op = DL_SWITCH;
+    r->max_bytes = max_bytes;
+    enqueue(dl, r);
+    return 0;
+}
+
+uint64_t evd_dl_lines(const evd_dl_t *dl)
+{
+    return dl->lines;
+}
+
+uint64_t evd_dl_dropped(const evd_dl_t *dl)
+{
+    return dl->dropped;
+}
+
+void evd_dl_close(evd_dl_t *dl)
+{
+    if (!dl)
+        return;
+    dl->closing = true;
+    pump(dl);
+}

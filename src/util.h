@@ -1,0 +1,62 @@
+/* util.h - small shared helpers: container_of, growable buffers, string vectors. */
+#ifndef EVD_UTIL_H
+#define EVD_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define EVD_MUST_CHECK __attribute__((warn_unused_result))
+#define EVD_PRINTF(a, b) __attribute__((format(printf, a, b)))
+
+#define evd_container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define EVD_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* A growable byte buffer, always NUL-terminated when len > 0 or after evd_buf_cstr(). */
+typedef struct evd_buf {
+    char *data;
+    size_t len;
+    size_t cap;
+} evd_buf_t;
+
+int evd_buf_reserve(evd_buf_t *b, size_t extra) EVD_MUST_CHECK;
+int evd_buf_append(evd_buf_t *b, const char *s, size_t n) EVD_MUST_CHECK;
+int evd_buf_puts(evd_buf_t *b, const char *s) EVD_MUST_CHECK;
+int evd_buf_putc(evd_buf_t *b, char c) EVD_MUST_CHECK;
+int evd_buf_printf(evd_buf_t *b, const char *fmt, ...) EVD_PRINTF(2, 3) EVD_MUST_CHECK;
+/* Appends s as a JSON string literal (with quotes). */
+int evd_buf_json_str(evd_buf_t *b, const char *s, size_t n) EVD_MUST_CHECK;
+void evd_buf_reset(evd_buf_t *b);
+void evd_buf_free(evd_buf_t *b);
+
+/* A vector of owned C strings. */
+typedef struct evd_strv {
+    char **v;
+    size_t n;
+    size_t cap;
+} evd_strv_t;
+
+int evd_strv_push(evd_strv_t *sv, const char *s, size_t n) EVD_MUST_CHECK;
+void evd_strv_free(evd_strv_t *sv);
+
+/* Monotonic clock in milliseconds and wall clock in epoch milliseconds. */
+double evd_now_wall_ms(void);
+
+/* FNV-1a hash of n bytes. */
+uint64_t evd_hash(const void *p, size_t n);
+
+/* Set of byte strings (open addressing, owns copies). Used to deduplicate keys. */
+typedef struct evd_set {
+    char **slots;
+    size_t *lens;
+    size_t cap; /* power of two or 0 */
+    size_t n;
+} evd_set_t;
+
+/* Returns 1 if added, 0 if already present, -ENOMEM. */
+int evd_set_add(evd_set_t *s, const char *k, size_t n) EVD_MUST_CHECK;
+bool evd_set_has(const evd_set_t *s, const char *k, size_t n);
+void evd_set_clear(evd_set_t *s);
+void evd_set_free(evd_set_t *s);
+
+#endif

@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""test_capture.py: checks sql/install.sql, role.sql and uninstall.sql against a real PostgreSQL (payload form, chunks, doorbell, privileges).
+
+Run: python3 tests/integration/test_capture.py [-v] [TestClass.test_name ...]
+Needs the PostgreSQL server binaries, psql and psycopg2 (deploy/install-deps.sh).
+Prints "N passed, N failed" last; exits non-zero on any failure.
+"""
+
+import json
+import os
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# (importing harness may re-exec this script under /usr/bin/python3 for psycopg2)
+from harness import Postgres, collect_notifies, repo_root  # noqa: E402
+
+import psycopg2  # noqa: E402
+import psycopg2.errors  # noqa: E402
+
+SQL_DIR = os.path.join(repo_root(), "sql")
+INSTALL = os.path.join(SQL_DIR, "install.sql")
+UNINSTALL = os.path.join(SQL_DIR, "uninstall.sql")
+ROLE = os.path.join(SQL_DIR, "role.sql")
+
+HEAD_KEYS = ["v", "id", "tx", "ts", "schema", "table", "op"]
+FAST_CHANNEL = "evictd_fast"
+
+SCHEMA_SQL = """
+CREATE TABLE products (id serial PRIMARY KEY, name text, stock int, price numeric(10,2), weight real, active bool);
+CREATE TABLE drivers (id serial PRIMARY KEY, user_id int, is_active bool, notes text);
+CREATE TABLE shipments (id serial PRIMARY KEY, product_id int, driver_id int NULL, status text);
+CREATE TABLE events (kind text, n int);                                  -- no primary key
+CREATE TABLE pings (id serial PRIMARY KEY, val numeric, ratio double precision, flag bool, body text);
+CREATE TABLE gadgets (id serial PRIMARY KEY, code text, size int, price numeric);
+CREATE TABLE scratch (id int PRIMARY KEY, x int);
+CREATE TABLE wide (id int PRIMARY KEY, %s);
+CREATE ROLE app LOGIN;
+GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app;
+ALTER TABLE gadgets OWNER TO app;        -- app runs "migrations" on this one
+""" % ", ".join("c%02d int" % i for i in range(1, 61))
+
+WATCH_SQL = """
+SELECT evictd.watch('products', ARRAY['id', 'name', 'stock', 'price', 'weight', 'active']);
+SELECT evictd.watch('drivers', ARRAY['id', 'user_id', 'is_active']);
+SELECT evictd.watch('shipments', ARRAY['id', 'product_id', 'driver_id']);
+SELECT evictd.watch('events', ARRAY['kind', 'n']);
+SELECT evictd.watch('pings', ARRAY['id', 'val', 'ratio', 'flag', 'body'], '%s', false);
+SELECT evictd.watch('gadgets', ARRAY['id', 'code', 'size', 'price']);
+SELECT evictd.watch('scratch', ARRAY['id', 'x']);
+SELECT evictd.watch('wide', ARRAY['id', %s]);
+""" % (FAST_CHANNEL, ", ".join("'c%02d'" % i for i in range(60, 0, -1)))
+
+
+def strict_int(x):
+    return type(x) is int
+
+
+class CaptureTest(unittest.TestCase):
+    pg = None
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pg = Postgres()
+        cls.pg.psql(file=INSTALL)
+        cls.pg.psql(file=INSTALL)  # idempotent
+        cls.pg.psql(SCHEMA_SQL)
+        cls.pg.psql(WATCH_SQL)
+        cls.pg.psql(WATCH_SQL)  # idempotent
+        cls.su = cls.pg.connect(autocommit=True)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.su.close()
+        cls.pg.cleanup()
+
+    def setUp(self):
+        self.q("DELETE FROM evictd.outbox")
+        self.q("SELECT setval('evictd.idle', 0)")
+        self.app = self.pg.connect(user="app")
+        self._listeners = []
+
+    def tearDown(self):
+        self.app.close()
+        for c in self._listeners:
+            c.close()
+
+    # -- helpers ----------------------------------------------------------
+    def q(self, sql, args=None, conn=None):
+        conn = conn or self.su
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else None
+
+    def app_exec(self, *stmts):
+        """Run statements as role app in one committed transaction; return the last result."""
+        res = None
+        with self.app.cursor() as cur:
+            for s in stmts:
+                cur.execute(s)
+                res = cur.fetchall() if cur.description else None
+        self.app.commit()
+        return res
+
+    def outbox(self):
+        """[(id, payload dict)] in id order; checks every payload is JSON with its own id."""
+        out = []
+        for oid, text in self.q("SELECT id, payload FROM evictd.outbox ORDER BY id"):
+            p = json.loads(text)
+            self.assertEqual(p["id"], oid, "payload id must be the outbox row id")
+            out.append((oid, p))
+        return out
+
+    def listen(self, channel):
+        c = self.pg.connect(autocommit=True)
+        self._listeners.append(c)
+        self.q('LISTEN "%s"' % channel, conn=c)
+        return c
+
+    def assert_head(self, p, table, op, durable=True, extra=()):
+        keys = list(p.keys())
+        self.assertEqual(keys[:7], HEAD_KEYS, p)
+        self.assertEqual(keys[7:], list(extra), p)
+        self.assertEqual(p["v"], 1)
+        self.assertTrue(strict_int(p["v"]))
+        if durable:
+            self.assertTrue(strict_int(p["id"]) and p["id"] > 0, p)
+        else:
+            self.assertIsNone(p["id"])
+        self.assertTrue(strict_int(p["tx"]) and p["tx"] > 0, p)
+        self.assertIn(type(p["ts"]), (int, float))
+        self.assertLess(abs(p["ts"] - time.time() * 1000), 120000, "ts is epoch milliseconds")
+        self.assertEqual(p["schema"], "public")
+        self.assertEqual(p["table"], table)
+        self.assertEqual(p["op"], op)
+
+    def triggers(self, table):
+        return self.q("SELECT tgname, tgtype FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal "
+                      "ORDER BY tgname", (table,))
+
+    # -- payload form -----------------------------------------------------
+    def test_insert_payload_types(self):
+        res = self.app_exec("INSERT INTO products (name, stock, price, weight, active) "
+                            "VALUES ('widget', 5, 3.5, 1e-7, true) RETURNING id, txid_current()")
+        pid, tx = res[0]
+        (oid, p), = self.outbox()
+        self.assert_head(p, "products", "INSERT", extra=["rows"])
+        self.assertEqual(p["tx"], tx)
+        self.assertEqual(p["rows"], [{"new": {"id": pid, "name": "widget", "stock": 5, "price": "3.50",
+                                             "weight": "1e-07", "active": True}}])
+        img = p["rows"][0]["new"]
+        self.assertEqual(list(img.keys()), ["id", "name", "stock", "price", "weight", "active"])
+        self.assertTrue(strict_int(img["id"]) and strict_int(img["stock"]))
+        self.assertIs(img["active"], True)
+
+    def test_only_captured_columns_and_nulls(self):
+        self.app_exec("INSERT INTO drivers (user_id, is_active, notes) VALUES (42, false, 'secret')")
+        self.app_exec("INSERT INTO shipments (product_id, driver_id, status) VALUES (3, NULL, 'new')")
+        (_, d), (_, s) = self.outbox()
+        self.assertEqual(list(d["rows"][0]["new"].keys()), ["id", "user_id", "is_active"])
+        self.assertIs(d["rows"][0]["new"]["is_active"], False)
+        self.assertEqual(list(s["rows"][0]["new"].keys()), ["id", "product_id", "driver_id"])
+        self.assertIsNone(s["rows"][0]["new"]["driver_id"])
+
+    def test_update_delete_truncate(self):
+        pid = self.app_exec("INSERT INTO products (name, stock, price, weight, active) "
+                            "VALUES ('a', 1, 10, 0.5, true) RETURNING id")[0][0]
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("UPDATE products SET stock = 2, price = 10.25 WHERE id = %d" % pid)
+        self.app_exec("DELETE FROM products WHERE id = %d" % pid)
+        self.app_exec("TRUNCATE products")
+        (_, u), (_, d), (_, t) = self.outbox()
+        self.assert_head(u, "products", "UPDATE", extra=["rows"])
+        old = {"id": pid, "name": "a", "stock": 1, "price": "10.00", "weight": "0.5", "active": True}
+        new = dict(old, stock=2, price="10.25")
+        self.assertEqual(u["rows"], [{"old": old, "new": new}])
+        self.assertEqual(list(u["rows"][0].keys()), ["old", "new"])
+        self.assert_head(d, "products", "DELETE", extra=["rows"])
+        self.assertEqual(d["rows"], [{"old": new}])
+        self.assert_head(t, "products", "TRUNCATE", extra=[])
+
+    def test_zero_row_statement_writes_nothing(self):
+        # ... and does not force a transaction id on a transaction that had none
+        res = self.app_exec("UPDATE products SET stock = 0 WHERE false", "DELETE FROM shipments WHERE id < 0",
+                            "SELECT txid_current_if_assigned()")
+        self.assertEqual(res, [(None,)])
+        self.assertEqual(self.outbox(), [])
+
+    def test_install_repairs_stale_triggers(self):
+        # As after a dump/restore that gave the table a new oid: triggers call another
+        # capture function; and one trigger went missing. Re-running install.sql fixes both.
+        oid = self.q("SELECT 'scratch'::regclass::oid")[0][0]
+        self.q("ALTER FUNCTION evictd.capture_%s() RENAME TO capture_1" % oid)
+        self.q("DROP TRIGGER evictd_truncate ON scratch")
+        self.pg.psql(file=INSTALL)
+        self.assertEqual(self.q("SELECT DISTINCT tgfoid::regproc::text, count(*) FROM pg_trigger "
+                                "WHERE tgrelid = 'scratch'::regclass GROUP BY 1"), [("evictd.capture_%s" % oid, 4)])
+        self.assertEqual(self.q("SELECT to_regproc('evictd.capture_1')"), [(None,)])
+        self.app_exec("INSERT INTO scratch VALUES (77, 1)", "TRUNCATE scratch")
+        self.assertEqual([p["op"] for _, p in self.outbox()], ["INSERT", "TRUNCATE"])
+
+    def test_update_without_captured_change_reports(self):
+        did = self.app_exec("INSERT INTO drivers (user_id, is_active) VALUES (7, true) RETURNING id")[0][0]
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("UPDATE drivers SET notes = 'only an uncaptured column' WHERE id = %d" % did)
+        (_, p), = self.outbox()
+        img = {"id": did, "user_id": 7, "is_active": True}
+        self.assertEqual(p["rows"], [{"old": img, "new": img}])
+
+    def test_chunks_of_500_paired_by_pk(self):
+        self.app_exec("INSERT INTO products (name, stock, price) "
+                      "SELECT 'p' || g, g, g / 100.0 FROM generate_series(1, 1200) g")
+        ins = self.outbox()
+        self.assertEqual([len(p["rows"]) for _, p in ins], [500, 500, 200])
+        self.q("DELETE FROM evictd.outbox")
+        tx = self.app_exec("UPDATE products SET stock = stock + 1 WHERE name LIKE 'p%' RETURNING txid_current()")[0][0]
+        chunks = self.outbox()
+        self.assertEqual([len(p["rows"]) for _, p in chunks], [500, 500, 200])
+        seen = set()
+        for _, p in chunks:
+            self.assert_head(p, "products", "UPDATE", extra=["rows"])
+            self.assertEqual(p["tx"], tx)
+            for r in p["rows"]:
+                self.assertEqual(list(r.keys()), ["old", "new"])
+                self.assertEqual(r["old"]["id"], r["new"]["id"])
+                self.assertEqual(r["new"]["stock"], r["old"]["stock"] + 1)
+                seen.add(r["new"]["id"])
+        self.assertEqual(len(seen), 1200)
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("DELETE FROM products WHERE name LIKE 'p%'")
+        self.assertEqual([len(p["rows"]) for _, p in self.outbox()], [500, 500, 200])
+
+    def test_pk_change_is_unpaired(self):
+        pid = self.app_exec("INSERT INTO products (name) VALUES ('mover') RETURNING id")[0][0]
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("UPDATE products SET id = %d WHERE id = %d" % (pid + 100000, pid))
+        (_, p), = self.outbox()
+        self.assertEqual(sorted(p["rows"], key=lambda r: list(r)), sorted(
+            [{"old": {"id": pid, "name": "mover", "stock": None, "price": None, "weight": None, "active": None}},
+             {"new": {"id": pid + 100000, "name": "mover", "stock": None, "price": None, "weight": None,
+                      "active": None}}], key=lambda r: list(r)))
+
+    def test_table_without_pk_gives_unpaired_rows(self):
+        self.app_exec("INSERT INTO events VALUES ('a', 1), ('b', 2)")
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("UPDATE events SET n = n * 10")
+        (_, p), = self.outbox()
+        self.assert_head(p, "events", "UPDATE", extra=["rows"])
+        olds = sorted(r["old"]["n"] for r in p["rows"] if "old" in r)
+        news = sorted(r["new"]["n"] for r in p["rows"] if "new" in r)
+        self.assertEqual((olds, news), ([1, 2], [10, 20]))
+        self.assertTrue(all(len(r) == 1 for r in p["rows"]), "no pk: every entry carries one image")
+
+    def test_rollback_leaves_nothing(self):
+        with self.app.cursor() as cur:
+            cur.execute("INSERT INTO products (name) VALUES ('ghost')")
+            cur.execute("UPDATE drivers SET notes = 'x'")
+        self.app.rollback()
+        self.assertEqual(self.outbox(), [])
+
+    def test_large_value_durable(self):
+        big = "x" * 20000
+        self.app_exec("INSERT INTO products (name) VALUES ('%s')" % big)
+        (_, p), = self.outbox()
+        self.assertEqual(p["rows"][0]["new"]["name"], big)
+
+    def test_large_value_notify_only_sends_ref(self):
+        lc = self.listen(FAST_CHANNEL)
+        self.app_exec("INSERT INTO pings (val, body) VALUES (1, '%s')" % ("y" * 20000))
+        n, = collect_notifies(lc, timeout=2, want=1)
+        p = json.loads(n.payload)
+        self.assertEqual(p, {"v": 1, "id": None, "ref": True, "schema": "public", "table": "pings", "op": "INSERT"})
+        self.assertEqual(list(p.keys()), ["v", "id", "ref", "schema", "table", "op"])
+        self.assertEqual(collect_notifies(lc, timeout=0.3), [])
+        self.assertEqual(self.outbox(), [])
+
+    def test_notify_size_boundary(self):
+        # Bodies around the limit, in one transaction (same tx, fixed-width ids): every
+        # payload under 8000 bytes arrives whole, from 8000 bytes on a ref arrives.
+        lc = self.listen(FAST_CHANNEL)
+        self.app_exec("INSERT INTO pings (id, body) VALUES (1000000, 'm')")
+        probe, = collect_notifies(lc, timeout=2, want=1)
+        base = len(probe.payload.encode()) - 1
+        lengths = list(range(8000 - base - 12, 8000 - base + 12))
+        self.app_exec("INSERT INTO pings (id, body) VALUES %s"
+                      % ", ".join("(%d, repeat('b', %d))" % (1000001 + i, n) for i, n in enumerate(lengths)))
+        got = collect_notifies(lc, timeout=3, want=len(lengths))
+        got += collect_notifies(lc, timeout=0.3)
+        whole, refs = {}, []
+        for note in got:
+            p = json.loads(note.payload)
+            if p.get("ref"):
+                refs.append(p)
+            else:
+                whole[len(p["new"]["body"])] = len(note.payload.encode())
+        # PostgreSQL folds identical payloads within a transaction: the refs arrive once.
+        self.assertEqual(len(refs), 1, refs)
+        self.assertIn(7999, whole.values(), whole)
+        self.assertTrue(all(sz < 8000 for sz in whole.values()), whole)
+        self.assertEqual(sorted(whole), [n for n in lengths if n <= max(whole)], "whole below the limit, refs above")
+        self.assertLess(max(whole), max(lengths))
+        self.app_exec("DELETE FROM pings WHERE id >= 1000000")
+
+    def test_non_superuser_installer(self):
+        # A database owner that is no superuser installs evictd for its own tables.
+        self.q("CREATE ROLE owner LOGIN")
+        self.q("CREATE DATABASE owned OWNER owner")
+        try:
+            self.pg.psql(file=INSTALL, user="owner", db="owned")
+            self.pg.psql(file=INSTALL, user="owner", db="owned")
+            out = self.pg.psql("CREATE TABLE t (id int PRIMARY KEY, v numeric);"
+                               "SELECT evictd.watch('t', ARRAY['id', 'v']);"
+                               "INSERT INTO t VALUES (1, 2.50);"
+                               "SELECT payload::json->'rows' FROM evictd.outbox;"
+                               "SELECT count(*) FROM pg_event_trigger;"
+                               "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
+                               " WHERE pronamespace = 'evictd'::regnamespace;",
+                               user="owner", db="owned")
+            self.assertEqual([line for line in out.split("\n") if line], ['[{"new" : {"id" : 1, "v" : "2.50"}}]', "0", "owner"])
+            self.pg.psql(file=UNINSTALL, user="owner", db="owned")
+            self.pg.psql(file=UNINSTALL, user="owner", db="owned")
+            self.assertEqual(self.pg.psql("SELECT to_regnamespace('evictd') IS NULL, count(*) FROM pg_trigger "
+                                          "WHERE tgname LIKE 'evictd%'", db="owned").strip(), "t|0")
+        finally:
+            self.q("DROP DATABASE IF EXISTS owned")
+            self.q("DROP ROLE owner")
+
+    def test_notify_only_row_payloads(self):
+        lc = self.listen(FAST_CHANNEL)
+        ids = [r[0] for r in self.app_exec(
+            "INSERT INTO pings (val, ratio, flag) VALUES (1.50, 0.1, true), (2, 1e-7, false) RETURNING id")]
+        self.app_exec("UPDATE pings SET val = 3 WHERE id = %d" % ids[0])
+        self.app_exec("DELETE FROM pings WHERE id = %d" % ids[1])
+        self.app_exec("TRUNCATE pings")
+        got = collect_notifies(lc, timeout=3, want=5)
+        self.assertEqual(len(got), 5, [n.payload for n in got])
+        self.assertTrue(all(n.channel == FAST_CHANNEL for n in got))
+        ps = [json.loads(n.payload) for n in got]
+        i1 = {"id": ids[0], "val": "1.50", "ratio": "0.1", "flag": True, "body": None}
+        i2 = {"id": ids[1], "val": "2", "ratio": "1e-07", "flag": False, "body": None}
+        self.assert_head(ps[0], "pings", "INSERT", durable=False, extra=["new"])
+        self.assert_head(ps[1], "pings", "INSERT", durable=False, extra=["new"])
+        self.assertEqual([ps[0]["new"], ps[1]["new"]], [i1, i2])
+        self.assert_head(ps[2], "pings", "UPDATE", durable=False, extra=["old", "new"])
+        self.assertEqual((ps[2]["old"], ps[2]["new"]), (i1, dict(i1, val="3")))
+        self.assert_head(ps[3], "pings", "DELETE", durable=False, extra=["old"])
+        self.assertEqual(ps[3]["old"], i2)
+        self.assert_head(ps[4], "pings", "TRUNCATE", durable=False, extra=[])
+        self.assertEqual(self.outbox(), [], "notify-only writes nothing to the outbox")
+        self.assertEqual(sorted(t[0] for t in self.triggers("pings")),
+                         ["evictd_delete", "evictd_insert", "evictd_truncate", "evictd_update"])
+
+    def test_rewatch_switches_mode_cleanly(self):
+        def shape():
+            # tgtype bit 0: FOR EACH ROW
+            return [(name, tgtype & 1) for name, tgtype in self.triggers("scratch")]
+        durable_shape = [("evictd_delete", 0), ("evictd_insert", 0), ("evictd_truncate", 0), ("evictd_update", 0)]
+        self.assertEqual(shape(), durable_shape)
+        try:
+            self.q("SELECT evictd.watch('scratch', ARRAY['x'], 'other', false)")
+            self.assertEqual(shape(), [("evictd_delete", 1), ("evictd_insert", 1), ("evictd_truncate", 0),
+                                       ("evictd_update", 1)])
+            self.assertEqual(self.q("SELECT columns, channel, durable FROM evictd.watches WHERE tbl = 'scratch'::regclass"),
+                             [(["x"], "other", False)])
+            lc = self.listen("other")
+            self.app_exec("INSERT INTO scratch VALUES (1, 1)")
+            n, = collect_notifies(lc, timeout=2, want=1)
+            self.assertEqual(json.loads(n.payload)["new"], {"x": 1})
+        finally:
+            self.q("SELECT evictd.watch('scratch', ARRAY['id', 'x'])")
+        self.assertEqual(shape(), durable_shape)
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("INSERT INTO scratch VALUES (2, 2)")
+        (_, p), = self.outbox()
+        self.assertEqual(p["rows"], [{"new": {"id": 2, "x": 2}}])
+        self.assertEqual(len(self.q("SELECT 1 FROM pg_proc WHERE proname LIKE 'capture\\_%%' "
+                                    "AND pronamespace = 'evictd'::regnamespace")),
+                         self.q("SELECT count(*) FROM evictd.watches")[0][0])
+
+    def test_quoted_identifiers(self):
+        self.q('CREATE SCHEMA "Odd Schema"; '
+               'CREATE TABLE "Odd Schema"."My Table" ("Key" int PRIMARY KEY, "a ""b""" numeric, "x" text); '
+               'GRANT USAGE ON SCHEMA "Odd Schema" TO app; GRANT ALL ON "Odd Schema"."My Table" TO app')
+        try:
+            self.q("""SELECT evictd.watch('"Odd Schema"."My Table"', ARRAY['Key', 'a "b"'], 'Odd Channel')""")
+            lc = self.listen("Odd Channel")
+            self.q("SELECT setval('evictd.idle', 1)")
+            self.app_exec('UPDATE "Odd Schema"."My Table" SET x = \'n\'',
+                          'INSERT INTO "Odd Schema"."My Table" VALUES (1, 2.0, \'q\')')
+            (_, p), = self.outbox()
+            self.assertEqual((p["schema"], p["table"]), ("Odd Schema", "My Table"))
+            self.assertEqual(p["rows"], [{"new": {"Key": 1, 'a "b"': "2.0"}}])
+            self.assertEqual([(n.channel, n.payload) for n in collect_notifies(lc, timeout=1)], [("Odd Channel", "")])
+        finally:
+            self.q('DROP SCHEMA "Odd Schema" CASCADE')
+
+    def test_wide_table_60_columns(self):
+        self.app_exec("INSERT INTO wide VALUES (1, %s)" % ", ".join(str(i * 10) for i in range(1, 61)))
+        (_, p), = self.outbox()
+        img = p["rows"][0]["new"]
+        self.assertEqual(list(img.keys()), ["id"] + ["c%02d" % i for i in range(60, 0, -1)])
+        self.assertEqual([img["c%02d" % i] for i in range(1, 61)], [i * 10 for i in range(1, 61)])
+
+    # -- the idle flag / doorbell -----------------------------------------
+    def test_idle_flag_doorbell(self):
+        lc = self.listen("evictd")
+        self.q("SELECT setval('evictd.idle', 1)")
+        self.app_exec("UPDATE products SET stock = 1 WHERE false")  # touches 0 rows: no ring
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(1,)])
+        self.app_exec("INSERT INTO products (name) VALUES ('bell1')")
+        self.app_exec("INSERT INTO shipments (product_id) VALUES (1)")
+        got = collect_notifies(lc, timeout=1.5)
+        self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "exactly one empty doorbell")
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(0,)])
+        self.app_exec("INSERT INTO products (name) VALUES ('bell2')")
+        self.assertEqual(collect_notifies(lc, timeout=0.7), [], "flag 0: no doorbell")
+        self.assertEqual(len(self.outbox()), 3)
+
+    # -- watch()/unwatch() -------------------------------------------------
+    def test_watch_validation(self):
+        cases = [
+            ("SELECT evictd.watch('products', ARRAY['id', 'nope'])", psycopg2.errors.UndefinedColumn, "nope"),
+            ("SELECT evictd.watch('no_such_table', ARRAY['id'])", psycopg2.errors.UndefinedTable, "no_such_table"),
+            ("SELECT evictd.watch('products', ARRAY['id'], repeat('c', 64))", psycopg2.errors.InvalidParameterValue,
+             "channel"),
+            ("SELECT evictd.watch('products', ARRAY['id', NULL])", psycopg2.errors.NullValueNotAllowed, "columns"),
+            ("SELECT evictd.watch('evictd.outbox', ARRAY['id'])", psycopg2.errors.WrongObjectType, "own tables"),
+        ]
+        for sql, exc, word in cases:
+            with self.subTest(sql=sql):
+                with self.assertRaises(exc) as cm:
+                    self.q(sql)
+                self.assertIn(word, str(cm.exception))
+        # the failed calls changed nothing
+        self.assertEqual(self.q("SELECT columns FROM evictd.watches WHERE tbl = 'products'::regclass"),
+                         [(["id", "name", "stock", "price", "weight", "active"],)])
+
+    def test_unwatch(self):
+        self.q("CREATE TABLE temp_watch (id int PRIMARY KEY); GRANT ALL ON temp_watch TO app")
+        try:
+            self.q("SELECT evictd.watch('temp_watch', ARRAY['id'])")
+            self.assertEqual(len(self.triggers("temp_watch")), 4)
+            self.q("SELECT evictd.unwatch('temp_watch')")
+            self.q("SELECT evictd.unwatch('temp_watch')")  # idempotent
+            self.assertEqual(self.triggers("temp_watch"), [])
+            self.assertEqual(self.q("SELECT count(*) FROM evictd.watches WHERE tbl = 'temp_watch'::regclass"), [(0,)])
+            self.assertEqual(self.q("SELECT to_regproc('evictd.capture_' || 'temp_watch'::regclass::oid)"), [(None,)])
+            self.app_exec("INSERT INTO temp_watch VALUES (1)")
+            self.assertEqual(self.outbox(), [])
+        finally:
+            self.q("DROP TABLE temp_watch")
+
+    def test_alter_table_keeps_writes_working(self):
+        # app owns gadgets, as a Django migration role would; event triggers follow its DDL.
+        self.app_exec("ALTER TABLE gadgets DROP COLUMN size")
+        self.app_exec("ALTER TABLE gadgets RENAME COLUMN code TO sku")
+        self.app_exec("ALTER TABLE gadgets ALTER COLUMN price TYPE int USING price::int")
+        self.app_exec("INSERT INTO gadgets (sku, price) VALUES ('g1', 7)")
+        (_, p), = self.outbox()
+        self.assertEqual(list(p["rows"][0]["new"].keys()), ["id", "price"])
+        self.assertTrue(strict_int(p["rows"][0]["new"]["price"]), "type change followed: int is a JSON number")
+        self.assertEqual(self.q("SELECT columns FROM evictd.watches WHERE tbl = 'gadgets'::regclass"), [(["id", "price"],)])
+        oid = self.q("SELECT 'gadgets'::regclass::oid")[0][0]
+        self.app_exec("DROP TABLE gadgets")
+        self.assertEqual(self.q("SELECT count(*) FROM evictd.watches WHERE tbl::oid = %s", (oid,)), [(0,)])
+        self.assertEqual(self.q("SELECT to_regproc('evictd.capture_%s')" % oid), [(None,)])
+
+    # -- security -----------------------------------------------------------
+    def test_security_definer_and_no_app_grants(self):
+        rows = self.q("SELECT p.proname, p.prosecdef, p.proconfig, pg_get_userbyid(p.proowner) FROM pg_proc p "
+                      "WHERE p.pronamespace = 'evictd'::regnamespace AND p.proname LIKE 'capture\\_%%'")
+        self.assertGreaterEqual(len(rows), 7)
+        for name, secdef, config, owner in rows:
+            self.assertTrue(secdef, name)
+            self.assertEqual(config, ["search_path=pg_catalog, pg_temp"], name)
+            self.assertEqual(owner, "postgres", name)
+        priv = self.q("SELECT has_schema_privilege('app', 'evictd', 'USAGE'), "
+                      "has_function_privilege('app', 'evictd.watch(regclass, text[], text, bool)', 'EXECUTE'), "
+                      "has_function_privilege('app', 'evictd.unwatch(regclass)', 'EXECUTE'), "
+                      "has_table_privilege('app', 'evictd.outbox', 'SELECT')")
+        self.assertEqual(priv, [(False, False, False, False)])
+        with self.assertRaises(psycopg2.errors.InsufficientPrivilege):
+            self.app_exec("SELECT evictd.watch('products', ARRAY['id'])")
+        self.app.rollback()
+        # search_path games by the writer do not reach the trigger
+        self.app_exec("SET search_path = pg_temp, public", "INSERT INTO products (name) VALUES ('sp')")
+        self.assertEqual(len(self.outbox()), 1)
+
+    def test_install_again_with_watches(self):
+        self.app_exec("INSERT INTO products (name) VALUES ('kept')")
+        watches = self.q("SELECT tbl::text, columns, channel, durable FROM evictd.watches ORDER BY 1")
+        self.pg.psql(file=INSTALL)
+        self.assertEqual(len(self.outbox()), 1, "re-install keeps the outbox")
+        self.app_exec("INSERT INTO products (name) VALUES ('after')")
+        self.assertEqual(len(self.outbox()), 2)
+        self.assertEqual(self.q("SELECT tbl::text, columns, channel, durable FROM evictd.watches ORDER BY 1"), watches)
+
+    # -- role.sql -----------------------------------------------------------
+    def test_role_least_privilege(self):
+        self.pg.psql(file=ROLE)
+        self.pg.psql(file=ROLE, variables={"evictd_password": "s3cr'et", "lookup_tables": "public.drivers"})
+        self.app_exec("INSERT INTO products (name) VALUES ('r1'), ('r2')", "INSERT INTO shipments (product_id) VALUES (1)")
+        ev = self.pg.connect(user="evictd")
+        try:
+            with ev.cursor() as cur:
+                cur.execute("SELECT id, payload FROM evictd.outbox ORDER BY id FOR UPDATE SKIP LOCKED")
+                ids = [r[0] for r in cur.fetchall()]
+                self.assertEqual(len(ids), 2)
+                cur.execute("DELETE FROM evictd.outbox WHERE id = ANY(%s)", (ids,))
+                self.assertEqual(cur.rowcount, 2)
+                cur.execute("SELECT setval('evictd.idle', 1)")
+                cur.execute("SELECT last_value FROM evictd.idle")
+                self.assertEqual(cur.fetchone()[0], 1)
+                cur.execute("SELECT tbl::text, columns FROM evictd.watches ORDER BY 1")
+                self.assertTrue(cur.fetchall())
+                cur.execute("SELECT user_id FROM drivers LIMIT 1")  # lookup table granted
+                cur.execute("LISTEN evictd")
+            ev.commit()
+            self.assertEqual(self.outbox(), [])
+            for sql in ("UPDATE products SET stock = 1", "SELECT * FROM products",
+                        "INSERT INTO evictd.outbox VALUES (-1, 'x')",
+                        "SELECT evictd.watch('products', ARRAY['id'])"):
+                with self.subTest(sql=sql):
+                    with self.assertRaises(psycopg2.errors.InsufficientPrivilege) as cm:
+                        with ev.cursor() as cur:
+                            cur.execute(sql)
+                    self.assertIn("permission denied", str(cm.exception))
+                    ev.rollback()
+        finally:
+            ev.close()
+            self.q("SELECT setval('evictd.idle', 0)")
+
+    # -- uninstall (runs last: zz) -------------------------------------------
+    def test_zz_uninstall(self):
+        self.pg.psql(file=UNINSTALL)
+        self.pg.psql(file=UNINSTALL)  # idempotent
+        self.assertEqual(self.q("SELECT to_regnamespace('evictd')"), [(None,)])
+        self.assertEqual(self.q("SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE tgname LIKE 'evictd%%'"), [])
+        self.assertEqual(self.q("SELECT evtname FROM pg_event_trigger"), [])
+        self.app_exec("INSERT INTO products (name) VALUES ('free')", "TRUNCATE events")
+        # and it comes back
+        self.pg.psql(file=INSTALL)
+        self.q("SELECT evictd.watch('products', ARRAY['id'])")
+        self.app_exec("INSERT INTO products (name) VALUES ('again')")
+        (_, p), = self.outbox()
+        self.assertEqual(list(p["rows"][0]["new"].keys()), ["id"])
+
+
+def main():
+    prog = unittest.main(exit=False, verbosity=2 if "-v" in sys.argv else 1)
+    r = prog.result
+    failed = len(r.failures) + len(r.errors) + len(r.unexpectedSuccesses)
+    passed = max(0, r.testsRun - failed - len(r.skipped))
+    print("%d passed, %d failed" % (passed, failed))
+    sys.exit(0 if failed == 0 and r.wasSuccessful() else 1)
+
+
+if __name__ == "__main__":
+    main()
