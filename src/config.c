@@ -291,7 +291,8 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
                 }
             }
             const char *val = c->env ? c->env(name) : NULL;
-            if (val) {
+            /* As in the shell, ":-" also replaces a variable set to the empty string. */
+            if (val && (val[0] || !dflt)) {
                 if (evd_buf_puts(&b, val) < 0)
                     goto oom;
             } else if (dflt) {

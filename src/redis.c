@@ -1,5 +1,4 @@
-/* redis.c - one Redis target: connection state machine, pipelined UNLINK batches, SCAN+UNLINK
- * pattern deletes, timeouts, retry with full-jitter backoff and deferred re-deletes. */
+/* redis.c - one Redis target: connection, pipelined UNLINK batches, SCAN deletes, retry. */
 #include "redis.h"
 
 #include <errno.h>
@@ -61,20 +60,20 @@ typedef struct batch {
     const char **argv;
     size_t *argvlen;
     size_t argc;
-    size_t chunk;       /* keys per UNLINK command, fixed when the batch is formed */
-    size_t nkeys;       /* distinct keys */
-    const char **pats;  /* distinct patterns, borrowed */
+    size_t chunk;      /* keys per UNLINK command, fixed when the batch is formed */
+    size_t nkeys;      /* distinct keys */
+    const char **pats; /* distinct patterns, borrowed */
     size_t *patlen;
     size_t npats;
-    char *store;        /* re-deletes only: the key bytes argv points into */
-    bool redelete;      /* a deferred re-delete: no jobs, no retry, failures logged at debug */
+    char *store;   /* re-deletes only: the key bytes argv points into */
+    bool redelete; /* a deferred re-delete: no jobs, no retry, failures logged at debug */
     int attempts;
-    int status;         /* once in r->done: 0, -EIO or -ECANCELED */
-    uint64_t due;       /* in backoff: loop time when the next attempt may go */
+    int status;   /* once in r->done: 0, -EIO or -ECANCELED */
+    uint64_t due; /* in backoff: loop time when the next attempt may go */
     /* the current attempt */
-    size_t outstanding; /* UNLINK commands without a reply yet */
-    size_t scans_left;  /* scan passes it waits on */
-    bool sending;       /* attempt() is still issuing commands: do not finish it yet */
+    size_t outstanding;  /* UNLINK commands without a reply yet */
+    size_t scans_left;   /* scan passes it waits on */
+    bool sending;        /* attempt() is still issuing commands: do not finish it yet */
     char error[ERR_LEN]; /* the attempt's first error, "" while none */
 } batch_t;
 
@@ -117,16 +116,16 @@ struct evd_redis {
     void *ud;
 
     state_t state;
-    redisAsyncContext *ac; /* the live context, NULL when none */
-    uint64_t gen;          /* bumped whenever a connection is abandoned */
-    char ip[64];           /* the address connected to (resolved or literal) */
-    char addr[160];        /* for logs: ip:port or the unix path */
+    redisAsyncContext *ac;     /* the live context, NULL when none */
+    uint64_t gen;              /* bumped whenever a connection is abandoned */
+    char ip[64];               /* the address connected to (resolved or literal) */
+    char addr[160];            /* for logs: ip:port or the unix path */
     uv_getaddrinfo_t *resolve; /* the live lookup, NULL when none */
-    int conn_failures;     /* consecutive failed connection attempts */
-    bool down_logged;      /* `disconnected` logged since the last `connected` */
+    int conn_failures;         /* consecutive failed connection attempts */
+    bool down_logged;          /* `disconnected` logged since the last `connected` */
     bool ever_ready;
     char last_error[ERR_LEN];
-    size_t outstanding;    /* commands sent on this connection without a reply */
+    size_t outstanding; /* commands sent on this connection without a reply */
 
     /* conn_timer: connect/AUTH/SELECT/reply timeout, or the reconnect delay in ST_BACKOFF.
      * fill_timer: max_delay_ms of the queue, and the deferred kick after connecting.
@@ -135,13 +134,13 @@ struct evd_redis {
 
     evd_job_t *queue, *queue_tail; /* submitted, not yet in a batch */
     size_t queued_items;
-    uint64_t fill_deadline;        /* loop time when the queue goes even if not full */
-    batch_t *inflight;             /* at most one batch in flight per target */
-    batch_t *backoff;              /* failed batches waiting for their retry, by due */
-    batch_t *done, *done_tail;     /* finished batches whose jobs are being called back */
+    uint64_t fill_deadline;    /* loop time when the queue goes even if not full */
+    batch_t *inflight;         /* at most one batch in flight per target */
+    batch_t *backoff;          /* failed batches waiting for their retry, by due */
+    batch_t *done, *done_tail; /* finished batches whose jobs are being called back */
     bool flushing;
     scan_t *scans;
-    batch_t *redeletes;            /* re-deletes in flight */
+    batch_t *redeletes; /* re-deletes in flight */
     evd_buf_t redel_store;
     redel_seg_t *redel_segs;
     size_t redel_nsegs, redel_segcap;
@@ -509,6 +508,57 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     end(r);
 }
 
+/* hiredis 0.14's libuv adapter drops poll errors: on POLLERR (a refused connect, a reset
+ * connection) libuv stops the watcher and reports status UV_EBADF, and the adapter returns
+ * without telling hiredis, which then waits forever (only our timeout would notice). Later
+ * hiredis releases hand the error to hiredis as the events it was waiting for, so that its
+ * read/write fails and reports the socket error; these hooks replace the adapter's with that. */
+static void poll_cb(uv_poll_t *handle, int status, int events)
+{
+    redisLibuvEvents *p = handle->data;
+    int ev = status ? p->events : events;
+    if (p->context && (ev & UV_READABLE))
+        redisAsyncHandleRead(p->context);
+    if (p->context && (ev & UV_WRITABLE))
+        redisAsyncHandleWrite(p->context);
+}
+
+static void poll_update(redisLibuvEvents *p)
+{
+    if (p->events)
+        uv_poll_start(&p->handle, p->events, poll_cb);
+    else
+        uv_poll_stop(&p->handle);
+}
+
+static void ev_add_read(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+    p->events |= UV_READABLE;
+    poll_update(p);
+}
+
+static void ev_del_read(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+    p->events &= ~UV_READABLE;
+    poll_update(p);
+}
+
+static void ev_add_write(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+    p->events |= UV_WRITABLE;
+    poll_update(p);
+}
+
+static void ev_del_write(void *privdata)
+{
+    redisLibuvEvents *p = privdata;
+    p->events &= ~UV_WRITABLE;
+    poll_update(p);
+}
+
 static bool is_ip_literal(const char *host)
 {
     unsigned char buf[16];
@@ -551,6 +601,10 @@ static void start_connect(evd_redis_t *r)
         reset(r, "connect %s failed: cannot watch the socket", r->addr);
         return;
     }
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
     /* After attaching: setting the connect callback arms the write watcher that detects the
      * end of the non-blocking connect. */
     redisAsyncSetConnectCallback(ac, on_connect);
@@ -1144,8 +1198,8 @@ static void redelete_add(evd_redis_t *r, const batch_t *b)
     return;
 fail:
     st->len = start;
-    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name),
-            F_INT("keys", b->nkeys), F_STR("error", "out of memory"));
+    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", b->nkeys),
+            F_STR("error", "out of memory"));
 }
 
 /* Sends one UNLINK set for the first `end` bytes of the store (deduplicated across batches). */
@@ -1186,8 +1240,8 @@ static void redelete_send(evd_redis_t *r, size_t end)
     r->redeletes = b;
     return;
 fail:
-    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name),
-            F_INT("keys", nkeys), F_STR("error", err));
+    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", nkeys),
+            F_STR("error", err));
     free(d.tab);
     batch_free(b);
 }
@@ -1434,8 +1488,7 @@ void evd_redis_submit(evd_redis_t *r, evd_job_t *job)
         return;
     }
     if (!r->queue) {
-        r->fill_deadline =
-            uv_now(r->loop) + (r->inflight ? (uint64_t)r->opts.max_delay_ms : 0);
+        r->fill_deadline = uv_now(r->loop) + (r->inflight ? (uint64_t)r->opts.max_delay_ms : 0);
         r->queue = job;
     } else {
         r->queue_tail->next = job;

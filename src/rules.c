@@ -560,13 +560,14 @@ static int expand_template(ectx_t *e, const evd_template_t *t)
                 return -ENOMEM;
         return emit(e, e->buf.data ? e->buf.data : "", e->buf.len, t->is_pattern);
     }
+    /* A template naming an image the op never carries yields no key, also for an oversize
+     * reference (whose images are unknown, not absent). */
+    if ((t->has_old && c->op == EVD_OP_INSERT) || (t->has_new && c->op == EVD_OP_DELETE))
+        return 0;
     if (c->op == EVD_OP_TRUNCATE || c->ref) {
         note_widen(e, t, c->ref ? "oversize change" : "truncate", NULL);
         return emit_widened(e, t, NULL, NULL);
     }
-    /* A template naming an image the op never carries yields no key. */
-    if ((t->has_old && c->op == EVD_OP_INSERT) || (t->has_new && c->op == EVD_OP_DELETE))
-        return 0;
     /* Unpaired UPDATE rows of a chunk carry one image each. A template naming only that image
      * (or none, {col}) expands from the rows that carry it and the others add nothing; only a
      * template mixing images lacks a value and widens (in expand_one). */

@@ -1,5 +1,4 @@
-/* test_redis.c - evd_redis against a real redis-server on a free loopback port: deletes,
- * patterns, AUTH/SELECT, timeouts, retries, reconnects, re-deletes and close. */
+/* test_redis.c - evd_redis against a real redis-server on a free loopback port. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -93,9 +92,9 @@ static void server_start(void)
             dup2(null, 1);
             dup2(null, 2);
         }
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save",
-               "", "--appendonly", "no", "--dir", srv_dir, "--unixsocket", srv_sock,
-               "--logfile", srv_log, (char *)NULL);
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no", "--dir", srv_dir, "--unixsocket", srv_sock, "--logfile",
+               srv_log, (char *)NULL);
         _exit(127);
     }
     srv_pid = pid;
@@ -205,6 +204,7 @@ typedef struct tctx {
     int aux_fired;
     bool closed;
     tjob_t *resubmit; /* submitted from the first job callback */
+    bool close_in_cb; /* the first job callback closes the target */
     /* target config with mutable storage */
     char name[32], host[64], user[32], pass[64], path[160];
     evd_target_cfg_t cfg;
@@ -254,6 +254,8 @@ static void tjob_free(tjob_t *j)
         free(j->pats[i]);
 }
 
+static void on_closed(void *arg);
+
 static void job_cb(evd_job_t *job, int status, const char *error, void *ud)
 {
     tctx_t *t = ud;
@@ -265,6 +267,12 @@ static void job_cb(evd_job_t *job, int status, const char *error, void *ud)
     if (status != 0)
         assert_non_null(error);
     t->calls++;
+    if (t->close_in_cb && t->r) {
+        evd_redis_t *r = t->r;
+        t->r = NULL;
+        t->close_in_cb = false;
+        evd_redis_close(r, on_closed, t);
+    }
     if (t->resubmit && t->r) {
         tjob_t *next = t->resubmit;
         t->resubmit = NULL;
@@ -846,6 +854,51 @@ static void test_submit_from_callback_and_empty_job(void **state)
     redisFree(c);
 }
 
+static void test_close_from_callback(void **state)
+{
+    (void)state;
+    redisContext *c = sync_connect(0);
+    sync_ok(c, "MSET cb:1 a cb:2 b");
+    /* from a reply callback of the live connection */
+    tctx_t t;
+    t_init(&t);
+    t_connect(&t);
+    tjob_t a, b;
+    tjob_init(&a, "cb:1", "cb:*");
+    tjob_init(&b, "cb:2", NULL);
+    t.close_in_cb = true;
+    evd_redis_submit(t.r, &a.job);
+    evd_redis_submit(t.r, &b.job);
+    RUN_UNTIL(&t, t.closed);
+    assert_int_equal(a.status, 0);
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.status, -ECANCELED);
+    t_finish(&t);
+    tjob_free(&a);
+    tjob_free(&b);
+
+    /* from the connection-lost path, with the last attempt failing */
+    t_init(&t);
+    t.opts.max_attempts = 1;
+    t_connect(&t);
+    server_kill();
+    tjob_init(&a, "cb:1", NULL);
+    tjob_init(&b, "cb:2", NULL);
+    t.close_in_cb = true;
+    evd_redis_submit(t.r, &a.job);
+    evd_redis_submit(t.r, &b.job);
+    RUN_UNTIL(&t, t.closed);
+    assert_int_equal(a.status, -EIO);
+    assert_int_equal(a.attempts, 1);
+    /* b was attempted (not connected) and failed before a's callback ran: it keeps -EIO */
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.status, -EIO);
+    t_finish(&t);
+    tjob_free(&a);
+    tjob_free(&b);
+    redisFree(c);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -870,6 +923,7 @@ int main(void)
         cmocka_unit_test_setup(test_close_cancels_in_flight_and_queued, test_setup),
         cmocka_unit_test_setup(test_close_cancels_backoff, test_setup),
         cmocka_unit_test_setup(test_submit_from_callback_and_empty_job, test_setup),
+        cmocka_unit_test_setup(test_close_from_callback, test_setup),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -184,8 +184,9 @@ static char *chunk_of(size_t n)
     size_t cap = 128 + n * 32;
     char *s = malloc(cap);
     assert_non_null(s);
-    size_t len = (size_t)snprintf(s, cap, "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\","
-                                          "\"op\":\"INSERT\",\"rows\":[");
+    size_t len = (size_t)snprintf(s, cap,
+                                  "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\","
+                                  "\"op\":\"INSERT\",\"rows\":[");
     for (size_t i = 0; i < n; i++)
         len += (size_t)snprintf(s + len, cap - len, "%s{\"new\":{\"a\":%zu}}", i ? "," : "", i);
     snprintf(s + len, cap - len, "]}");
@@ -317,7 +318,8 @@ static const bad_case_t bad_cases[] = {
      "unknown field \"x\" in a row"},
     {"rows INSERT with old", LIT("{" HEAD "\"op\":\"INSERT\",\"rows\":[{\"old\":{\"a\":1}}]}"),
      "INSERT carries \"new\" only"},
-    {"rows DELETE with new", LIT("{" HEAD "\"op\":\"DELETE\",\"rows\":[{\"old\":{}},{\"new\":{}}]}"),
+    {"rows DELETE with new",
+     LIT("{" HEAD "\"op\":\"DELETE\",\"rows\":[{\"old\":{}},{\"new\":{}}]}"),
      "DELETE carries \"old\" only"},
     {"rows image not object", LIT("{" HEAD "\"op\":\"UPDATE\",\"rows\":[{\"old\":3}]}"),
      "\"old\" is not an object"},

@@ -79,8 +79,8 @@ static void change_from(evd_change_t *c, const char *json)
 
 /* Parses payload, expands it into a fresh *x (release with evd_expansion_free). The change is
  * released before returning, so the expansion must not borrow from it. */
-static void expand(const evd_config_t *cfg, const char *payload, evd_lookup_resolve_fn fn,
-                   void *ud, evd_expansion_t *x)
+static void expand(const evd_config_t *cfg, const char *payload, evd_lookup_resolve_fn fn, void *ud,
+                   evd_expansion_t *x)
 {
     evd_change_t c;
     change_from(&c, payload);
@@ -168,7 +168,8 @@ static void assert_contains(const char *s, const char *sub)
 
 /* ---- a lookup resolver backed by a table ------------------------------------------------ */
 
-/* vals: NULL = unknown (resolver returns NULL), "" = zero rows, "a,b" = two rows, "~" = SQL NULL. */
+/* vals: NULL = unknown (resolver returns NULL), "" = zero rows, "a,b" = two rows, "~" = SQL NULL.
+ */
 typedef struct lk_entry {
     const char *as;
     const char *args; /* joined by '|' */
@@ -316,8 +317,7 @@ static void test_compile_errors(void **state)
         assert_int_equal(evd_buf_puts(&big, "{a}"), 0);
     evd_template_t t;
     char err[256] = "";
-    assert_int_equal(evd_template_compile(&t, big.data, false, NULL, 0, err, sizeof(err)),
-                     -EINVAL);
+    assert_int_equal(evd_template_compile(&t, big.data, false, NULL, 0, err, sizeof(err)), -EINVAL);
     assert_contains(err, "too many parts");
     evd_buf_free(&big);
 }
@@ -340,9 +340,8 @@ static void test_compile_ok(void **state)
     evd_template_t t;
     char err[256] = "";
 
-    assert_int_equal(evd_template_compile(&t, "routex:1:product_{id}", false, NULL, 0, err,
-                                          sizeof(err)),
-                     0);
+    assert_int_equal(
+        evd_template_compile(&t, "routex:1:product_{id}", false, NULL, 0, err, sizeof(err)), 0);
     assert_string_equal(t.src, "routex:1:product_{id}");
     assert_false(t.is_pattern);
     assert_int_equal(t.nparts, 2);
@@ -353,8 +352,7 @@ static void test_compile_ok(void **state)
     assert_false(t.has_new);
     evd_template_free(&t);
 
-    assert_int_equal(evd_template_compile(&t, "{old.a}-{new.b_2}", true, NULL, 0, err,
-                                          sizeof(err)),
+    assert_int_equal(evd_template_compile(&t, "{old.a}-{new.b_2}", true, NULL, 0, err, sizeof(err)),
                      0);
     assert_true(t.is_pattern);
     assert_int_equal(t.nparts, 3);
@@ -713,8 +711,8 @@ static void test_truncate_widens(void **state)
     /* Literal glob characters of a widened key template are escaped; a pattern's are not. */
     evd_config_t *c2 = cfg_rules("[{\"table\": \"t\", \"keys\": [\"a*b:{id}\", \"k[{x}]?\"],"
                                  " \"patterns\": [\"p*:{id}\", \"lit*\"]}]");
-    expand(c2, "{\"v\":1,\"id\":5,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}",
-           NULL, NULL, &x);
+    expand(c2, "{\"v\":1,\"id\":5,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", NULL,
+           NULL, &x);
     expect(&x, NONE, LIST("a\\*b:*", "k\\[*\\]\\?", "p*:*", "lit*"));
     assert_int_equal(x.widened, 3);
     evd_expansion_free(&x);
@@ -749,6 +747,34 @@ static void test_ref_widens(void **state)
     evd_expansion_free(&x);
     resolver_free(&r);
     evd_config_free(cfg);
+
+    /* A reference still carries its op: a template naming an image the op lacks gives no key. */
+    cfg = cfg_rules("[{\"table\": \"t\", \"keys\": [\"o_{old.a}\", \"n_{new.a}\", \"a_{a}\"]}]");
+    expand(
+        cfg,
+        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\"}",
+        NULL, NULL, &x);
+    expect(&x, NONE, LIST("n_*", "a_*"));
+    assert_int_equal(x.widened, 2);
+    evd_expansion_free(&x);
+    expand(
+        cfg,
+        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"DELETE\"}",
+        NULL, NULL, &x);
+    expect(&x, NONE, LIST("o_*", "a_*"));
+    evd_expansion_free(&x);
+    expand(
+        cfg,
+        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"UPDATE\"}",
+        NULL, NULL, &x);
+    expect(&x, NONE, LIST("o_*", "n_*", "a_*"));
+    evd_expansion_free(&x);
+    expand(cfg, "{\"v\":1,\"id\":2,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}",
+           NULL, NULL, &x);
+    expect(&x, NONE, LIST("o_*", "n_*", "a_*"));
+    assert_int_equal(x.widened, 3);
+    evd_expansion_free(&x);
+    evd_config_free(cfg);
 }
 
 static const char chunk_rules[] =
@@ -775,8 +801,7 @@ static void test_chunk_rows(void **state)
            "\"rows\":[{\"old\":{\"a\":1},\"new\":{\"a\":2}},{\"old\":{\"a\":3},"
            "\"new\":{\"a\":3}}]}",
            NULL, NULL, &x);
-    expect(&x,
-           LIST("any_1", "any_2", "any_3", "o_1", "o_3", "n_2", "n_3", "m_1_2", "m_3_3"), NONE);
+    expect(&x, LIST("any_1", "any_2", "any_3", "o_1", "o_3", "n_2", "n_3", "m_1_2", "m_3_3"), NONE);
     assert_int_equal(x.widened, 0);
     evd_expansion_free(&x);
 
@@ -886,9 +911,9 @@ static void test_targets(void **state)
            "\"new\":{\"id\":1,\"slug\":\"blue-boot\",\"category_id\":2}}",
            resolve, &r, &x);
     expect_target(&x, prod,
-                  LIST("ecommerce:1:product_detail_red-shoe", "ecommerce:1:product_detail_blue-boot",
-                       "ecommerce:1:product_list", "ecommerce:1:category_shoes",
-                       "ecommerce:1:category_boots"),
+                  LIST("ecommerce:1:product_detail_red-shoe",
+                       "ecommerce:1:product_detail_blue-boot", "ecommerce:1:product_list",
+                       "ecommerce:1:category_shoes", "ecommerce:1:category_boots"),
                   NONE);
     expect_target(&x, def, LIST("ecommerce:1:homepage"), NONE);
     assert_int_equal(x.matched, 2);
@@ -922,11 +947,10 @@ static void test_targets(void **state)
 }
 
 static const lk_entry_t lk_tab[] = {
-    {"driver_user_id", "2", 0, "20"},
-    {"driver_user_id", "5", 0, "50,51"},
-    {"driver_user_id", "9", 0, ""},          /* no row */
-    {"driver_user_id", "13", -5, "x"},       /* failed */
-    {"driver_user_id", "14", 0, NULL},       /* unknown to the resolver */
+    {"driver_user_id", "2", 0, "20"},       {"driver_user_id", "5", 0, "50,51"},
+    {"driver_user_id", "9", 0, ""},         /* no row */
+    {"driver_user_id", "13", -5, "x"},      /* failed */
+    {"driver_user_id", "14", 0, NULL},      /* unknown to the resolver */
     {"driver_user_id", "15", 0, "70,~,71"}, /* a NULL among the rows */
     {"driver_user_id", "16", 0, "a*b"},
 };
@@ -976,8 +1000,7 @@ static void test_lookup_null_arg(void **state)
            "\"old\":{\"product_id\":3,\"driver_id\":null},\"new\":{\"product_id\":3,"
            "\"driver_id\":2}}",
            resolve, &r, &x);
-    expect(&x,
-           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20"),
+    expect(&x, LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     assert_int_equal(x.widened, 0);
     assert_strv_set(&r.calls, LIST("driver_user_id(2)"), "calls");
@@ -1068,8 +1091,7 @@ static void test_lookup_cross_product(void **state)
            "\"new\":{\"a\":1,\"b\":2,\"f\":true}}",
            resolve, &r, &x);
     /* Lookup values are raw in keys and glob-escaped in patterns. */
-    expect(&x,
-           LIST("x_a_1", "x_a_2", "x_a_3", "x_b*_1", "x_b*_2", "x_b*_3", "k_1_a", "k_1_b*"),
+    expect(&x, LIST("x_a_1", "x_a_2", "x_a_3", "x_b*_1", "x_b*_2", "x_b*_3", "k_1_a", "k_1_b*"),
            LIST("p*_a", "p*_b\\*"));
     assert_int_equal(x.widened, 0);
     evd_expansion_free(&x);
@@ -1108,9 +1130,8 @@ static void test_lookup_over_max_keys(void **state)
 static void test_glob_escaping(void **state)
 {
     (void)state;
-    evd_config_t *cfg =
-        cfg_rules("[{\"table\": \"t\", \"keys\": [\"k*[{x}]_{nope}\", \"w_{x}\"],"
-                  " \"patterns\": [\"p*:{x}:{nope}\", \"q?:{x}\"]}]");
+    evd_config_t *cfg = cfg_rules("[{\"table\": \"t\", \"keys\": [\"k*[{x}]_{nope}\", \"w_{x}\"],"
+                                  " \"patterns\": [\"p*:{x}:{nope}\", \"q?:{x}\"]}]");
     evd_expansion_t x;
     expand(cfg,
            "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\","
@@ -1152,8 +1173,7 @@ static void test_star_value_is_key(void **state)
            "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"shipments\",\"op\":\"INSERT\","
            "\"new\":{\"product_id\":\"*\",\"driver_id\":16}}",
            resolve, &r, &x);
-    expect(&x,
-           LIST(RX "products_list", RX "product_*", RX "drivers_list", RX "driver_status_a*b"),
+    expect(&x, LIST(RX "products_list", RX "product_*", RX "drivers_list", RX "driver_status_a*b"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     assert_int_equal(x.widened, 0);
     evd_expansion_free(&x);

@@ -1,0 +1,937 @@
+#!/usr/bin/env python3
+"""test_daemon.py: `evictd run` (and check/replay) end to end against a real PostgreSQL and Redis.
+
+Each test starts evictd as a subprocess with a RouteX-like config (products, shipments with a
+driver-user lookup, drivers), commits writes through psycopg2 and watches Redis keys disappear
+(or survive), the outbox drain, the dead-letter file and evictd's JSON log lines.
+
+Run: python3 tests/integration/test_daemon.py [-v] [DaemonTest.test_name ...]
+The binary is $EVICTD_BIN or build/evictd. Needs the PostgreSQL server binaries, redis-server,
+psycopg2 and redis-py (deploy/install-deps.sh). One PostgreSQL and one Redis serve the whole
+module; every test resets the tables (with the capture triggers muted), the outbox and Redis.
+Prints "N passed, N failed" last; exits non-zero on any failure.
+"""
+
+import copy
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402  (may re-exec under /usr/bin/python3)
+from harness import HarnessError, Postgres, Redis, evictd_bin, free_port, repo_root, wait_until  # noqa: E402
+
+import psycopg2  # noqa: E402
+
+INSTALL = os.path.join(repo_root(), "sql", "install.sql")
+
+SCHEMA_SQL = """
+CREATE TABLE products (id int PRIMARY KEY, name text, stock int NOT NULL DEFAULT 0);
+CREATE TABLE drivers (id int PRIMARY KEY, user_id int, is_active bool NOT NULL DEFAULT true);
+CREATE TABLE shipments (id int PRIMARY KEY, product_id int, driver_id int, status text NOT NULL DEFAULT 'new');
+CREATE TABLE pings (id int PRIMARY KEY, note text);
+"""
+
+# Fresh rows for every test, written with the capture triggers muted (replica role), then an
+# empty outbox and a cleared idle flag.
+RESET_SQL = """
+SET session_replication_role = replica;
+TRUNCATE products, drivers, shipments, pings;
+INSERT INTO products (id, name, stock) SELECT g, 'p' || g, 10 FROM generate_series(1, 4) AS g;
+INSERT INTO drivers (id, user_id) VALUES (1, 101), (2, 102), (3, 103);
+INSERT INTO shipments (id, product_id, driver_id) VALUES (1, 3, 1);
+INSERT INTO pings (id, note) VALUES (1, 'a'), (2, 'b');
+SET session_replication_role = origin;
+DELETE FROM evictd.outbox;
+SELECT setval('evictd.idle', 0);
+"""
+
+CACHE_PAGE = "routex:1:views.decorators.cache.cache_page.*"
+
+RULES = [
+    {"table": "public.products",
+     "keys": ["routex:1:products_list", "routex:1:product_{id}"],
+     "patterns": [CACHE_PAGE]},
+    {"table": "shipments", "on": ["INSERT", "UPDATE", "DELETE"],
+     "lookups": [{"as": "driver_user_id",
+                  "sql": "SELECT user_id FROM drivers WHERE id = $1",
+                  "args": ["driver_id"]}],
+     "keys": ["routex:1:products_list", "routex:1:product_{product_id}",
+              "routex:1:drivers_list", "routex:1:driver_status_{driver_user_id}"]},
+    {"table": "drivers",
+     "keys": ["routex:1:drivers_list", "routex:1:driver_status_{user_id}"]},
+]
+
+# Key names used throughout.
+PL = "routex:1:products_list"
+DL = "routex:1:drivers_list"
+CP1 = "routex:1:views.decorators.cache.cache_page..GET.abc.def.en-us.UTC"
+CP2 = "routex:1:views.decorators.cache.cache_page..GET.0f1e.d41d.en-us.UTC"
+CH = "routex:1:views.decorators.cache.cache_header..abc.en-us.UTC"  # no rule names it
+OTHER = "other:key"
+P999 = "routex:1:product_999"
+
+
+def P(i):
+    return "routex:1:product_%s" % i
+
+
+def DS(user):
+    return "routex:1:driver_status_%s" % user
+
+
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "SUMMARY: UndefinedBehavior")
+
+
+class Evictd:
+    """One evictd daemon under test: its config file, its stderr file, its process."""
+
+    def __init__(self, workdir, config, name="evictd"):
+        self.dir = workdir
+        self.name = name
+        self.cfg_path = os.path.join(workdir, name + ".json")
+        self.log_path = os.path.join(workdir, name + ".stderr")
+        self.proc = None
+        self.pids = []
+        self.write_config(config)
+        open(self.log_path, "ab").close()
+
+    # -- config ------------------------------------------------------------------------------
+    def write_config(self, config=None, raw=None):
+        """Writes the config file atomically (a dict as JSON, or raw text)."""
+        if config is not None:
+            self.config = copy.deepcopy(config)
+            raw = json.dumps(config, indent=1)
+        tmp = self.cfg_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(raw)
+        os.replace(tmp, self.cfg_path)
+
+    @property
+    def dl_path(self):
+        return self.config["dead_letter"]["path"]
+
+    # -- process -----------------------------------------------------------------------------
+    def start(self, *args):
+        assert self.proc is None or self.proc.poll() is not None, "evictd already running"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([evictd_bin(), "run", "--config", self.cfg_path] + list(args),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.dir)
+        self.pids.append(self.proc.pid)
+        return self
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig):
+        if self.running():
+            os.kill(self.proc.pid, sig)
+
+    def wait_exit(self, timeout):
+        """Exit status, or None when still running after timeout seconds."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        """SIGKILL and reap."""
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, wait up to timeout, then SIGKILL. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGTERM)
+            rc = self.wait_exit(timeout)
+            if rc is None:
+                self.kill()
+                return None
+            return rc
+        return self.proc.returncode
+
+    # -- log ---------------------------------------------------------------------------------
+    def text(self):
+        with open(self.log_path, "r", errors="replace") as f:
+            return f.read()
+
+    def records(self):
+        """Every JSON log line so far (all runs of this daemon), in order."""
+        out = []
+        for line in self.text().splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+    def mark(self):
+        """A position in the log: pass as since= to look only at later lines."""
+        return len(self.records())
+
+    def find(self, msg, since=0, where=None):
+        return [r for r in self.records()[since:] if r.get("msg") == msg and (where is None or where(r))]
+
+    def count(self, msg, since=0, where=None):
+        return len(self.find(msg, since, where))
+
+    def wait_log(self, msg, timeout=10.0, since=0, where=None, n=1):
+        """Waits until n lines with this msg (matching where) appear after since; returns the first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.find(msg, since, where)
+            if len(got) >= n:
+                return got[0]
+            if not self.running():
+                raise AssertionError("evictd exited (status %s) while waiting for msg=%s\n%s"
+                                     % (self.proc.returncode if self.proc else None, msg, self.tail()))
+            if time.monotonic() >= deadline:
+                raise AssertionError("timed out after %.1fs waiting for %d log line(s) msg=%s (got %d)\n%s"
+                                     % (timeout, n, msg, len(got), self.tail()))
+            time.sleep(0.05)
+
+    def tail(self, n=60):
+        lines = self.text().splitlines()
+        return "--- evictd stderr (%s, last %d of %d lines) ---\n%s\n--- end ---" % (
+            self.log_path, min(n, len(lines)), len(lines), "\n".join(lines[-n:]))
+
+    def dead_letters(self):
+        try:
+            with open(self.dl_path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+class DaemonTest(unittest.TestCase):
+    pg = None
+    rd = None
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.exists(evictd_bin()):
+            raise HarnessError("no evictd binary at %s (build it, or set EVICTD_BIN)" % evictd_bin())
+        cls.root = tempfile.mkdtemp(prefix="evictd-test-daemon-")
+        cls.pg = Postgres()
+        cls.rd = Redis()
+        cls.pg.psql(file=INSTALL)
+        cls.pg.psql(SCHEMA_SQL)
+        # The capture for the base rules, exactly as a user would install it.
+        base = os.path.join(cls.root, "base.json")
+        with open(base, "w") as f:
+            json.dump(cls.config_for(os.path.join(cls.root, "dl.jsonl")), f)
+        cls.base_config_path = base
+        cls.apply_sql(base)
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.rd:
+            cls.rd.cleanup()
+        if cls.pg:
+            cls.pg.cleanup()
+        shutil.rmtree(cls.root, ignore_errors=True)
+
+    @classmethod
+    def config_for(cls, dl_path, rules=None):
+        return {
+            "postgres": {"url": cls.pg.dsn(), "channels": ["evictd"], "poll_interval_ms": 100},
+            "redis": {"default": {"url": cls.rd.url(0), "timeout_ms": 1000}},
+            "rules": copy.deepcopy(rules if rules is not None else RULES),
+            "batch": {"max_delay_ms": 1},
+            "retry": {"max_attempts": 10, "initial_backoff_ms": 10, "max_backoff_ms": 200},
+            "dead_letter": {"path": dl_path},
+            "log": {"format": "json", "level": "info", "stats_interval_s": 1},
+            "shutdown_timeout_ms": 2000,
+        }
+
+    @classmethod
+    def apply_sql(cls, cfg_path):
+        """`evictd sql --config CFG | psql`."""
+        p = subprocess.run([evictd_bin(), "sql", "--config", cfg_path], capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise AssertionError("evictd sql failed (%d): %s" % (p.returncode, p.stderr))
+        cls.pg.psql(p.stdout)
+        return p.stdout
+
+    # -- per test ----------------------------------------------------------------------------
+    def setUp(self):
+        # Servers a previous test may have left stopped or frozen.
+        if self.rd._stopped_by_signal:
+            self.rd.sigcont()
+        self.rd.start()
+        if not self.pg._running:
+            self.pg.start()
+        self.tmp = tempfile.mkdtemp(prefix=self._testMethodName + "-", dir=self.root)
+        self.daemons = []
+        self.pg.psql(RESET_SQL)
+        self.r().flushall()
+
+    def tearDown(self):
+        for d in self.daemons:
+            try:
+                d.stop(timeout=10)
+            except Exception as exc:  # keep tearing down
+                sys.stderr.write("tearDown: %s\n" % exc)
+        if self.rd._stopped_by_signal:
+            self.rd.sigcont()
+        for d in self.daemons:
+            text = d.text()
+            for mark in SANITIZER_MARKS:
+                if mark in text:
+                    self.fail("sanitizer report in evictd's stderr:\n%s" % d.tail(120))
+
+    def config(self, **changes):
+        """The base config for this test's temp dir; changes replace top-level sections."""
+        cfg = self.config_for(os.path.join(self.tmp, "dead-letter.jsonl"))
+        cfg.update(copy.deepcopy(changes))
+        return cfg
+
+    def daemon(self, config=None, name="evictd"):
+        d = Evictd(self.tmp, config or self.config(), name=name)
+        self.daemons.append(d)
+        return d
+
+    def start_ready(self, d, *args):
+        """Starts d and waits until it is connected and has drained the outbox (idle flag set)."""
+        d.start(*args)
+        d.wait_log("connected", 15, where=lambda r: r.get("conn") == "listen")
+        d.wait_log("connected", 15, where=lambda r: r.get("conn") == "outbox")
+        if "--dry-run" not in args:
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") == 1, 15, "evictd idle flag", d)
+        return d
+
+    # -- helpers -----------------------------------------------------------------------------
+    def r(self):
+        return self.rd.client()
+
+    def sql(self, *stmts):
+        """Runs statements in one committed transaction on a fresh connection; returns the last rows."""
+        conn = self.pg.connect()
+        try:
+            res = None
+            with conn.cursor() as cur:
+                for s in stmts:
+                    cur.execute(s)
+                    res = cur.fetchall() if cur.description else None
+            conn.commit()
+            return res
+        finally:
+            conn.close()
+
+    def q1(self, stmt):
+        return self.sql(stmt)[0][0]
+
+    def outbox_count(self):
+        return self.q1("SELECT count(*) FROM evictd.outbox")
+
+    def fill(self, keys):
+        c = self.r()
+        p = c.pipeline(transaction=False)
+        for k in keys:
+            p.set(k, "cached")
+        p.execute()
+
+    def present(self, keys):
+        c = self.r()
+        p = c.pipeline(transaction=False)
+        for k in keys:
+            p.exists(k)
+        return [k for k, e in zip(keys, p.execute()) if e]
+
+    def wait(self, pred, timeout, what, d=None):
+        try:
+            return wait_until(pred, timeout=timeout, interval=0.05, what=what)
+        except HarnessError as exc:
+            self.fail("%s\n%s" % (exc, d.tail() if d else ""))
+
+    def wait_gone(self, keys, d, timeout=10.0):
+        keys = list(keys)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.present(keys)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                self.fail("keys still in Redis after %.1fs: %s\n%s" % (timeout, left, d.tail()))
+            time.sleep(0.05)
+
+    def assert_present(self, keys, d, why=""):
+        missing = [k for k in keys if k not in self.present(list(keys))]
+        if missing:
+            self.fail("keys deleted that should have survived%s: %s\n%s" % (why, missing, d.tail()))
+
+    def wait_outbox_empty(self, d, timeout=15.0):
+        self.wait(lambda: self.outbox_count() == 0, timeout, "an empty evictd.outbox", d)
+
+    def step(self, d, stmt, gone, survive, settle=0.3):
+        """Fills gone+survive, commits stmt, waits for gone to go, then checks survive stayed."""
+        self.fill(list(gone) + list(survive))
+        since = d.mark()
+        self.sql(stmt)
+        self.wait_gone(gone, d)
+        d.wait_log("invalidated", 5, since=since)
+        time.sleep(settle)
+        self.assert_present(survive, d, " (after %s)" % stmt)
+        return since
+
+    # -- 1 -----------------------------------------------------------------------------------
+    def test_01_products_keys_patterns_truncate(self):
+        d = self.start_ready(self.daemon())
+        bystanders = [P999, OTHER, CH, DL, DS(101), "routex:2:product_1"]
+        cp = [CP1, CP2]
+        self.step(d, "INSERT INTO products (id, name) VALUES (5, 'new')",
+                  [PL, P(5)] + cp, [P(1), P(2), P(3), P(4)] + bystanders)
+        self.step(d, "UPDATE products SET stock = stock + 1 WHERE id = 2",
+                  [PL, P(2)] + cp, [P(1), P(3), P(4), P(5)] + bystanders)
+        # A primary-key change: both the old and the new row's key.
+        self.step(d, "UPDATE products SET id = 6 WHERE id = 5",
+                  [PL, P(5), P(6)] + cp, [P(1), P(2), P(3), P(4)] + bystanders)
+        # An UPDATE touching no captured column is still reported.
+        self.step(d, "UPDATE products SET name = 'renamed' WHERE id = 4",
+                  [PL, P(4)] + cp, [P(1), P(2), P(3), P(6)] + bystanders)
+        self.step(d, "DELETE FROM products WHERE id = 3",
+                  [PL, P(3)] + cp, [P(1), P(2), P(4), P(6)] + bystanders)
+        self.assertEqual(d.count("widened"), 0, d.tail())
+        # TRUNCATE: no row values, so product_{id} widens to the pattern product_*.
+        since = self.step(d, "TRUNCATE products",
+                          [PL, P(1), P(2), P(4), P(6), P999] + cp,
+                          [OTHER, CH, DL, DS(101), "routex:2:product_1", "routex:1:productX", "routex:1:products"])
+        w = d.wait_log("widened", 5, since=since)
+        self.assertIn("products", json.dumps(w))
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+
+    # -- 2 -----------------------------------------------------------------------------------
+    def test_02_shipment_moves_old_and_new_keys_with_lookup(self):
+        d = self.start_ready(self.daemon())
+        # Shipment 1: product 3 -> 4, driver 1 (user 101) -> driver 2 (user 102).
+        self.step(d, "UPDATE shipments SET product_id = 4, driver_id = 2 WHERE id = 1",
+                  [P(3), P(4), DS(101), DS(102), DL, PL],
+                  [P(1), P(2), DS(103), CP1, OTHER, P(101), P(102), DS(1), DS(2)])
+        # A shipment without a driver: no driver_status key, nothing widened.
+        since = self.step(d, "INSERT INTO shipments (id, product_id, driver_id) VALUES (2, 1, NULL)",
+                          [P(1), PL, DL], [P(2), P(3), P(4), DS(101), DS(102), DS(103), CP1, OTHER])
+        self.assertEqual(d.count("widened", since=since), 0, d.tail())
+        self.step(d, "DELETE FROM shipments WHERE id = 1",
+                  [P(4), DS(102), DL, PL], [P(1), P(2), P(3), DS(101), DS(103), CP1, OTHER])
+        # The drivers rule.
+        self.step(d, "UPDATE drivers SET is_active = false WHERE id = 3",
+                  [DL, DS(103)], [DS(101), DS(102), PL, P(1), CP1, OTHER])
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.count("lookup_failed"), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+
+    # -- 3 -----------------------------------------------------------------------------------
+    def test_03_rollback_deletes_nothing(self):
+        d = self.start_ready(self.daemon())
+        keys = [PL, P(1), P(2), P(3), P(4), DL, DS(101), DS(109), CP1, OTHER]
+        self.fill(keys)
+        since = d.mark()
+        conn = self.pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("UPDATE products SET stock = 0")
+                cur.execute("DELETE FROM shipments")
+                cur.execute("INSERT INTO drivers (id, user_id) VALUES (9, 109)")
+                cur.execute("TRUNCATE products")
+            conn.rollback()
+            # A rolled-back subtransaction inside a committed one.
+            with conn.cursor() as cur:
+                cur.execute("SAVEPOINT a")
+                cur.execute("UPDATE products SET stock = 0 WHERE id = 1")
+                cur.execute("ROLLBACK TO SAVEPOINT a")
+            conn.rollback()
+        finally:
+            conn.close()
+        time.sleep(1.0)
+        self.assert_present(keys, d, " (rolled back)")
+        self.assertEqual(d.count("invalidated", since=since), 0, d.tail())
+        self.assertEqual(self.outbox_count(), 0)
+        # A committed transaction whose first part was rolled back to a savepoint.
+        conn = self.pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SAVEPOINT a")
+                cur.execute("UPDATE products SET stock = 0 WHERE id = 1")
+                cur.execute("ROLLBACK TO SAVEPOINT a")
+                cur.execute("UPDATE products SET stock = 0 WHERE id = 2")
+            conn.commit()
+        finally:
+            conn.close()
+        self.wait_gone([P(2), PL, CP1], d)
+        time.sleep(0.3)
+        self.assert_present([P(1), P(3), P(4), DL, DS(101), OTHER], d, " (savepoint rolled back)")
+
+    # -- 4 -----------------------------------------------------------------------------------
+    def test_04_sigkill_during_1000_updates_then_restart(self):
+        n = 1000
+        self.pg.psql("SET session_replication_role = replica;"
+                     "INSERT INTO products (id, name) SELECT g, 'p' || g FROM generate_series(5, %d) AS g;" % n)
+        keys = [P(i) for i in range(1, n + 1)] + [PL, CP1]
+        self.fill(keys)
+        d = self.start_ready(self.daemon())
+        progress = {"done": 0, "error": None}
+
+        def writer():
+            try:
+                conn = self.pg.connect(autocommit=True)
+                try:
+                    with conn.cursor() as cur:
+                        for i in range(1, n + 1):
+                            cur.execute("UPDATE products SET stock = stock + 1 WHERE id = %s", (i,))
+                            progress["done"] = i
+                finally:
+                    conn.close()
+            except Exception as exc:  # reported below
+                progress["error"] = exc
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        self.wait(lambda: progress["done"] >= 250 or progress["error"], 30, "250 committed updates", d)
+        d.kill()
+        killed_at = progress["done"]
+        t.join(60)
+        self.assertFalse(t.is_alive(), "writer thread did not finish within 60 s")
+        self.assertIsNone(progress["error"])
+        self.assertLess(killed_at, n, "the writer finished before evictd was killed: nothing tested")
+        self.assertGreater(self.outbox_count(), 0, "changes committed while evictd was dead must wait in the outbox")
+        d.start()
+        self.wait_gone(keys, d, timeout=30)
+        self.wait_outbox_empty(d, timeout=30)
+        self.assertEqual(d.count("dead_letter"), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+
+    # -- 5 -----------------------------------------------------------------------------------
+    def test_05_redis_outage_retried_without_dead_letters(self):
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 200})
+        cfg["redis"]["default"]["timeout_ms"] = 500
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1)])
+        self.sql("UPDATE products SET stock = 1 WHERE id = 1")
+        self.wait_gone([P(1)], d)  # connected and working
+        # The keys must be in Redis from the moment it is back: put them in an RDB snapshot that
+        # the restarted server loads (the harness runs Redis without automatic saves).
+        keys = [PL, P(1), P(2), P(3), P(4), CP1]
+        self.fill(keys + [OTHER])
+        self.r().save()
+        rdb = os.path.join(self.rd.dir, "dump.rdb")
+        self.assertTrue(os.path.exists(rdb))
+        since = d.mark()
+        self.rd.stop()
+        stopped = time.monotonic()
+        try:
+            for i in range(1, 5):
+                self.sql("UPDATE products SET stock = stock + 1 WHERE id = %d" % i)
+            d.wait_log("retry", 5, since=since)
+            time.sleep(max(0.0, 3.0 - (time.monotonic() - stopped)))
+        finally:
+            self.rd.start()
+            os.remove(rdb)
+        self.assertTrue(self.r().exists(OTHER), "the restarted Redis did not load the snapshot")
+        self.wait_gone(keys, d, timeout=15)
+        self.wait_outbox_empty(d)
+        self.assertGreater(d.count("retry", since=since), 0)
+        self.assertEqual(d.count("dead_letter"), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+        self.assertTrue(self.r().exists(OTHER))
+        # The stats lines count the retries.
+        d.wait_log("stats", 5, since=since, where=lambda r: (r.get("retries") or 0) > 0)
+
+    # -- 6 -----------------------------------------------------------------------------------
+    def test_06_redis_gone_dead_letters_then_replay(self):
+        cfg = self.config(retry={"max_attempts": 3, "initial_backoff_ms": 10, "max_backoff_ms": 20})
+        cfg["redis"]["default"]["timeout_ms"] = 500
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(4)])
+        self.sql("UPDATE products SET stock = 1 WHERE id = 4")
+        self.wait_gone([P(4)], d)
+        since = d.mark()
+        self.rd.stop()
+        try:
+            self.sql("UPDATE products SET stock = stock + 1 WHERE id = 1")
+            self.sql("UPDATE products SET stock = stock + 1 WHERE id = 2")
+            self.wait(lambda: len(d.dead_letters()) >= 2, 20, "2 dead-letter lines", d)
+            self.wait_outbox_empty(d)
+            d.wait_log("dead_letter", 5, since=since, n=2)
+            lines = d.dead_letters()
+            self.assertEqual(len(lines), 2, lines)
+            product_ids = set()
+            for line in lines:
+                for field in ("ts", "reason", "target", "keys", "patterns", "change", "error", "attempts"):
+                    self.assertIn(field, line)
+                self.assertEqual(line["reason"], "retries_exhausted", line)
+                self.assertEqual(line["target"], "default", line)
+                self.assertEqual(line["attempts"], 3, line)
+                self.assertIsInstance(line["change"], dict, line)
+                self.assertEqual(line["change"].get("table"), "products", line)
+                self.assertIn(PL, line["keys"])
+                self.assertEqual(line["patterns"], [CACHE_PAGE], line)
+                product_ids |= {k for k in line["keys"] if k != PL}
+            self.assertEqual(product_ids, {P(1), P(2)})
+            self.assertEqual(d.stop(), 0, d.tail())
+        finally:
+            self.rd.start()
+        # Replay a file the daemon no longer writes.
+        replay_file = os.path.join(self.tmp, "to-replay.jsonl")
+        os.rename(d.dl_path, replay_file)
+        self.fill([PL, P(1), P(2), CP1, CP2, P(3), OTHER])
+        p = subprocess.run([evictd_bin(), "replay", "--config", d.cfg_path, replay_file],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, "replay: %s %s" % (p.stdout, p.stderr))
+        self.wait_gone([PL, P(1), P(2), CP1, CP2], d, timeout=5)
+        self.assert_present([P(3), OTHER], d, " (replay)")
+        self.assertEqual(glob.glob(replay_file + ".failed-*"), [])
+
+    # -- 7 -----------------------------------------------------------------------------------
+    def test_07_postgres_restart_reconnects_and_drains(self):
+        d = self.start_ready(self.daemon())
+        self.fill([P(1)])
+        self.sql("UPDATE products SET stock = 1 WHERE id = 1")
+        self.wait_gone([P(1)], d)
+        since = d.mark()
+        self.fill([P(2), P(3), PL])
+        self.pg.restart()
+        # Committed at once, very likely before evictd is back: the drain after the reconnect finds it.
+        self.sql("UPDATE products SET stock = 2 WHERE id = 2")
+        for conn in ("listen", "outbox", "lookups"):
+            d.wait_log("disconnected", 15, since=since, where=lambda r, c=conn: r.get("conn") == c)
+        disc = min(i for i, r in enumerate(d.records()) if i >= since and r.get("msg") == "disconnected")
+        for conn in ("listen", "outbox"):
+            d.wait_log("connected", 20, since=disc, where=lambda r, c=conn: r.get("conn") == c)
+        self.wait_gone([P(2), PL], d, timeout=15)
+        self.assert_present([P(3)], d)
+        self.fill([PL])
+        self.sql("UPDATE products SET stock = 3 WHERE id = 3")
+        self.wait_gone([P(3), PL], d, timeout=15)
+        self.wait_outbox_empty(d)
+        # The lookup connection is back too: a shipment change resolves its driver's user.
+        d.wait_log("connected", 20, since=disc, where=lambda r: r.get("conn") == "lookups")
+        self.fill([DS(101), DS(102)])
+        self.sql("UPDATE shipments SET driver_id = 2 WHERE id = 1")
+        self.wait_gone([DS(101), DS(102)], d)
+
+    # -- 8 -----------------------------------------------------------------------------------
+    def test_08_redis_sigstop_times_out_retries_applies_after_sigcont(self):
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 200})
+        cfg["redis"]["default"]["timeout_ms"] = 300
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1)])
+        self.sql("UPDATE products SET stock = 1 WHERE id = 1")
+        self.wait_gone([P(1)], d)
+        self.fill([P(2), PL])
+        since = d.mark()
+        self.rd.sigstop()
+        try:
+            t0 = time.monotonic()
+            self.sql("UPDATE products SET stock = 2 WHERE id = 2")
+            rec = d.wait_log("retry", 5, since=since)
+            elapsed = time.monotonic() - t0
+            self.assertGreaterEqual(elapsed, 0.25, "retried before timeout_ms (300) passed: %s" % rec)
+            self.assertIn("timeout", json.dumps(rec).lower() + json.dumps(d.find("disconnected", since)).lower())
+            time.sleep(0.7)
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(2), PL], d, timeout=10)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+
+    def test_08b_retry_backoff_releases_the_claim(self):
+        """SPEC (failure behaviour): a batch that enters retry backoff releases its outbox claim
+        (other replicas may take the rows) and evictd goes on reading newer changes."""
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 200})
+        cfg["redis"]["default"]["timeout_ms"] = 300
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1), P(2), PL])
+        since = d.mark()
+        self.rd.sigstop()
+        try:
+            self.sql("UPDATE products SET stock = 1 WHERE id = 1")
+            first = self.q1("SELECT max(id) FROM evictd.outbox")
+            d.wait_log("retry", 5, since=since)
+
+            def lockable():
+                conn = self.pg.connect()
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT id FROM evictd.outbox WHERE id = %s FOR UPDATE SKIP LOCKED", (first,))
+                        return cur.fetchall() == [(first,)]
+                finally:
+                    conn.rollback()
+                    conn.close()
+            self.wait(lockable, 3, "outbox row %s unlocked while its batch is in retry backoff" % first, d)
+            # A newer change is read meanwhile (not stuck behind the retrying batch).
+            self.sql("UPDATE products SET stock = 2 WHERE id = 2")
+            d.wait_log("change", 3, since=since, where=lambda r: P(2) in (r.get("keys") or []))
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(1), P(2), PL], d, timeout=10)
+        self.wait_outbox_empty(d)
+
+    # -- 9 -----------------------------------------------------------------------------------
+    def test_09_bad_input_warned_and_dead_lettered(self):
+        d = self.start_ready(self.daemon())
+        since = d.mark()
+        unknown = ('{"v":1,"id":null,"tx":1,"ts":1,"schema":"public","table":"nope",'
+                   '"op":"INSERT","new":{"id":1}}')
+        conn = self.pg.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("NOTIFY evictd, 'not json'")
+                cur.execute("SELECT pg_notify('evictd', %s)", (unknown,))
+        finally:
+            conn.close()
+        d.wait_log("bad_input", 5, since=since, where=lambda r: r.get("reason") == "bad_payload")
+        d.wait_log("bad_input", 5, since=since, where=lambda r: r.get("reason") == "unknown_table")
+        self.wait(lambda: len(d.dead_letters()) >= 2, 5, "2 dead-letter lines", d)
+        time.sleep(0.3)
+        self.assertEqual(d.count("bad_input", since=since), 2, d.tail())
+        lines = sorted(d.dead_letters(), key=lambda x: x["reason"])
+        self.assertEqual([x["reason"] for x in lines], ["bad_payload", "unknown_table"], lines)
+        for x in lines:
+            self.assertIsNone(x["target"], x)
+            self.assertEqual(x["keys"], [], x)
+        self.assertEqual(lines[0]["change"], "not json")
+        self.assertIsInstance(lines[1]["change"], dict, lines[1])
+        self.assertEqual(lines[1]["change"].get("table"), "nope")
+        # The next real change still works.
+        self.fill([P(1), PL])
+        self.sql("UPDATE products SET stock = 5 WHERE id = 1")
+        self.wait_gone([P(1), PL], d)
+        self.assertTrue(d.running())
+
+    # -- 10 ----------------------------------------------------------------------------------
+    def test_10a_sigterm_finishes_in_flight_and_exits_0(self):
+        cfg = self.config()
+        cfg["log"]["level"] = "debug"  # per-change lines show the changes were read
+        d = self.start_ready(self.daemon(cfg))
+        keys = [P(1), P(2), P(3), P(4), PL]
+        self.fill(keys)
+        since = d.mark()
+        # Redis frozen: the deletions are in flight when SIGTERM arrives.
+        self.rd.sigstop()
+        try:
+            # One transaction: its 4 outbox rows become visible together and are claimed together.
+            self.sql(*["UPDATE products SET stock = 7 WHERE id = %d" % i for i in range(1, 5)])
+
+            def all_read():
+                got = set()
+                for rec in d.find("change", since):
+                    got |= set(rec.get("keys") or [])
+                return {P(1), P(2), P(3), P(4)} <= got
+            self.wait(all_read, 5, "the 4 changes read", d)
+            d.signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            time.sleep(0.3)
+        finally:
+            self.rd.sigcont()
+        rc = d.wait_exit(2.0 + 1.5)
+        elapsed = time.monotonic() - t0
+        self.assertIsNotNone(rc, "evictd still running %.1fs after SIGTERM\n%s" % (elapsed, d.tail()))
+        self.assertEqual(rc, 0, d.tail())
+        self.assertGreater(d.count("shutdown", since=since), 0, d.tail())
+        self.assertEqual(self.outbox_count(), 0, "rows left unacknowledged after SIGTERM\n" + d.tail())
+        self.assertEqual(self.present(keys), [], d.tail())
+        stopped = d.find("stopped", since)
+        if stopped:
+            self.assertEqual(stopped[-1].get("unacknowledged"), 0, stopped)
+
+    def test_10b_sighup_bad_config_keeps_old_rules_then_reload(self):
+        d = self.start_ready(self.daemon())
+        new1, new2 = "routex:2:product_1", "routex:2:product_2"
+        since = d.mark()
+        d.write_config(raw='{"postgres": {"url": "x"}, "rules": [')  # broken JSON
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_rejected", 5, since=since)
+        self.assertTrue(d.running())
+        self.step(d, "UPDATE products SET stock = 1 WHERE id = 1", [P(1), PL], [new1, P(2)])
+        # A valid config with one more key template.
+        cfg = copy.deepcopy(d.config)
+        cfg["rules"][0]["keys"].append("routex:2:product_{id}")
+        since = d.mark()
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        self.assertEqual(d.count("config_rejected", since=since), 0, d.tail())
+        self.step(d, "UPDATE products SET stock = 2 WHERE id = 2", [P(2), new2, PL], [new1, P(3)])
+
+    # -- 11 ----------------------------------------------------------------------------------
+    def check(self, cfg_path):
+        p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout + p.stderr
+
+    def test_11_check_connect(self):
+        d = self.daemon()  # not started: only its config file
+        rc, out = self.check(d.cfg_path)
+        self.assertEqual(rc, 0, out)
+        self.rd.stop()
+        try:
+            rc, out = self.check(d.cfg_path)
+            self.assertEqual(rc, 1, out)
+        finally:
+            self.rd.start()
+        # A rule needing a column the capture lacks (evictd sql not re-run yet).
+        cfg = copy.deepcopy(d.config)
+        cfg["rules"][0]["keys"].append("routex:1:product_by_name_{name}")
+        named = Evictd(self.tmp, cfg, name="named")
+        try:
+            rc, out = self.check(named.cfg_path)
+            self.assertEqual(rc, 1, out)
+            self.assertIn("name", out)
+            self.apply_sql(named.cfg_path)
+            rc, out = self.check(named.cfg_path)
+            self.assertEqual(rc, 0, out)
+        finally:
+            self.apply_sql(self.base_config_path)  # back to the base capture
+        # Bad configs.
+        bad = Evictd(self.tmp, cfg, name="bad")
+        bad.write_config(raw='{"postgres": {"url": "x"},\n "redis": {,}}')
+        rc, out = self.check(bad.cfg_path)
+        self.assertEqual(rc, 2, out)
+        self.assertIn(bad.cfg_path + ":2:", out)
+        cfg2 = copy.deepcopy(d.config)
+        cfg2["bogus"] = 1
+        bad.write_config(cfg2)
+        rc, out = self.check(bad.cfg_path)
+        self.assertEqual(rc, 2, out)
+
+    # -- 12 ----------------------------------------------------------------------------------
+    def test_12_notify_only_watch(self):
+        cfg = self.config(rules=RULES + [{"table": "pings", "durable": False, "keys": ["routex:1:ping_{id}"]}])
+        d = self.daemon(cfg)
+        self.apply_sql(d.cfg_path)
+        try:
+            self.assertEqual(self.sql("SELECT durable FROM evictd.watches WHERE tbl = 'pings'::regclass"), [(False,)])
+            self.start_ready(d)
+            ping1, ping2, ping3 = "routex:1:ping_1", "routex:1:ping_2", "routex:1:ping_3"
+            self.fill([ping1, ping2, ping3, P(1)])
+            conn = self.pg.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("UPDATE pings SET note = 'x' WHERE id = 1")
+                    cur.execute("SELECT count(*) FROM evictd.outbox")
+                    self.assertEqual(cur.fetchone()[0], 0, "a notify-only change must not reach the outbox")
+                conn.commit()
+            finally:
+                conn.close()
+            self.wait_gone([ping1], d)
+            self.sql("INSERT INTO pings (id, note) VALUES (3, 'c')")
+            self.wait_gone([ping3], d)
+            time.sleep(0.3)
+            self.assert_present([ping2, P(1)], d)
+            self.assertEqual(self.outbox_count(), 0)
+            self.assertEqual(d.dead_letters(), [])
+        finally:
+            self.sql("SELECT evictd.unwatch('pings')")
+
+    # -- 13 ----------------------------------------------------------------------------------
+    def test_13_dry_run_deletes_and_acks_nothing(self):
+        d = self.start_ready(self.daemon(), "--dry-run")
+        keys = [P(1), PL, CP1]
+        self.fill(keys)
+        self.sql("UPDATE products SET stock = 9 WHERE id = 1")
+        rec = d.wait_log("would_invalidate", 5, where=lambda r: P(1) in (r.get("keys") or []))
+        self.assertIn(PL, rec["keys"])
+        self.assertIn(CACHE_PAGE, rec.get("patterns") or [])
+        time.sleep(1.0)  # several poll intervals
+        self.assert_present(keys, d, " (dry run)")
+        self.assertEqual(self.outbox_count(), 1, "--dry-run must not acknowledge")
+        self.assertEqual(self.q1("SELECT last_value FROM evictd.idle"), 0, "--dry-run must not set the idle flag")
+        self.assertEqual(d.count("would_invalidate", where=lambda r: P(1) in (r.get("keys") or [])), 1,
+                         "each outbox row is reported once per run\n" + d.tail())
+        self.assertEqual(d.count("invalidated"), 0, d.tail())
+
+    # -- 14 ----------------------------------------------------------------------------------
+    def test_14_passwords_never_logged(self):
+        acl_pw, req_pw, pg_pw = "aclSecret9Z4q", "reqSecret5K8w", "pgSecret7Q2e"
+        self.r().execute_command("ACL", "SETUSER", "evacl", "on", ">" + acl_pw, "~*", "&*", "+@all")
+        locked = Redis(extra_args=["--requirepass", req_pw])
+        try:
+            lc = locked.client(password=req_pw)
+            cfg = self.config(rules=RULES + [{"table": "products", "targets": ["locked"],
+                                              "keys": ["routex:1:product_{id}"]}],
+                              retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 200})
+            cfg["postgres"]["url"] = "postgresql://postgres:%s@127.0.0.1:%d/postgres" % (pg_pw, self.pg.port)
+            cfg["redis"]["default"]["url"] = "redis://evacl:%s@127.0.0.1:%d/0" % (acl_pw, self.rd.port)
+            cfg["redis"]["locked"] = {"url": "redis://:%s@127.0.0.1:%d/0" % (req_pw, locked.port), "timeout_ms": 500}
+            cfg["log"]["level"] = "debug"
+            d = self.start_ready(self.daemon(cfg))
+            self.fill([P(1), P(2)])
+            lc.set(P(1), "x")
+            self.sql("UPDATE products SET stock = 1 WHERE id = 1")
+            self.wait_gone([P(1)], d)
+            self.wait(lambda: not lc.exists(P(1)), 10, "product_1 deleted on the requirepass target", d)
+            # A reconnect of the password target (its lines name the server).
+            since = d.mark()
+            locked.stop()
+            self.sql("UPDATE products SET stock = 2 WHERE id = 2")
+            d.wait_log("retry", 5, since=since, where=lambda r: r.get("target") == "locked")
+            locked.start()
+            d.wait_log("connected", 10, since=since, where=lambda r: r.get("target") == "locked")
+            self.wait_gone([P(2)], d)
+            rc, out = self.check(d.cfg_path)
+            self.assertEqual(rc, 0, out)
+            d.stop()
+            text = d.text()
+            for pw in (acl_pw, req_pw, pg_pw):
+                self.assertNotIn(pw, text, "a password appears in evictd's log")
+                self.assertNotIn(pw, out, "a password appears in `evictd check` output")
+            self.assertGreater(len(d.records()), 5)
+        finally:
+            locked.cleanup()
+            self.r().execute_command("ACL", "DELUSER", "evacl")
+
+
+class _Result(unittest.TextTestResult):
+    """Prints the evictd stderr tails of a failed test."""
+
+    def _dump(self, test, err):
+        text = self._exc_info_to_string(err, test)
+        for d in getattr(test, "daemons", []) or []:
+            if d.log_path in text:
+                continue  # the failure message already holds its tail
+            try:
+                self.stream.write("\n%s\n" % d.tail(80))
+            except OSError:
+                pass
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._dump(test, err)
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._dump(test, err)
+
+
+def main():
+    runner = unittest.TextTestRunner(resultclass=_Result, verbosity=2 if "-v" in sys.argv else 1)
+    prog = unittest.main(exit=False, testRunner=runner, verbosity=2 if "-v" in sys.argv else 1)
+    r = prog.result
+    failed = len(r.failures) + len(r.errors) + len(r.unexpectedSuccesses)
+    passed = max(0, r.testsRun - failed - len(r.skipped))
+    print("%d passed, %d failed" % (passed, failed))
+    sys.exit(0 if failed == 0 and r.wasSuccessful() else 1)
+
+
+if __name__ == "__main__":
+    main()
