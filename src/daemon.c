@@ -435,7 +435,7 @@ static void job_done(evd_job_t *job, int status, const char *error, void *ud)
     rec_t *r = job->ud;
     unit_t *u = r->unit;
     size_t ji = (size_t)(job - r->jobs);
-    if (status == 1) {
+    if (status == EVD_REDIS_RETRYING) {
         /* The batch entered retry backoff: let other replicas have the rows meanwhile. */
         release_claim(u);
         return;

@@ -906,6 +906,11 @@ static void attempt_failed(evd_redis_t *r, batch_t *b)
             F_INT("delay_ms", delay), F_INT("keys", b->nkeys), F_INT("patterns", b->npats),
             F_STR("error", b->error));
     b->due = uv_now(r->loop) + (uint64_t)delay;
+    /* Tell the owner once that these jobs wait in backoff (it releases its outbox claim). The
+     * callback must not submit or close; it only takes note. */
+    if (b->attempts == 1)
+        for (evd_job_t *j = b->jobs; j; j = j->next)
+            r->cb(j, EVD_REDIS_RETRYING, b->error, r->ud);
     batch_t **p = &r->backoff;
     while (*p && (*p)->due <= b->due)
         p = &(*p)->next;

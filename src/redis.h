@@ -29,6 +29,10 @@ typedef struct evd_redis evd_redis_t;
  * still pending. Called from the loop; the callback may submit new jobs. */
 typedef void (*evd_redis_job_cb)(evd_job_t *job, int status, const char *error, void *ud);
 
+/* Status passed once per job when its batch first enters retry backoff; the job stays pending
+ * and gets its final callback later. The callback must not submit jobs or close the target. */
+#define EVD_REDIS_RETRYING 1
+
 typedef struct evd_redis_opts {
     int64_t max_keys;
     int64_t max_delay_ms;

@@ -35,8 +35,8 @@ static void job_cb(evd_job_t *job, int status, const char *error, void *ud)
 {
     replay_t *rp = ud;
     item_t *it = job->ud;
-    if (status == 1)
-        return; /* entering retry backoff */
+    if (status == EVD_REDIS_RETRYING)
+        return;
     if (status != 0) {
         it->failed = true;
         EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", "replay_failed"), F_STR("error", error));
