@@ -13,6 +13,8 @@
 
 #include "config.h"
 #include "deadletter.h"
+#include "http.h"
+#include "metrics.h"
 #include "log.h"
 #include "payload.h"
 #include "pg.h"
@@ -142,6 +144,12 @@ struct daemon {
     double lags[LAG_SAMPLES];
     size_t nlags;
     uint64_t retries_seen;
+
+    /* /metrics and /readyz */
+    evd_metrics_t m;
+    evd_http_t *http;
+    int64_t backlog;       /* outbox rows between the lowest and highest id, -1 unknown */
+    bool backlog_query;    /* a backlog query is in flight */
 };
 
 static void maybe_drain(daemon_t *d);
@@ -303,6 +311,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
     rc |= evd_buf_printf(b, ",\"attempts\":%d}\n", attempts);
     d->n_dead++;
+    evd_metrics_dead_letter(&d->m, reason);
     d->t_dead++;
     if (rc)
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
@@ -421,6 +430,7 @@ static void record_lag(daemon_t *d, double ts)
     double lag = evd_now_wall_ms() - ts;
     if (lag < 0)
         lag = 0;
+    evd_metrics_lag(&d->m, lag);
     if (d->nlags < LAG_SAMPLES)
         d->lags[d->nlags++] = lag;
     else
@@ -688,6 +698,9 @@ static void expand_rec(unit_t *u, rec_t *r)
         return;
     }
     d->n_changes++;
+    for (int b = 0; b < 4; b++)
+        if (r->ch.op == (evd_op_t)(1 << b))
+            evd_metrics_change(&d->m, r->table, b);
     d->t_changes++;
     log_change_keys(r);
     if (!r->njobs || d->opts.dry_run || d->ntargets != cfg->ntargets || cfg != d->cfg->cfg) {
@@ -873,8 +886,9 @@ static void send_claim(daemon_t *d)
 static void maybe_drain(daemon_t *d)
 {
     update_pause(d);
+    /* Lookups need their connection: draining without it would widen every lookup. */
     if (d->stopping || d->claiming || d->open_claim || d->paused || !d->claimc ||
-        !evd_pg_ready(d->claimc) || !d->watched_loaded)
+        !evd_pg_ready(d->claimc) || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
     d->want_drain = false;
     send_claim(d);
@@ -1113,7 +1127,13 @@ static void noop_disconnected(evd_pg_t *pg, const char *why, void *ud)
 
 static const evd_pg_handlers_t listen_handlers = {listen_connected, noop_disconnected, on_notify};
 static const evd_pg_handlers_t claim_handlers = {claim_connected, claim_disconnected, NULL};
-static const evd_pg_handlers_t lookup_handlers = {NULL, noop_disconnected, NULL};
+static void lookup_connected(evd_pg_t *pg, void *ud)
+{
+    (void)pg;
+    maybe_drain(ud);
+}
+
+static const evd_pg_handlers_t lookup_handlers = {lookup_connected, noop_disconnected, NULL};
 
 static bool has_lookups(const evd_config_t *cfg)
 {
@@ -1363,6 +1383,104 @@ static void handle_close_noop(uv_handle_t *h)
     (void)h;
 }
 
+/* ---------------------------------------------------------------- health and metrics */
+
+static void backlog_done(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    (void)err;
+    d->backlog_query = false;
+    d->backlog = res && PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+}
+
+/* The outbox backlog, refreshed at most once per scrape (max - min + 1: an upper bound that
+ * costs two index probes, not a count). */
+static void backlog_refresh(daemon_t *d)
+{
+    static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox";
+    if (d->backlog_query || !d->claimc || !evd_pg_ready(d->claimc) || d->opts.dry_run)
+        return;
+    if (evd_pg_query(d->claimc, sql, 0, NULL, true, backlog_done, d) == 0)
+        d->backlog_query = true;
+}
+
+static int http_handler(const char *path, evd_buf_t *body, void *ud)
+{
+    daemon_t *d = ud;
+    if (strcmp(path, "/healthz") == 0)
+        return evd_buf_puts(body, "ok\n") == 0 ? 200 : 503;
+    if (strcmp(path, "/readyz") == 0) {
+        int rc = 0;
+        bool ready = true;
+        if (!d->listen || !evd_pg_ready(d->listen)) {
+            ready = false;
+            const char *e = d->listen ? evd_pg_last_error(d->listen) : NULL;
+            rc |= evd_buf_printf(body, "postgres: not listening%s%s\n", e ? ": " : "", e ? e : "");
+        }
+        for (size_t i = 0; i < d->ntargets; i++) {
+            if (d->targets[i].r && !evd_redis_connected(d->targets[i].r)) {
+                ready = false;
+                const char *e = evd_redis_last_error(d->targets[i].r);
+                rc |= evd_buf_printf(body, "redis %s: not connected%s%s\n", d->targets[i].name, e ? ": " : "",
+                                     e ? e : "");
+            }
+        }
+        if (d->stopping) {
+            ready = false;
+            rc |= evd_buf_puts(body, "shutting down\n");
+        }
+        if (ready)
+            rc |= evd_buf_puts(body, "ready\n");
+        return rc == 0 && ready ? 200 : 503;
+    }
+    if (strcmp(path, "/metrics") != 0) {
+        if (evd_buf_puts(body, "not found\n") < 0)
+            evd_buf_reset(body);
+        return 404;
+    }
+    backlog_refresh(d);
+    int rc = evd_metrics_render(&d->m, body);
+    rc |= evd_buf_puts(body, "# HELP evictd_keys_deleted_total Keys in confirmed UNLINKs, by target.\n"
+                             "# TYPE evictd_keys_deleted_total counter\n");
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            rc |= evd_buf_printf(body, "evictd_keys_deleted_total{target=\"%s\"} %llu\n", d->targets[i].name,
+                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->keys);
+    rc |= evd_buf_puts(body, "# HELP evictd_patterns_deleted_total Pattern scans completed, by target.\n"
+                             "# TYPE evictd_patterns_deleted_total counter\n");
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            rc |= evd_buf_printf(body, "evictd_patterns_deleted_total{target=\"%s\"} %llu\n", d->targets[i].name,
+                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->patterns);
+    rc |= evd_buf_puts(body, "# HELP evictd_retries_total Batch retries, by target.\n"
+                             "# TYPE evictd_retries_total counter\n");
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            rc |= evd_buf_printf(body, "evictd_retries_total{target=\"%s\"} %llu\n", d->targets[i].name,
+                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->retries);
+    rc |= evd_buf_puts(body, "# HELP evictd_reconnects_total Connections established, by connection.\n"
+                             "# TYPE evictd_reconnects_total counter\n");
+    struct {
+        const char *name;
+        evd_pg_t *pg;
+    } conns[] = {{"listen", d->listen}, {"outbox", d->claimc}, {"lookups", d->lookupc}};
+    for (size_t i = 0; i < 3; i++)
+        if (conns[i].pg)
+            rc |= evd_buf_printf(body, "evictd_reconnects_total{conn=\"%s\"} %llu\n", conns[i].name,
+                                 (unsigned long long)evd_pg_reconnects(conns[i].pg));
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            rc |= evd_buf_printf(body, "evictd_reconnects_total{conn=\"redis:%s\"} %llu\n", d->targets[i].name,
+                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->reconnects);
+    rc |= evd_buf_printf(body,
+                         "# HELP evictd_pending Changes held in memory.\n# TYPE evictd_pending gauge\n"
+                         "evictd_pending %zu\n"
+                         "# HELP evictd_outbox_backlog Outbox rows waiting (upper bound; -1 unknown).\n"
+                         "# TYPE evictd_outbox_backlog gauge\nevictd_outbox_backlog %lld\n",
+                         d->pending, (long long)d->backlog);
+    return rc == 0 ? 200 : 503;
+}
+
 static bool closed_all;
 
 static void close_all(daemon_t *d)
@@ -1381,6 +1499,8 @@ static void close_all(daemon_t *d)
         evd_redis_close(d->retiring[i], NULL, NULL);
     d->nretiring = 0;
     pg_stop(d);
+    evd_http_close(d->http);
+    d->http = NULL;
     uv_close((uv_handle_t *)&d->poll_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->stats_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->shutdown_timer, handle_close_noop);
@@ -1446,6 +1566,16 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     uv_signal_start(&d->sigint, on_sigterm, SIGINT);
     uv_signal_start(&d->sighup, on_sighup, SIGHUP);
     stats_arm(d);
+    d->backlog = -1;
+    if (cfg->http_listen) {
+        rc = evd_http_start(d->loop, cfg->http_listen, http_handler, d, &d->http);
+        if (rc < 0) {
+            EVD_LOG(EVD_LOG_ERROR, "http", F_STR("listen", cfg->http_listen), F_STR("error", uv_strerror(rc)));
+            evd_log_flush();
+            return 1;
+        }
+        EVD_LOG(EVD_LOG_INFO, "http", F_STR("listen", cfg->http_listen));
+    }
     if (pg_start(d) < 0)
         return 1;
     uv_run(d->loop, UV_RUN_DEFAULT);
@@ -1463,6 +1593,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     free(d->retiring);
     evd_expansion_free(&d->x);
     evd_set_free(&d->watched);
+    evd_metrics_free(&d->m);
     cfg_put(d->cfg);
     int lc = uv_loop_close(d->loop);
     (void)lc;
