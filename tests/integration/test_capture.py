@@ -15,7 +15,10 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # (importing harness may re-exec this script under /usr/bin/python3 for psycopg2)
-from harness import Postgres, collect_notifies, repo_root  # noqa: E402
+from harness import Postgres, collect_notifies, evictd_bin, repo_root  # noqa: E402
+
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import psycopg2  # noqa: E402
 import psycopg2.errors  # noqa: E402
@@ -534,6 +537,38 @@ class CaptureTest(unittest.TestCase):
             self.q("SELECT setval('evictd.idle', 0)")
 
     # -- uninstall (runs last: zz) -------------------------------------------
+    def test_evictd_sql_output_applies_twice(self):
+        """`evictd sql` watches exactly the tables and columns the rules use; applying it twice is harmless."""
+        cfg = {
+            "postgres": {"url": "postgresql://unused@127.0.0.1/none", "channels": ["evictd_gen"]},
+            "redis": {"default": {"url": "redis://127.0.0.1:1/0"}},
+            "rules": [
+                {"table": "public.scratch", "keys": ["s:{id}"]},
+                {"table": "events", "keys": ["e:{kind}"], "durable": False},
+                {"table": "drivers", "lookups": [{"as": "u", "sql": "SELECT $1::int", "args": ["user_id"]}],
+                 "keys": ["d:{new.id}:{u}"]},
+            ],
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(cfg, f)
+        try:
+            out = subprocess.run([evictd_bin(), "sql", "--config", f.name], capture_output=True, text=True,
+                                 timeout=30)
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.pg.psql(out.stdout)
+        self.pg.psql(out.stdout)
+        rows = {r[0]: (r[1], r[2], r[3]) for r in self.q(
+            "SELECT tbl::text, columns, channel, durable FROM evictd.watches "
+            "WHERE tbl::text IN ('scratch', 'events', 'drivers')")}
+        self.assertEqual(rows["scratch"], (["id"], "evictd_gen", True))
+        self.assertEqual(rows["events"], (["kind"], "evictd_gen", False))
+        self.assertEqual(sorted(rows["drivers"][0]), ["id", "user_id"])
+        # put the class-wide watches of these three tables back for the other tests
+        self.pg.psql("\n".join(line for line in WATCH_SQL.splitlines()
+                               if "'scratch'" in line or "'events'" in line or "'drivers'" in line))
+
     def test_zz_uninstall(self):
         self.pg.psql(file=UNINSTALL)
         self.pg.psql(file=UNINSTALL)  # idempotent

@@ -763,6 +763,44 @@ static void test_load_errors(void **state)
     remove(path);
 }
 
+/* Every scalar setting of the table in config.c is documented in the README's settings table,
+ * with its default. */
+static void test_readme_documents_settings(void **state)
+{
+    (void)state;
+    FILE *f = fopen(EVD_SOURCE_DIR "/README.md", "rb");
+    assert_non_null(f);
+    static char text[256 * 1024];
+    size_t n = fread(text, 1, sizeof(text) - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    for (size_t i = 0; i < evd_nsettings; i++) {
+        const evd_setting_t *s = &evd_settings[i];
+        char needle[160];
+        snprintf(needle, sizeof(needle), "| `%s` |", s->name);
+        const char *row = strstr(text, needle);
+        if (!row) {
+            print_error("README.md lacks a settings row for %s\n", s->name);
+            fail();
+        }
+        const char *eol = strchr(row, '\n');
+        char line[512];
+        snprintf(line, sizeof(line), "%.*s", (int)(eol ? eol - row : 200), row);
+        if (s->type == EVD_SET_INT && s->def < 1024 * 1024) {
+            char def[40];
+            snprintf(def, sizeof(def), "| %lld", (long long)s->def);
+            if (!strstr(line, def)) {
+                print_error("README row for %s does not show default %lld: %s\n", s->name, (long long)s->def,
+                            line);
+                fail();
+            }
+        } else if (s->def_str && !strstr(line, s->def_str)) {
+            print_error("README row for %s does not show default %s: %s\n", s->name, s->def_str, line);
+            fail();
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -781,6 +819,7 @@ int main(void)
         cmocka_unit_test_setup(test_needed_columns, setup_env),
         cmocka_unit_test_setup(test_describe, setup_env),
         cmocka_unit_test_setup(test_load_errors, setup_env),
+        cmocka_unit_test(test_readme_documents_settings),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
