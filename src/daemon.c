@@ -60,6 +60,7 @@ typedef struct rec {
     int64_t id;            /* outbox id or -1 */
     char table[130];       /* schema.table */
     size_t njobs;
+    bool finished;         /* bad input or unmatched: done before expansion */
     int outstanding;       /* jobs not called back */
     evd_job_t *jobs;       /* njobs entries */
     int *job_target;       /* target index per job */
@@ -76,8 +77,8 @@ struct unit {
     bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
     rec_t **recs;
     size_t nrecs, cap;
-    int outstanding;       /* recs not finished */
-    int lookups_pending;
+    int outstanding;       /* recs not finished, +1 until the unit is expanded */
+    int lookups_pending;   /* lookups in flight, +1 until the unit is complete (unit_start) */
     evd_buf_t dl;          /* retries_exhausted / shutdown lines */
     evd_buf_t dl_bad;      /* bad-input lines */
     int dl_writes;         /* dead-letter writes in flight */
@@ -181,6 +182,9 @@ static unit_t *unit_new(daemon_t *d, bool claim)
         return NULL;
     u->d = d;
     u->claim = claim;
+    /* Guards: recs that finish while the unit is still filling must not complete it. */
+    u->outstanding = 1;
+    u->lookups_pending = 1;
     u->cfg = cfg_get(d->cfg);
     u->next = d->units;
     if (d->units)
@@ -407,7 +411,7 @@ static void unit_finish_rec(unit_t *u)
     if (--u->outstanding > 0)
         return;
     daemon_t *d = u->d;
-    u->dl_writes = 1;
+    u->dl_writes++;
     if (u->dl.len) {
         u->dl_writes++;
         if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0)
@@ -733,15 +737,10 @@ static void expand_rec(unit_t *u, rec_t *r)
 
 static void expand_unit(unit_t *u)
 {
-    size_t n = u->nrecs;
-    /* Expanding may finish the unit (and free it) once the last rec is done: count first. */
-    u->outstanding++;
-    for (size_t i = 0; i < n; i++) {
-        rec_t *r = u->recs[i];
-        if (!r->ch.root && !r->ch.ref && r->ch.op == 0)
-            continue; /* bad input or unmatched: already finished */
-        expand_rec(u, r);
-    }
+    /* The guard taken in unit_new keeps u alive while its recs are expanded and submitted. */
+    for (size_t i = 0; i < u->nrecs; i++)
+        if (!u->recs[i]->finished)
+            expand_rec(u, u->recs[i]);
     lres_free_all(u);
     unit_finish_rec(u);
 }
@@ -764,6 +763,7 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
                                                   F_INT("id", id), {0}});
         dl_line(u, r, "bad_payload", -1, err, 0);
         memset(&r->ch, 0, sizeof(r->ch));
+        r->finished = true;
         unit_finish_rec(u);
         return;
     }
@@ -784,7 +784,7 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
             dl_line(u, r, "unknown_table", -1, err, 0);
         }
         evd_change_clear(&r->ch);
-        r->ch.op = 0;
+        r->finished = true;
         unit_finish_rec(u);
         return;
     }
@@ -796,7 +796,6 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
 /* All payloads of u are in: expand now or when the lookups return. */
 static void unit_start(unit_t *u)
 {
-    u->lookups_pending++;
     if (--u->lookups_pending == 0)
         expand_unit(u);
 }

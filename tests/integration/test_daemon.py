@@ -27,10 +27,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness  # noqa: E402  (may re-exec under /usr/bin/python3)
-from harness import HarnessError, Postgres, Redis, evictd_bin, free_port, repo_root, wait_until  # noqa: E402
-
-import psycopg2  # noqa: E402
+import harness  # noqa: E402,F401  (may re-exec under /usr/bin/python3)
+from harness import HarnessError, Postgres, Redis, evictd_bin, repo_root, wait_until  # noqa: E402
 
 INSTALL = os.path.join(repo_root(), "sql", "install.sql")
 
@@ -360,7 +358,10 @@ class DaemonTest(unittest.TestCase):
         try:
             return wait_until(pred, timeout=timeout, interval=0.05, what=what)
         except HarnessError as exc:
-            self.fail("%s\n%s" % (exc, d.tail() if d else ""))
+            state = ""
+            if d is not None and d.proc is not None:
+                state = " (evictd %s)" % ("running" if d.running() else "exited with status %s" % d.proc.returncode)
+            self.fail("%s%s\n%s" % (exc, state, d.tail() if d else ""))
 
     def wait_gone(self, keys, d, timeout=10.0):
         keys = list(keys)
@@ -370,7 +371,8 @@ class DaemonTest(unittest.TestCase):
             if not left:
                 return
             if time.monotonic() >= deadline:
-                self.fail("keys still in Redis after %.1fs: %s\n%s" % (timeout, left, d.tail()))
+                state = "running" if d.running() else "exited with status %s" % d.proc.returncode
+                self.fail("keys still in Redis after %.1fs: %s (evictd %s)\n%s" % (timeout, left, state, d.tail()))
             time.sleep(0.05)
 
     def assert_present(self, keys, d, why=""):

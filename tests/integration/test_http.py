@@ -89,6 +89,13 @@ class HttpTest(unittest.TestCase):
         cls.log.close()
         cls.rd.cleanup()
         cls.pg.cleanup()
+        with open(cls.log.name) as f:
+            text = f.read()
+        for mark in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
+            if mark in text:
+                raise AssertionError("sanitizer report in evictd's log:\n" + text[-4000:])
+        if cls.proc.returncode != 0:
+            raise AssertionError("evictd exited with %s after SIGTERM" % cls.proc.returncode)
 
     def redis(self):
         return self.rd.client(password=self.password)
