@@ -1,6 +1,8 @@
 /* config.c - loads the JSON config: settings table, ${ENV} expansion, strict validation, rules. */
 #include "config.h"
 
+#include <jansson.h>
+
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>

@@ -304,10 +304,8 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
         }
     rc |= evd_buf_puts(b, "],\"change\":");
     /* The parsed change when it parsed, else the raw payload as a string. */
-    if (r->ch.root) {
-        char *s = json_dumps(r->ch.root, JSON_COMPACT);
-        rc |= s ? evd_buf_puts(b, s) : -ENOMEM;
-        free(s);
+    if (r->ch.op) {
+        rc |= evd_change_to_json(&r->ch, b);
     } else {
         rc |= evd_buf_json_str(b, r->raw, strlen(r->raw));
     }

@@ -1,8 +1,12 @@
-/* payload.h - the change payload (NOTIFY or outbox row) parsed into a plain struct. Pure. */
+/* payload.h - the change payload (NOTIFY or outbox row) parsed into a plain struct. Pure.
+ *
+ * The parser is specialised for the payload form (SPEC "Change payload"): one pass over the
+ * text, one arena per change, no tree of JSON objects. tests/unit/test_payload_cross.c and
+ * tests/fuzz/fuzz_payload_cross.c check that it accepts exactly what a jansson-based parser
+ * accepts and extracts the same values. */
 #ifndef EVD_PAYLOAD_H
 #define EVD_PAYLOAD_H
 
-#include <jansson.h>
 #include <stdint.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -20,10 +24,43 @@ const char *evd_op_name(evd_op_t op);
 /* Returns the op for "INSERT".. or 0. */
 evd_op_t evd_op_parse(const char *s);
 
-/* One row: its old and new images (borrowed from the change's root; either may be NULL). */
+typedef enum {
+    EVD_V_NULL = 0,
+    EVD_V_INT,   /* i holds the value, s the digits as written */
+    EVD_V_REAL,  /* a JSON number with a fraction or exponent: d holds it, s as written */
+    EVD_V_STR,   /* s holds the decoded UTF-8 text (never a NUL inside) */
+    EVD_V_TRUE,
+    EVD_V_FALSE,
+    EVD_V_JSON   /* an object or array (json/jsonb columns): s holds it as compact JSON */
+} evd_vtype_t;
+
+typedef struct evd_value {
+    evd_vtype_t type;
+    uint32_t len;  /* bytes at s */
+    const char *s; /* NUL-terminated; NULL for null/true/false */
+    int64_t i;
+    double d;
+} evd_value_t;
+
+typedef struct evd_col {
+    const char *name; /* NUL-terminated */
+    uint32_t nlen;
+    evd_value_t v;
+} evd_col_t;
+
+/* A row image: the captured columns in payload order. */
+typedef struct evd_image {
+    evd_col_t *cols;
+    uint32_t ncols;
+} evd_image_t;
+
+/* The value of column name in img, or NULL when the image does not hold it. */
+const evd_value_t *evd_image_get(const evd_image_t *img, const char *name, size_t len);
+
+/* One row: its old and new images (either may be NULL). */
 typedef struct evd_row {
-    json_t *old_img;
-    json_t *new_img;
+    const evd_image_t *old_img;
+    const evd_image_t *new_img;
 } evd_row_t;
 
 typedef enum {
@@ -32,24 +69,30 @@ typedef enum {
     EVD_PAYLOAD_BAD = -1      /* not JSON or not of the payload form */
 } evd_payload_status_t;
 
+typedef struct evd_arena_block evd_arena_block_t;
+
 typedef struct evd_change {
-    json_t *root;   /* owned; NULL for a doorbell */
     int64_t id;     /* outbox id, or -1 when null (not durable) */
     int64_t tx;     /* -1 when absent */
     double ts;      /* epoch ms, 0 when absent */
     char schema[64];
     char table[64];
-    evd_op_t op;
+    evd_op_t op;    /* 0 when the change holds nothing (cleared) */
     bool ref;       /* oversize reference: images unknown */
+    bool has_ts;
     size_t nrows;
-    evd_row_t *rows; /* points at one_row for a single change, else owned array */
-    evd_row_t one_row;
+    evd_row_t *rows; /* in the arena */
+    evd_arena_block_t *arena;
 } evd_change_t;
 
 /* Parses buf[0..len). On EVD_PAYLOAD_OK fills *out (release with evd_change_clear). On
- * EVD_PAYLOAD_BAD writes a one-line reason into err. Never aborts on any input. */
+ * EVD_PAYLOAD_BAD writes a one-line reason into err and leaves *out cleared. Never aborts on any
+ * input (jansson is used only for json/jsonb column values). */
 evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t *out, char *err,
                                        size_t errlen) EVD_MUST_CHECK;
 void evd_change_clear(evd_change_t *c);
+
+/* Appends the change as compact JSON in the payload form (for dead-letter lines). */
+int evd_change_to_json(const evd_change_t *c, evd_buf_t *out) EVD_MUST_CHECK;
 
 #endif

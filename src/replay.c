@@ -7,6 +7,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "config.h"
 #include "daemon.h"
 #include "log.h"

@@ -228,22 +228,24 @@ static int render_real(double d, evd_buf_t *b)
     return evd_buf_puts(b, tmp);
 }
 
-int evd_render_value(const json_t *v, evd_buf_t *b)
+int evd_render_value(const evd_value_t *v, evd_buf_t *b)
 {
-    char tmp[32];
-    switch (json_typeof(v)) {
-    case JSON_NULL:
+    switch (v->type) {
+    case EVD_V_NULL:
         return 1;
-    case JSON_STRING:
-        return evd_buf_append(b, json_string_value(v), json_string_length(v));
-    case JSON_INTEGER:
-        snprintf(tmp, sizeof(tmp), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        return evd_buf_puts(b, tmp);
-    case JSON_REAL:
-        return render_real(json_real_value(v), b);
-    case JSON_TRUE:
+    case EVD_V_INT:
+        /* JSON integers have no '+' or leading zeros: the text is Python's str(), but "-0". */
+        if (v->i == 0)
+            return evd_buf_putc(b, '0');
+        return evd_buf_append(b, v->s, v->len);
+    case EVD_V_STR:
+    case EVD_V_JSON: /* json/jsonb values as compact JSON */
+        return evd_buf_append(b, v->s, v->len);
+    case EVD_V_REAL:
+        return render_real(v->d, b);
+    case EVD_V_TRUE:
         return evd_buf_puts(b, "True");
-    case JSON_FALSE:
+    case EVD_V_FALSE:
         return evd_buf_puts(b, "False");
     default:
         return -EINVAL;
@@ -251,28 +253,12 @@ int evd_render_value(const json_t *v, evd_buf_t *b)
 }
 
 /* Renders a value as a SQL text parameter (booleans as true/false). */
-static int render_param(const json_t *v, evd_buf_t *b)
+static int render_param(const evd_value_t *v, evd_buf_t *b)
 {
-    if (json_is_true(v))
+    if (v->type == EVD_V_TRUE)
         return evd_buf_puts(b, "true");
-    if (json_is_false(v))
+    if (v->type == EVD_V_FALSE)
         return evd_buf_puts(b, "false");
-    if (json_is_object(v) || json_is_array(v)) {
-        char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-        if (!s)
-            return -ENOMEM;
-        int rc = evd_buf_puts(b, s);
-        free(s);
-        return rc;
-    }
-    return evd_render_value(v, b);
-}
-
-/* Renders any value into a key: scalars as Django would, containers as compact JSON. */
-static int render_key_value(const json_t *v, evd_buf_t *b)
-{
-    if (json_is_object(v) || json_is_array(v))
-        return render_param(v, b);
     return evd_render_value(v, b);
 }
 
@@ -394,7 +380,7 @@ static int emit_widened(ectx_t *e, const evd_template_t *t, const char *const *v
     return emit(e, b->data ? b->data : "", b->len, true);
 }
 
-static const json_t *image_for(const evd_tpl_part_t *p, const json_t *any, const evd_row_t *row)
+static const evd_image_t *image_for(const evd_tpl_part_t *p, const evd_image_t *any, const evd_row_t *row)
 {
     switch (p->img) {
     case EVD_IMG_OLD: return row->old_img;
@@ -404,7 +390,7 @@ static const json_t *image_for(const evd_tpl_part_t *p, const json_t *any, const
 }
 
 /* One expansion of template t for a row, with `any` the image for unqualified refs. */
-static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, const json_t *any)
+static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, const evd_image_t *any)
 {
     const char *vals[MAX_PARTS];
     size_t lens[MAX_PARTS];
@@ -422,18 +408,18 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
         lv[i] = NULL;
         if (!p->is_ref || p->lookup >= 0)
             continue;
-        const json_t *img = image_for(p, any, row);
-        const json_t *v = img ? json_object_get(img, p->text) : NULL;
+        const evd_image_t *img = image_for(p, any, row);
+        const evd_value_t *v = img ? evd_image_get(img, p->text, p->len) : NULL;
         if (!v) {
             unknown = true;
             why = img ? "column not captured:" : "image missing for";
             name = p->text;
             continue;
         }
-        if (json_is_null(v))
+        if (v->type == EVD_V_NULL)
             return 0;
         offs[i] = sc->len;
-        int rc = render_key_value(v, sc);
+        int rc = evd_render_value(v, sc);
         if (rc < 0)
             return rc == -EINVAL ? 0 : rc;
         lens[i] = sc->len - offs[i];
@@ -445,20 +431,20 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
         const evd_tpl_part_t *p = &t->parts[i];
         if (!p->is_ref || p->lookup < 0)
             continue;
-        const json_t *img = image_for(p, any, row);
+        const evd_image_t *img = image_for(p, any, row);
         const evd_lookup_t *lk = &e->rule->lookups[p->lookup];
         const char *args[16];
         evd_buf_t ab = {0};
         size_t aoff[16];
         bool missing = false;
         for (size_t a = 0; a < lk->nargs && a < 16; a++) {
-            const json_t *v = img ? json_object_get(img, lk->args[a]) : NULL;
+            const evd_value_t *v = img ? evd_image_get(img, lk->args[a], strlen(lk->args[a])) : NULL;
             if (!v) {
                 missing = true;
                 name = lk->args[a];
                 break;
             }
-            if (json_is_null(v)) {
+            if (v->type == EVD_V_NULL) {
                 evd_buf_free(&ab);
                 return 0;
             }
@@ -491,8 +477,8 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
     for (size_t i = 0; i < t->nparts; i++) {
         const evd_tpl_part_t *p = &t->parts[i];
         if (p->is_ref && p->lookup < 0) {
-            const json_t *img = image_for(p, any, row);
-            if (img && json_object_get(img, p->text))
+            const evd_image_t *img = image_for(p, any, row);
+            if (img && evd_image_get(img, p->text, p->len))
                 vals[i] = sc->data + offs[i];
         }
     }
@@ -636,7 +622,7 @@ int evd_rules_lookups(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_n
         if (!r->nlookups || !(r->ops & c->op) || !rule_names(r, c->schema, c->table))
             continue;
         for (size_t row = 0; row < c->nrows && rc == 0; row++) {
-            const json_t *imgs[2] = {c->rows[row].old_img, c->rows[row].new_img};
+            const evd_image_t *imgs[2] = {c->rows[row].old_img, c->rows[row].new_img};
             for (int im = 0; im < 2 && rc == 0; im++) {
                 if (!imgs[im])
                     continue;
@@ -649,8 +635,8 @@ int evd_rules_lookups(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_n
                     bool ok = true;
                     evd_buf_reset(&ab);
                     for (size_t a = 0; a < lk->nargs && a < 16; a++) {
-                        const json_t *v = json_object_get(imgs[im], lk->args[a]);
-                        if (!v || json_is_null(v)) {
+                        const evd_value_t *v = evd_image_get(imgs[im], lk->args[a], strlen(lk->args[a]));
+                        if (!v || v->type == EVD_V_NULL) {
                             ok = false;
                             break;
                         }

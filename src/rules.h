@@ -109,7 +109,7 @@ int evd_rules_expand(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_re
 
 /* Renders a JSON scalar as Django would put it in a key (ints decimal, strings raw, True/False).
  * Returns 0, 1 for null, or -EINVAL for non-scalars. Appends to b. */
-int evd_render_value(const json_t *v, evd_buf_t *b) EVD_MUST_CHECK;
+int evd_render_value(const evd_value_t *v, evd_buf_t *b) EVD_MUST_CHECK;
 /* Appends s with glob metacharacters (*?[]\) escaped by a backslash. */
 int evd_glob_escape(evd_buf_t *b, const char *s, size_t n) EVD_MUST_CHECK;
 
