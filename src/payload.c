@@ -327,6 +327,19 @@ static bool number(parser_t *ps, evd_value_t *v)
             p++;
     }
     size_t n = (size_t)(p - s);
+    if (!real && n <= 19 - (*s == '-' ? 0 : 1)) {
+        /* At most 18 digits: cannot overflow int64; no copy, no strtoll. */
+        int64_t x = 0;
+        for (const char *q = *s == '-' ? s + 1 : s; q < p; q++)
+            x = x * 10 + (*q - '0');
+        v->type = EVD_V_INT;
+        v->i = *s == '-' ? -x : x;
+        v->d = (double)v->i;
+        v->s = NULL;
+        v->len = 0;
+        ps->p = p;
+        return true;
+    }
     char tmp[64];
     char *text = n < sizeof(tmp) ? tmp : arena_alloc(ps->arena, n + 1);
     if (!text)
@@ -347,6 +360,10 @@ static bool number(parser_t *ps, evd_value_t *v)
         v->type = EVD_V_INT;
         v->i = i;
         v->d = (double)i;
+        v->s = NULL;
+        v->len = 0;
+        ps->p = p;
+        return true;
     }
     ps->p = p;
     if (text == tmp) {
@@ -528,6 +545,7 @@ static bool image(parser_t *ps, const evd_image_t **out, int depth, const char *
 enum { K_V, K_ID, K_TX, K_TS, K_SCHEMA, K_TABLE, K_OP, K_OLD, K_NEW, K_ROWS, K_REF, K_COUNT };
 static const char *const top_keys[K_COUNT] = {"v", "id", "tx", "ts", "schema", "table",
                                               "op", "old", "new", "rows", "ref"};
+static const uint32_t top_len[K_COUNT] = {1, 2, 2, 2, 6, 5, 2, 3, 3, 4, 3};
 
 typedef struct top {
     unsigned seen;
@@ -681,7 +699,7 @@ static bool top_object(parser_t *ps, top_t *t)
             return false;
         int k;
         for (k = 0; k < K_COUNT; k++)
-            if (strcmp(key, top_keys[k]) == 0 && strlen(top_keys[k]) == klen)
+            if (top_len[k] == klen && memcmp(key, top_keys[k], klen) == 0)
                 break;
         if (k < K_COUNT) {
             if (t->seen & (1u << k))
@@ -925,6 +943,7 @@ static int value_json(const evd_value_t *v, evd_buf_t *out)
     case EVD_V_TRUE: return evd_buf_puts(out, "true");
     case EVD_V_FALSE: return evd_buf_puts(out, "false");
     case EVD_V_STR: return evd_buf_json_str(out, v->s, v->len);
+    case EVD_V_INT: return evd_buf_printf(out, "%lld", (long long)v->i);
     default: return evd_buf_append(out, v->s, v->len);
     }
 }

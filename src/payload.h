@@ -26,7 +26,7 @@ evd_op_t evd_op_parse(const char *s);
 
 typedef enum {
     EVD_V_NULL = 0,
-    EVD_V_INT,   /* i holds the value, s the digits as written */
+    EVD_V_INT,   /* i holds the value (s is NULL) */
     EVD_V_REAL,  /* a JSON number with a fraction or exponent: d holds it, s as written */
     EVD_V_STR,   /* s holds the decoded UTF-8 text (never a NUL inside) */
     EVD_V_TRUE,

@@ -233,11 +233,18 @@ int evd_render_value(const evd_value_t *v, evd_buf_t *b)
     switch (v->type) {
     case EVD_V_NULL:
         return 1;
-    case EVD_V_INT:
-        /* JSON integers have no '+' or leading zeros: the text is Python's str(), but "-0". */
-        if (v->i == 0)
-            return evd_buf_putc(b, '0');
-        return evd_buf_append(b, v->s, v->len);
+    case EVD_V_INT: {
+        /* Decimal, as Python's str(int). */
+        char tmp[24];
+        char *e = tmp + sizeof(tmp), *q = e;
+        uint64_t u = v->i < 0 ? (uint64_t)0 - (uint64_t)v->i : (uint64_t)v->i;
+        do
+            *--q = (char)('0' + u % 10);
+        while ((u /= 10) != 0);
+        if (v->i < 0)
+            *--q = '-';
+        return evd_buf_append(b, q, (size_t)(e - q));
+    }
     case EVD_V_STR:
     case EVD_V_JSON: /* json/jsonb values as compact JSON */
         return evd_buf_append(b, v->s, v->len);
@@ -332,16 +339,35 @@ typedef struct ectx {
     evd_buf_t scratch;
 } ectx_t;
 
+/* A change yields a handful of keys: a linear scan deduplicates them faster than hashing; the
+ * hash set takes over past LINEAR_DEDUP entries (multi-row chunks, lookup cross products). */
+#define LINEAR_DEDUP 32
+
+static int add_unique(evd_strv_t *sv, evd_set_t *seen, const char *s, size_t n)
+{
+    if (sv->n < LINEAR_DEDUP) {
+        for (size_t i = 0; i < sv->n; i++)
+            if (memcmp(sv->v[i], s, n) == 0 && sv->v[i][n] == '\0')
+                return 0;
+    } else {
+        if (seen->n == 0)
+            for (size_t i = 0; i < sv->n; i++)
+                if (evd_set_add(seen, sv->v[i], strlen(sv->v[i])) < 0)
+                    return -ENOMEM;
+        int rc = evd_set_add(seen, s, n);
+        if (rc <= 0)
+            return rc;
+    }
+    return evd_strv_push(sv, s, n) < 0 ? -ENOMEM : 1;
+}
+
 static int emit(ectx_t *e, const char *s, size_t n, bool pattern)
 {
     for (size_t i = 0; i < e->rule->ntargets; i++) {
         evd_keyset_t *k = &e->x->per_target[e->rule->targets[i]];
-        evd_set_t *seen = pattern ? &k->seen_patterns : &k->seen_keys;
-        int rc = evd_set_add(seen, s, n);
+        int rc = pattern ? add_unique(&k->patterns, &k->seen_patterns, s, n) : add_unique(&k->keys, &k->seen_keys, s, n);
         if (rc < 0)
             return rc;
-        if (rc == 1 && evd_strv_push(pattern ? &k->patterns : &k->keys, s, n) < 0)
-            return -ENOMEM;
     }
     return 0;
 }
