@@ -307,7 +307,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     if (r->ch.op) {
         rc |= evd_change_to_json(&r->ch, b);
     } else {
-        rc |= evd_buf_json_str(b, r->raw, strlen(r->raw));
+        rc |= evd_buf_json_str(b, r->raw ? r->raw : "", r->raw ? strlen(r->raw) : 0);
     }
     rc |= evd_buf_puts(b, ",\"error\":");
     rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
@@ -765,6 +765,9 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
         unit_finish_rec(u);
         return;
     }
+    /* Parsed: dead letters are written from the parse, so the text is no longer needed. */
+    free(r->raw);
+    r->raw = NULL;
     if (r->ch.id < 0)
         r->ch.id = id;
     snprintf(r->table, sizeof(r->table), "%s.%s", r->ch.schema, r->ch.table);

@@ -47,20 +47,30 @@ struct evd_arena_block {
     max_align_t data[];
 };
 
+/* A change holds up to batch.max_pending of these at once, so the first block is sized from
+ * the payload (its strings never decode longer than the text) rather than a fixed 4 KiB. */
+static evd_arena_block_t *arena_block(evd_arena_block_t *next, size_t cap)
+{
+    evd_arena_block_t *nb = malloc(sizeof(*nb) + cap);
+    if (nb) {
+        nb->next = next;
+        nb->used = 0;
+        nb->cap = cap;
+    }
+    return nb;
+}
+
 static void *arena_alloc(evd_arena_block_t **a, size_t n)
 {
     n = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
     evd_arena_block_t *b = *a;
     if (!b || b->cap - b->used < n) {
-        size_t cap = n > 4096 ? n : 4096;
+        size_t cap = n > 1024 ? n : 1024;
         if (b && b->cap * 2 > cap && b->cap < (1u << 20))
             cap = b->cap * 2 > n ? b->cap * 2 : n;
-        evd_arena_block_t *nb = malloc(sizeof(*nb) + cap);
+        evd_arena_block_t *nb = arena_block(b, cap);
         if (!nb)
             return NULL;
-        nb->next = b;
-        nb->used = 0;
-        nb->cap = cap;
         *a = b = nb;
     }
     void *p = (char *)b->data + b->used;
@@ -501,7 +511,7 @@ static bool image(parser_t *ps, const evd_image_t **out, int depth, const char *
     evd_image_t *img = arena_alloc(ps->arena, sizeof(*img));
     if (!img)
         return bad(ps, "out of memory");
-    uint32_t cap = 8;
+    uint32_t cap = 4;
     img->cols = arena_alloc(ps->arena, cap * sizeof(evd_col_t));
     img->ncols = 0;
     if (!img->cols)
@@ -902,6 +912,12 @@ evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t
     top_t t;
     memset(&t, 0, sizeof(t));
     parser_t ps = {.base = buf, .p = buf, .end = buf + len, .arena = &out->arena, .err = err, .errlen = errlen};
+    /* Room for the decoded strings plus a few dozen columns: one malloc for a typical change. */
+    out->arena = arena_block(NULL, len + 512);
+    if (!out->arena) {
+        snprintf(err, errlen, "out of memory");
+        return EVD_PAYLOAD_BAD;
+    }
     if (!top_object(&ps, &t))
         goto fail;
     ws(&ps);
