@@ -7,6 +7,7 @@ PACKAGES=(
     libuv1-dev libpq-dev libhiredis-dev libjansson-dev libcmocka-dev
     postgresql redis-server
     python3 python3-psycopg2 python3-redis
+    python3-yaml systemd   # tests/deploy: parse the YAML files, systemd-analyze verify the unit
     curl procps
 )
 
