@@ -64,8 +64,8 @@ typedef struct rec {
     int outstanding;       /* jobs not called back */
     evd_job_t *jobs;       /* njobs entries */
     int *job_target;       /* target index per job */
-    evd_strv_t *keys;      /* per job */
-    evd_strv_t *patterns;  /* per job */
+    evd_keyvec_t *keys;    /* per job */
+    evd_keyvec_t *patterns; /* per job */
 } rec_t;
 
 /* Changes read together: one outbox claim, or the notifications of one loop iteration. */
@@ -200,8 +200,8 @@ static void rec_free(rec_t *r)
     evd_change_clear(&r->ch);
     free(r->raw);
     for (size_t i = 0; i < r->njobs; i++) {
-        evd_strv_free(&r->keys[i]);
-        evd_strv_free(&r->patterns[i]);
+        evd_keyvec_free(&r->keys[i]);
+        evd_keyvec_free(&r->patterns[i]);
     }
     free(r->keys);
     free(r->patterns);
@@ -646,8 +646,8 @@ static int take_expansion(daemon_t *d, rec_t *r)
         return 0;
     r->jobs = calloc(n, sizeof(*r->jobs));
     r->job_target = calloc(n, sizeof(int));
-    r->keys = calloc(n, sizeof(evd_strv_t));
-    r->patterns = calloc(n, sizeof(evd_strv_t));
+    r->keys = calloc(n, sizeof(evd_keyvec_t));
+    r->patterns = calloc(n, sizeof(evd_keyvec_t));
     if (!r->jobs || !r->job_target || !r->keys || !r->patterns)
         return -ENOMEM;
     for (size_t t = 0; t < x->ntargets; t++) {

@@ -16,7 +16,7 @@
 
 typedef struct item {
     char *line;            /* the original line */
-    evd_strv_t keys, patterns;
+    evd_keyvec_t keys, patterns;
     evd_job_t job;
     int target;
     bool failed;
@@ -57,14 +57,14 @@ static int target_by_name(const evd_config_t *cfg, const char *name)
     return -1;
 }
 
-static int push_strings(evd_strv_t *sv, json_t *arr)
+static int push_strings(evd_keyvec_t *sv, json_t *arr)
 {
     size_t i;
     json_t *v;
     json_array_foreach(arr, i, v) {
         if (!json_is_string(v))
             return -EINVAL;
-        if (evd_strv_push(sv, json_string_value(v), json_string_length(v)) < 0)
+        if (evd_keyvec_push(sv, json_string_value(v), json_string_length(v)) < 0)
             return -ENOMEM;
     }
     return 0;
@@ -92,8 +92,8 @@ static bool plan_line(replay_t *rp, const char *line, evd_expansion_t *x)
             rp->nitems++;
             ok = true;
         } else {
-            evd_strv_free(&it->keys);
-            evd_strv_free(&it->patterns);
+            evd_keyvec_free(&it->keys);
+            evd_keyvec_free(&it->patterns);
         }
         json_decref(o);
         return ok;
@@ -237,8 +237,8 @@ int evd_replay_run(const char *config_path, const char *dl_file)
             F_STR("failed_file", nfailed ? outpath : NULL));
     evd_log_flush();
     for (size_t i = 0; i < rp.nitems; i++) {
-        evd_strv_free(&rp.items[i].keys);
-        evd_strv_free(&rp.items[i].patterns);
+        evd_keyvec_free(&rp.items[i].keys);
+        evd_keyvec_free(&rp.items[i].patterns);
     }
     free(rp.items);
     free(rp.targets);

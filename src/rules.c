@@ -295,12 +295,8 @@ int evd_expansion_init(evd_expansion_t *x, size_t ntargets)
 
 static void keyset_reset(evd_keyset_t *k)
 {
-    for (size_t i = 0; i < k->keys.n; i++)
-        free(k->keys.v[i]);
-    k->keys.n = 0;
-    for (size_t i = 0; i < k->patterns.n; i++)
-        free(k->patterns.v[i]);
-    k->patterns.n = 0;
+    evd_keyvec_free(&k->keys);
+    evd_keyvec_free(&k->patterns);
     evd_set_clear(&k->seen_keys);
     evd_set_clear(&k->seen_patterns);
 }
@@ -318,8 +314,8 @@ void evd_expansion_free(evd_expansion_t *x)
 {
     for (size_t i = 0; i < x->ntargets; i++) {
         evd_keyset_t *k = &x->per_target[i];
-        evd_strv_free(&k->keys);
-        evd_strv_free(&k->patterns);
+        evd_keyvec_free(&k->keys);
+        evd_keyvec_free(&k->patterns);
         evd_set_free(&k->seen_keys);
         evd_set_free(&k->seen_patterns);
     }
@@ -343,7 +339,7 @@ typedef struct ectx {
  * hash set takes over past LINEAR_DEDUP entries (multi-row chunks, lookup cross products). */
 #define LINEAR_DEDUP 32
 
-static int add_unique(evd_strv_t *sv, evd_set_t *seen, const char *s, size_t n)
+static int add_unique(evd_keyvec_t *sv, evd_set_t *seen, const char *s, size_t n)
 {
     if (sv->n < LINEAR_DEDUP) {
         for (size_t i = 0; i < sv->n; i++)
@@ -358,7 +354,7 @@ static int add_unique(evd_strv_t *sv, evd_set_t *seen, const char *s, size_t n)
         if (rc <= 0)
             return rc;
     }
-    return evd_strv_push(sv, s, n) < 0 ? -ENOMEM : 1;
+    return evd_keyvec_push(sv, s, n) < 0 ? -ENOMEM : 1;
 }
 
 static int emit(ectx_t *e, const char *s, size_t n, bool pattern)

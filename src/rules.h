@@ -84,8 +84,8 @@ int evd_rules_lookups(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_n
 
 /* Keys and patterns for one target, deduplicated within the expansion. */
 typedef struct evd_keyset {
-    evd_strv_t keys;
-    evd_strv_t patterns;
+    evd_keyvec_t keys;
+    evd_keyvec_t patterns;
     evd_set_t seen_keys;
     evd_set_t seen_patterns;
 } evd_keyset_t;

@@ -132,6 +132,59 @@ void evd_strv_free(evd_strv_t *sv)
     sv->n = sv->cap = 0;
 }
 
+struct evd_chunk {
+    evd_chunk_t *next;
+    size_t used, cap;
+    char data[];
+};
+
+int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n)
+{
+    if (kv->n == kv->cap) {
+        size_t cap = kv->cap ? kv->cap * 2 : 8;
+        char **v = realloc(kv->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        kv->v = v;
+        kv->cap = cap;
+    }
+    evd_chunk_t *c = kv->chunks;
+    if (!c || c->cap - c->used < n + 1) {
+        size_t cap = c ? c->cap * 2 : 256;
+        if (cap < n + 1)
+            cap = n + 1;
+        if (cap > 65536 && n + 1 <= 65536)
+            cap = 65536;
+        evd_chunk_t *nc = malloc(sizeof(*nc) + cap);
+        if (!nc)
+            return -ENOMEM;
+        nc->next = c;
+        nc->used = 0;
+        nc->cap = cap;
+        kv->chunks = c = nc;
+    }
+    char *p = c->data + c->used;
+    memcpy(p, s, n);
+    p[n] = '\0';
+    c->used += n + 1;
+    kv->v[kv->n++] = p;
+    return 0;
+}
+
+void evd_keyvec_free(evd_keyvec_t *kv)
+{
+    evd_chunk_t *c = kv->chunks;
+    while (c) {
+        evd_chunk_t *next = c->next;
+        free(c);
+        c = next;
+    }
+    free(kv->v);
+    kv->v = NULL;
+    kv->chunks = NULL;
+    kv->n = kv->cap = 0;
+}
+
 double evd_now_wall_ms(void)
 {
     struct timespec ts;

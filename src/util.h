@@ -39,6 +39,19 @@ typedef struct evd_strv {
 int evd_strv_push(evd_strv_t *sv, const char *s, size_t n) EVD_MUST_CHECK;
 void evd_strv_free(evd_strv_t *sv);
 
+/* Strings stored in chained chunks: one allocation per chunk of bytes, none per string, so the
+ * keys of a change cost two allocations however many there are. v[i] stay valid until free. */
+typedef struct evd_chunk evd_chunk_t;
+typedef struct evd_keyvec {
+    char **v;
+    size_t n;
+    size_t cap;
+    evd_chunk_t *chunks;
+} evd_keyvec_t;
+
+int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n) EVD_MUST_CHECK;
+void evd_keyvec_free(evd_keyvec_t *kv);
+
 /* Monotonic clock in milliseconds and wall clock in epoch milliseconds. */
 double evd_now_wall_ms(void);
 

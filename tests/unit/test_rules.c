@@ -111,7 +111,15 @@ static void print_list(evd_buf_t *b, const char *const *v, size_t n)
 
 /* The vector holds exactly the strings of want (a NULL-terminated list), in any order, each
  * once. */
-static void assert_strv_set(const evd_strv_t *sv, const char *const *want, const char *what)
+typedef struct strs {
+    char *const *v;
+    size_t n;
+} strs_t;
+
+/* Works for evd_strv_t and evd_keyvec_t alike. */
+#define assert_strv_set(sv, want, what) assert_strs_set(&(strs_t){(sv)->v, (sv)->n}, want, what)
+
+static void assert_strs_set(const strs_t *sv, const char *const *want, const char *what)
 {
     size_t nw = 0;
     while (want[nw])
