@@ -1440,24 +1440,27 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
     }
     backlog_refresh(d);
     int rc = evd_metrics_render(&d->m, body);
-    rc |= evd_buf_puts(body, "# HELP evictd_keys_deleted_total Keys in confirmed UNLINKs, by target.\n"
-                             "# TYPE evictd_keys_deleted_total counter\n");
-    for (size_t i = 0; i < d->ntargets; i++)
-        if (d->targets[i].r)
-            rc |= evd_buf_printf(body, "evictd_keys_deleted_total{target=\"%s\"} %llu\n", d->targets[i].name,
-                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->keys);
-    rc |= evd_buf_puts(body, "# HELP evictd_patterns_deleted_total Pattern scans completed, by target.\n"
-                             "# TYPE evictd_patterns_deleted_total counter\n");
-    for (size_t i = 0; i < d->ntargets; i++)
-        if (d->targets[i].r)
-            rc |= evd_buf_printf(body, "evictd_patterns_deleted_total{target=\"%s\"} %llu\n", d->targets[i].name,
-                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->patterns);
-    rc |= evd_buf_puts(body, "# HELP evictd_retries_total Batch retries, by target.\n"
-                             "# TYPE evictd_retries_total counter\n");
-    for (size_t i = 0; i < d->ntargets; i++)
-        if (d->targets[i].r)
-            rc |= evd_buf_printf(body, "evictd_retries_total{target=\"%s\"} %llu\n", d->targets[i].name,
-                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->retries);
+    /* Per-target counters, from each target's stats. */
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } per_target[] = {
+        {"evictd_keys_deleted_total", "Keys in confirmed UNLINKs, by target.", offsetof(evd_redis_stats_t, keys)},
+        {"evictd_patterns_deleted_total", "Pattern scans completed, by target.",
+         offsetof(evd_redis_stats_t, patterns)},
+        {"evictd_retries_total", "Batch retries, by target.", offsetof(evd_redis_stats_t, retries)},
+    };
+    for (size_t m = 0; m < EVD_ARRAY_LEN(per_target); m++) {
+        rc |= evd_buf_printf(body, "# HELP %s %s\n# TYPE %s counter\n", per_target[m].name, per_target[m].help,
+                             per_target[m].name);
+        for (size_t i = 0; i < d->ntargets; i++) {
+            if (!d->targets[i].r)
+                continue;
+            const char *st = (const char *)evd_redis_stats(d->targets[i].r);
+            rc |= evd_buf_printf(body, "%s{target=\"%s\"} %llu\n", per_target[m].name, d->targets[i].name,
+                                 (unsigned long long)*(const uint64_t *)(st + per_target[m].off));
+        }
+    }
     rc |= evd_buf_puts(body, "# HELP evictd_reconnects_total Connections established, by connection.\n"
                              "# TYPE evictd_reconnects_total counter\n");
     struct {
