@@ -249,11 +249,36 @@ static const char *typename(const json_t *v)
     }
 }
 
+/* A string as config messages may show it: never a password (SPEC: passwords appear in no
+ * line). Password fields show as ***, URLs keep everything but the password. */
+static const char *redacted(const char *jpath, const char *s, char *buf, size_t len)
+{
+    size_t pl = jpath ? strlen(jpath) : 0;
+    if (pl >= 8 && strcmp(jpath + pl - 8, "password") == 0)
+        return "***";
+    const char *scheme = strstr(s, "://");
+    const char *at = scheme ? strrchr(scheme, '@') : NULL;
+    const char *colon = scheme ? strchr(scheme + 3, ':') : NULL;
+    const char *pw = strstr(s, "password=");
+    if (at && colon && colon < at) {
+        snprintf(buf, len, "%.*s***%s", (int)(colon + 1 - s), s, at);
+    } else if (pw) {
+        const char *end = pw + 9;
+        while (*end && *end != ' ')
+            end++;
+        snprintf(buf, len, "%.*s***%s", (int)(pw + 9 - s), s, end);
+    } else {
+        snprintf(buf, len, "%s", s);
+    }
+    return buf;
+}
+
 /* ---- ${NAME} / ${NAME:-default} expansion ---- */
 
 static char *expand_env(ctx_t *c, const char *jpath, const char *s)
 {
     evd_buf_t b = {0};
+    char shown[512];
     const char *p = s;
     if (evd_buf_reserve(&b, strlen(s)) < 0)
         goto oom;
@@ -267,7 +292,7 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
         if (p[0] == '$' && p[1] == '{') {
             const char *end = strchr(p + 2, '}');
             if (!end) {
-                fail(c, jpath, "unterminated '${' in \"%s\"", s);
+                fail(c, jpath, "unterminated '${' in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
                 goto err;
             }
             char name[256];
@@ -281,14 +306,15 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
                 dlen = (size_t)(end - dflt);
             }
             if (nlen == 0 || nlen >= sizeof(name)) {
-                fail(c, jpath, "bad variable name in \"%s\"", s);
+                fail(c, jpath, "bad variable name in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
                 goto err;
             }
             memcpy(name, p + 2, nlen);
             name[nlen] = '\0';
             for (size_t i = 0; i < nlen; i++) {
                 if (!isalnum((unsigned char)name[i]) && name[i] != '_') {
-                    fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name, s);
+                    fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name,
+                         redacted(jpath, s, shown, sizeof(shown)));
                     goto err;
                 }
             }
@@ -326,9 +352,10 @@ err:
 
 static bool get_string(ctx_t *c, const json_t *v, const char *jpath, char **out)
 {
-    char tmp[100];
+    char tmp[100], tmp2[128];
     if (!json_is_string(v))
-        return fail(c, jpath, "expected a string, got %s %s", typename(v), show(v, tmp, sizeof(tmp)));
+        return fail(c, jpath, "expected a string, got %s %s", typename(v),
+                    redacted(jpath, show(v, tmp, sizeof(tmp)), tmp2, sizeof(tmp2)));
     if (strlen(json_string_value(v)) != json_string_length(v))
         return fail(c, jpath, "string holds a NUL character");
     char *s = expand_env(c, jpath, json_string_value(v));
@@ -509,7 +536,7 @@ int evd_redis_url_parse(evd_target_cfg_t *t, const char *url, char *err, size_t 
             t->username = user;
         else
             free(user);
-        if (!t->password && pass)
+        if (!t->password && pass && pass[0])
             t->password = pass;
         else
             free(pass);

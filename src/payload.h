@@ -2,7 +2,7 @@
  *
  * The parser is specialised for the payload form (SPEC "Change payload"): one pass over the
  * text, one arena per change, no tree of JSON objects. tests/unit/test_payload_cross.c and
- * tests/fuzz/fuzz_payload_cross.c check that it accepts exactly what a jansson-based parser
+ * tests/fuzz/fuzz_payload.c check that it accepts exactly what a jansson-based parser
  * accepts and extracts the same values. */
 #ifndef EVD_PAYLOAD_H
 #define EVD_PAYLOAD_H

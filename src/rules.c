@@ -343,7 +343,7 @@ static int add_unique(evd_keyvec_t *sv, evd_set_t *seen, const char *s, size_t n
 {
     if (sv->n < LINEAR_DEDUP) {
         for (size_t i = 0; i < sv->n; i++)
-            if (memcmp(sv->v[i], s, n) == 0 && sv->v[i][n] == '\0')
+            if (strncmp(sv->v[i], s, n) == 0 && sv->v[i][n] == '\0')
                 return 0;
     } else {
         if (seen->n == 0)
