@@ -125,6 +125,7 @@ struct daemon {
     bool claiming;         /* a claim query is in flight */
     unit_t *open_claim;    /* the unit whose transaction is open */
     int64_t cursor;
+    size_t claim_limit;    /* rows the claim in flight asked for */
     bool busy_since_idle;  /* rows found since the idle flag was last set */
     bool idle;             /* the flag is set and the last claim found nothing */
     bool want_drain;       /* a doorbell arrived while a claim was running */
@@ -864,7 +865,8 @@ static void send_claim(daemon_t *d)
     char cursor[32], limit[32];
     size_t room = (size_t)d->cfg->cfg->batch_max_pending - d->pending;
     snprintf(cursor, sizeof(cursor), "%" PRId64, d->cursor);
-    snprintf(limit, sizeof(limit), "%zu", room < CLAIM_ROWS ? room : CLAIM_ROWS);
+    d->claim_limit = room < CLAIM_ROWS ? room : CLAIM_ROWS;
+    snprintf(limit, sizeof(limit), "%zu", d->claim_limit);
     int rc;
     if (d->opts.dry_run) {
         const char *params[2] = {cursor, limit};
@@ -959,6 +961,12 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             d->cursor = id;
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
+    /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
+     * starts again from the lowest id. Ids are taken at insert time but become visible at
+     * commit, so a row below the cursor may have committed meanwhile; under steady load a
+     * pass that only ever moved onward would leave it behind until the load stopped. */
+    if (!d->opts.dry_run && (size_t)n < d->claim_limit)
+        d->cursor = 0;
     unit_start(u);
     if (d->opts.dry_run)
         maybe_drain(d);

@@ -913,7 +913,7 @@ evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t
     memset(&t, 0, sizeof(t));
     parser_t ps = {.base = buf, .p = buf, .end = buf + len, .arena = &out->arena, .err = err, .errlen = errlen};
     /* Room for the decoded strings plus a few dozen columns: one malloc for a typical change. */
-    out->arena = arena_block(NULL, len + 512);
+    out->arena = arena_block(NULL, len + 320);
     if (!out->arena) {
         snprintf(err, errlen, "out of memory");
         return EVD_PAYLOAD_BAD;

@@ -505,7 +505,8 @@ static void step(evd_pg_t *pg)
         }
     }
     PGnotify *n;
-    while (pg->state == PG_READY && (n = PQnotifies(pg->conn)) != NULL) {
+    /* Paused (backpressure): leave the rest in libpq until evd_pg_pause(pg, false). */
+    while (pg->state == PG_READY && !pg->paused && (n = PQnotifies(pg->conn)) != NULL) {
         if (pg->h.notify)
             pg->h.notify(pg, n->relname, n->extra, strlen(n->extra), pg->ud);
         PQfreemem(n);

@@ -150,7 +150,7 @@ int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n)
     }
     evd_chunk_t *c = kv->chunks;
     if (!c || c->cap - c->used < n + 1) {
-        size_t cap = c ? c->cap * 2 : 256;
+        size_t cap = c ? c->cap * 2 : 128;
         if (cap < n + 1)
             cap = n + 1;
         if (cap > 65536 && n + 1 <= 65536)
