@@ -77,6 +77,7 @@ struct unit {
     bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
     rec_t **recs;
     size_t nrecs, cap;
+    size_t weight;         /* row images held: what batch.max_pending counts */
     int outstanding;       /* recs not finished, +1 until the unit is expanded */
     int lookups_pending;   /* lookups in flight, +1 until the unit is complete (unit_start) */
     evd_buf_t dl;          /* retries_exhausted / shutdown lines */
@@ -126,6 +127,7 @@ struct daemon {
     unit_t *open_claim;    /* the unit whose transaction is open */
     int64_t cursor;
     size_t claim_limit;    /* rows the claim in flight asked for */
+    double imgs_per_row;   /* row images per outbox row, moving average */
     bool busy_since_idle;  /* rows found since the idle flag was last set */
     bool idle;             /* the flag is set and the last claim found nothing */
     bool want_drain;       /* a doorbell arrived while a claim was running */
@@ -237,7 +239,7 @@ static void unit_free(unit_t *u)
         u->next->prev = u->prev;
     for (size_t i = 0; i < u->nrecs; i++)
         rec_free(u->recs[i]);
-    d->pending -= u->nrecs;
+    d->pending -= u->weight;
     free(u->recs);
     evd_buf_free(&u->dl);
     evd_buf_free(&u->dl_bad);
@@ -272,6 +274,7 @@ static rec_t *unit_add(unit_t *u, const char *payload, size_t len, int64_t id)
     u->recs[u->nrecs++] = r;
     u->outstanding++;
     u->d->pending++;
+    u->weight++;
     return r;
 }
 
@@ -766,6 +769,11 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
         unit_finish_rec(u);
         return;
     }
+    /* A statement chunk holds up to 500 row images: pending counts images, not rows. */
+    if (r->ch.nrows > 1) {
+        u->weight += r->ch.nrows - 1;
+        d->pending += r->ch.nrows - 1;
+    }
     /* Parsed: dead letters are written from the parse, so the text is no longer needed. */
     free(r->raw);
     r->raw = NULL;
@@ -863,9 +871,17 @@ static void begin_done(const PGresult *res, const char *err, void *arg)
 static void send_claim(daemon_t *d)
 {
     char cursor[32], limit[32];
-    size_t room = (size_t)d->cfg->cfg->batch_max_pending - d->pending;
+    size_t max = (size_t)d->cfg->cfg->batch_max_pending;
+    size_t room = d->pending < max ? max - d->pending : 1;
     snprintf(cursor, sizeof(cursor), "%" PRId64, d->cursor);
-    d->claim_limit = room < CLAIM_ROWS ? room : CLAIM_ROWS;
+    /* Outbox rows may be chunks of many images: ask for as many rows as the room holds at
+     * the images per row seen lately. */
+    size_t per_row = d->imgs_per_row > 1 ? (size_t)d->imgs_per_row : 1;
+    d->claim_limit = room / per_row;
+    if (d->claim_limit < 1)
+        d->claim_limit = 1;
+    if (d->claim_limit > CLAIM_ROWS)
+        d->claim_limit = CLAIM_ROWS;
     snprintf(limit, sizeof(limit), "%zu", d->claim_limit);
     int rc;
     if (d->opts.dry_run) {
@@ -967,6 +983,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * pass that only ever moved onward would leave it behind until the load stopped. */
     if (!d->opts.dry_run && (size_t)n < d->claim_limit)
         d->cursor = 0;
+    d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
     unit_start(u);
     if (d->opts.dry_run)
         maybe_drain(d);
@@ -1099,6 +1116,9 @@ static void claim_connected(evd_pg_t *pg, void *ud)
     d->busy_since_idle = true;
     d->idle = false;
     d->watched_loaded = false;
+    /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not
+     * arrive as 1000 rows at once. The average adapts within a few claims. */
+    d->imgs_per_row = 100;
     if (evd_pg_query(d->claimc, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
         d->watched_loaded = true;
 }
