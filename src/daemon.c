@@ -206,10 +206,7 @@ static void rec_free(rec_t *r)
         evd_keyvec_free(&r->keys[i]);
         evd_keyvec_free(&r->patterns[i]);
     }
-    free(r->keys);
-    free(r->patterns);
-    free(r->jobs);
-    free(r->job_target);
+    free(r->jobs); /* also holds keys, patterns and job_target */
     free(r);
 }
 
@@ -248,7 +245,7 @@ static void unit_free(unit_t *u)
     free(u);
 }
 
-static rec_t *unit_add(unit_t *u, const char *payload, size_t len, int64_t id)
+static rec_t *unit_add(unit_t *u, int64_t id)
 {
     if (u->nrecs == u->cap) {
         size_t cap = u->cap ? u->cap * 2 : 16;
@@ -261,13 +258,6 @@ static rec_t *unit_add(unit_t *u, const char *payload, size_t len, int64_t id)
     rec_t *r = calloc(1, sizeof(*r));
     if (!r)
         return NULL;
-    r->raw = malloc(len + 1);
-    if (!r->raw) {
-        free(r);
-        return NULL;
-    }
-    memcpy(r->raw, payload, len);
-    r->raw[len] = '\0';
     r->unit = u;
     r->id = id;
     r->ch.id = -1;
@@ -606,6 +596,9 @@ static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const ch
 
 static void log_change_keys(rec_t *r)
 {
+    bool dry = r->unit->d->opts.dry_run;
+    if ((dry ? EVD_LOG_INFO : EVD_LOG_DEBUG) < evd_log_min_level)
+        return; /* building the key lists costs more than the rest of the change */
     evd_buf_t b = {0};
     int rc = evd_buf_putc(&b, '[');
     bool first = true;
@@ -648,12 +641,14 @@ static int take_expansion(daemon_t *d, rec_t *r)
             n++;
     if (!n)
         return 0;
-    r->jobs = calloc(n, sizeof(*r->jobs));
-    r->job_target = calloc(n, sizeof(int));
-    r->keys = calloc(n, sizeof(evd_keyvec_t));
-    r->patterns = calloc(n, sizeof(evd_keyvec_t));
-    if (!r->jobs || !r->job_target || !r->keys || !r->patterns)
+    /* One allocation for the four per-job arrays (jobs first: they need the strictest alignment). */
+    char *block = calloc(1, n * (sizeof(evd_job_t) + 2 * sizeof(evd_keyvec_t) + sizeof(int)));
+    if (!block)
         return -ENOMEM;
+    r->jobs = (evd_job_t *)block;
+    r->keys = (evd_keyvec_t *)(block + n * sizeof(evd_job_t));
+    r->patterns = r->keys + n;
+    r->job_target = (int *)(r->patterns + n);
     for (size_t t = 0; t < x->ntargets; t++) {
         evd_keyset_t *k = &x->per_target[t];
         if (!k->keys.n && !k->patterns.n)
@@ -751,7 +746,7 @@ static void expand_unit(unit_t *u)
 static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
 {
     daemon_t *d = u->d;
-    rec_t *r = unit_add(u, payload, len, id);
+    rec_t *r = unit_add(u, id);
     if (!r) {
         EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"));
         return;
@@ -759,6 +754,11 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
     char err[256];
     evd_payload_status_t st = evd_payload_parse(payload, len, &r->ch, err, sizeof(err));
     if (st == EVD_PAYLOAD_BAD) {
+        /* Kept for the dead-letter line: the change as received. */
+        if ((r->raw = malloc(len + 1)) != NULL) {
+            memcpy(r->raw, payload, len);
+            r->raw[len] = '\0';
+        }
         d->n_bad++;
         evd_log_ratelimited("bad_payload", "bad_input",
                             (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err),
@@ -774,9 +774,6 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
         u->weight += r->ch.nrows - 1;
         d->pending += r->ch.nrows - 1;
     }
-    /* Parsed: dead letters are written from the parse, so the text is no longer needed. */
-    free(r->raw);
-    r->raw = NULL;
     if (r->ch.id < 0)
         r->ch.id = id;
     snprintf(r->table, sizeof(r->table), "%s.%s", r->ch.schema, r->ch.table);
