@@ -10,6 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <uv.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "config.h"
 #include "deadletter.h"
@@ -128,6 +131,8 @@ struct daemon {
     int64_t cursor;
     size_t claim_limit;    /* rows the claim in flight asked for */
     double imgs_per_row;   /* row images per outbox row, moving average */
+    uint64_t last_trim;    /* loop time of the last malloc_trim */
+    uint64_t changes_at_trim;
     bool busy_since_idle;  /* rows found since the idle flag was last set */
     bool idle;             /* the flag is set and the last claim found nothing */
     bool want_drain;       /* a doorbell arrived while a claim was running */
@@ -909,9 +914,27 @@ static void maybe_drain(daemon_t *d)
     send_claim(d);
 }
 
+/* After a burst, glibc keeps the freed heap (tens of MB after a million changes); give it back
+ * once evictd is idle again, at most once a second. */
+static void trim_heap(daemon_t *d)
+{
+#ifdef __GLIBC__
+    uint64_t now = uv_now(d->loop);
+    if (d->pending == 0 && d->t_changes - d->changes_at_trim > 1000 && now - d->last_trim >= 1000) {
+        d->last_trim = now;
+        d->changes_at_trim = d->t_changes;
+        malloc_trim(0);
+    }
+#else
+    (void)d;
+#endif
+}
+
 static void on_poll_timer(uv_timer_t *t)
 {
-    maybe_drain(evd_container_of(t, daemon_t, poll_timer));
+    daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
+    trim_heap(d);
+    maybe_drain(d);
 }
 
 static void claim_done(const PGresult *res, const char *err, void *arg)
@@ -919,7 +942,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     daemon_t *d = arg;
     d->claiming = false;
     if (!res) {
-        EVD_LOG(EVD_LOG_WARN, "claim_failed", F_STR("error", err));
+        /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
+        EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
             if (evd_pg_query(d->claimc, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
                 EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
@@ -947,6 +971,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 return;
         }
         d->idle = true;
+        trim_heap(d);
     idle:
         if (d->want_drain) {
             maybe_drain(d);
