@@ -241,6 +241,17 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     start_connect(pg);
 }
 
+/* Server notices (and errors that arrive between queries, such as "terminating connection due
+ * to administrator command") go to evictd's log instead of libpq's raw stderr lines. */
+static void on_notice(void *arg, const char *message)
+{
+    evd_pg_t *pg = arg;
+    char msg[512];
+    snprintf(msg, sizeof(msg), "%s", message);
+    trim(msg);
+    EVD_LOG(EVD_LOG_WARN, "postgres_notice", F_STR("conn", pg->name), F_STR("message", msg));
+}
+
 /* Begins a connection attempt: resolve the host name off the loop first if there is one. */
 static void start_connect(evd_pg_t *pg)
 {
@@ -304,6 +315,7 @@ static void start_connect(evd_pg_t *pg)
         return;
     }
     PQsetnonblocking(pg->conn, 1);
+    PQsetNoticeProcessor(pg->conn, on_notice, pg);
     int rc = want_poll(pg, UV_WRITABLE);
     if (rc < 0)
         pg_reset(pg, "cannot watch socket: %s", uv_strerror(rc));
