@@ -138,6 +138,7 @@ struct daemon {
     bool want_drain;       /* a doorbell arrived while a claim was running */
     bool watched_loaded;
     evd_set_t watched;     /* "schema.table" of evictd.watches */
+    evd_set_t durable;     /* the durably watched ones among them */
 
     uv_timer_t poll_timer;
     uv_timer_t stats_timer;
@@ -782,6 +783,20 @@ static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t i
     if (r->ch.id < 0)
         r->ch.id = id;
     snprintf(r->table, sizeof(r->table), "%s.%s", r->ch.schema, r->ch.table);
+    /* The capture of a durable table only ever rings an empty doorbell; a full change for it
+     * by NOTIFY came from elsewhere (any role may NOTIFY): refuse it. */
+    if (!u->claim && evd_set_has(&d->durable, r->table, strlen(r->table))) {
+        d->n_bad++;
+        snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", r->table);
+        evd_log_ratelimited("notify_for_durable", "bad_input",
+                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", r->table),
+                                                  F_STR("error", err), {0}});
+        dl_line(u, r, "bad_payload", -1, err, 0);
+        evd_change_clear(&r->ch);
+        r->finished = true;
+        unit_finish_rec(u);
+        return;
+    }
     const evd_config_t *cfg = u->cfg->cfg;
     if (!evd_rules_watches(&cfg->rules, r->ch.schema, r->ch.table)) {
         bool watched = evd_set_has(&d->watched, r->table, strlen(r->table));
@@ -1080,6 +1095,7 @@ static void watches_loaded(const PGresult *res, const char *err, void *arg)
 {
     daemon_t *d = arg;
     evd_set_clear(&d->watched);
+    evd_set_clear(&d->durable);
     if (!res) {
         EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("error", err),
                 F_STR("hint", "apply sql/install.sql and the output of `evictd sql`"));
@@ -1089,6 +1105,8 @@ static void watches_loaded(const PGresult *res, const char *err, void *arg)
             char name[130];
             snprintf(name, sizeof(name), "%s.%s", PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
             if (evd_set_add(&d->watched, name, strlen(name)) < 0)
+                break;
+            if (PQgetvalue(res, i, 3)[0] == 't' && evd_set_add(&d->durable, name, strlen(name)) < 0)
                 break;
         }
         /* Every column a rule needs must be captured, else its templates widen. */
@@ -1646,6 +1664,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     free(d->retiring);
     evd_expansion_free(&d->x);
     evd_set_free(&d->watched);
+    evd_set_free(&d->durable);
     evd_metrics_free(&d->m);
     cfg_put(d->cfg);
     int lc = uv_loop_close(d->loop);

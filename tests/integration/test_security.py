@@ -122,6 +122,20 @@ class SecurityTest(unittest.TestCase):
         self.exec("INSERT INTO pings VALUES (5, 1) ON CONFLICT (id) DO UPDATE SET n = pings.n + 1")
         wait_until(lambda: self.r.exists("sec:ping_5") == 0, timeout=10, what="next change still works")
 
+    def test_forged_notify_for_a_durable_table_is_refused(self):
+        # pages is watched durably: its capture only rings an empty doorbell. A full change sent
+        # by NOTIFY (any role may NOTIFY) must not delete anything.
+        self.r.set("sec:page_forged", "x")
+        payload = ('{"v":1,"id":null,"schema":"public","table":"pages","op":"UPDATE",'
+                   '"old":{"slug":"forged"},"new":{"slug":"forged"}}')
+        self.exec("SELECT pg_notify('evictd', %s)", (payload,))
+        self.d.wait_log("bad_input", 10, where=lambda rec: rec.get("table") == "public.pages")
+        time.sleep(0.3)
+        self.assertEqual(self.r.get("sec:page_forged"), b"x")
+        # the real capture still works
+        self.exec("INSERT INTO pages VALUES (99, 'forged') ON CONFLICT (id) DO UPDATE SET slug = 'forged'")
+        wait_until(lambda: self.r.exists("sec:page_forged") == 0, timeout=10, what="real change applied")
+
     def test_row_value_star_never_widens(self):
         self.exec("DELETE FROM pages")
         self.exec("INSERT INTO pages VALUES (1, 'a'), (2, 'b')")
