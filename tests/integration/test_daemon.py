@@ -796,6 +796,27 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(d.count("config_rejected", since=since), 0, d.tail())
         self.step(d, "UPDATE products SET stock = 2 WHERE id = 2", [P(2), new2, PL], [new1, P(3)])
 
+    def test_10c_sighup_new_connection_settings_reconnect(self):
+        d = self.start_ready(self.daemon())
+        cfg = copy.deepcopy(d.config)
+        sep = "&" if "?" in cfg["postgres"]["url"] else "?"
+        cfg["postgres"]["url"] += sep + "application_name=evictd_reloaded"
+        cfg["redis"]["default"]["timeout_ms"] = 1500  # a changed target reconnects
+        cfg["log"]["level"] = "debug"                 # log settings apply at once
+        since = d.mark()
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        rec = d.find("config_reloaded", since=since)[-1]
+        self.assertTrue(rec.get("postgres_reconnect"), rec)
+        d.wait_log("connected", 15, since=since, where=lambda r: r.get("conn") == "listen")
+        d.wait_log("connected", 15, since=since, where=lambda r: r.get("conn") == "outbox")
+        d.wait_log("connected", 15, since=since, where=lambda r: r.get("target") == "default")
+        apps = self.q1("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'evictd_reloaded'")
+        self.assertGreaterEqual(apps, 2)
+        self.step(d, "UPDATE products SET stock = 7 WHERE id = 3", [P(3), PL], [P(4)])
+        self.assertGreaterEqual(d.count("change", since=since), 1, d.tail())
+
     # -- 11 ----------------------------------------------------------------------------------
     def check(self, cfg_path):
         p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],

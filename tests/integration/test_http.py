@@ -9,8 +9,6 @@ import sys
 import tempfile
 import time
 import unittest
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Postgres, Redis, evictd_bin, free_port, repo_root, wait_until  # noqa: E402
@@ -22,11 +20,13 @@ INSERT INTO products SELECT g, 0 FROM generate_series(1, 10) g;
 
 
 def get(url, timeout=5):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    """(status, body) of a GET with curl, as an operator or a probe would make it."""
+    p = subprocess.run(["curl", "-sS", "--max-time", str(timeout), "-o", "-", "-w", "\n%{http_code}", url],
+                       capture_output=True, text=True, timeout=timeout + 5)
+    if p.returncode != 0:
+        raise OSError("curl %s: %s" % (url, p.stderr.strip()))
+    body, _, code = p.stdout.rpartition("\n")
+    return int(code), body
 
 
 def metric(text, name, labels=""):
