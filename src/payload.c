@@ -511,7 +511,7 @@ static bool image(parser_t *ps, const evd_image_t **out, int depth, const char *
     evd_image_t *img = arena_alloc(ps->arena, sizeof(*img));
     if (!img)
         return bad(ps, "out of memory");
-    uint32_t cap = 4;
+    uint32_t cap = 2; /* most images hold one or two columns; the array doubles in the arena */
     img->cols = arena_alloc(ps->arena, cap * sizeof(evd_col_t));
     img->ncols = 0;
     if (!img->cols)
