@@ -25,6 +25,7 @@
 #include "rules.h"
 
 #define CLAIM_ROWS 1000
+#define LINGER_MS 1 /* wait after an empty claim before setting the idle flag */
 #define LAG_SAMPLES 8192
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
@@ -132,7 +133,9 @@ struct daemon {
     size_t claim_limit;    /* rows the claim in flight asked for */
     double imgs_per_row;   /* row images per outbox row, moving average */
     uint64_t last_trim;    /* loop time of the last malloc_trim */
+    bool lingered;         /* an empty claim was retried once before setting the idle flag */
     uint64_t changes_at_trim;
+    uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool busy_since_idle;  /* rows found since the idle flag was last set */
     bool idle;             /* the flag is set and the last claim found nothing */
     bool want_drain;       /* a doorbell arrived while a claim was running */
@@ -243,6 +246,7 @@ static void unit_free(unit_t *u)
     for (size_t i = 0; i < u->nrecs; i++)
         rec_free(u->recs[i]);
     d->pending -= u->weight;
+    d->images_done += u->weight;
     free(u->recs);
     evd_buf_free(&u->dl);
     evd_buf_free(&u->dl_bad);
@@ -935,9 +939,9 @@ static void trim_heap(daemon_t *d)
 {
 #ifdef __GLIBC__
     uint64_t now = uv_now(d->loop);
-    if (d->pending == 0 && d->t_changes - d->changes_at_trim > 1000 && now - d->last_trim >= 1000) {
+    if (d->pending == 0 && d->images_done - d->changes_at_trim > 1000 && now - d->last_trim >= 1000) {
         d->last_trim = now;
-        d->changes_at_trim = d->t_changes;
+        d->changes_at_trim = d->images_done;
         malloc_trim(0);
     }
 #else
@@ -979,9 +983,18 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         }
         if (d->opts.dry_run || d->idle)
             goto idle;
+        if (d->busy_since_idle && !d->lingered) {
+            /* Look once more after a moment before saying we are idle: under steady load a
+             * row arrives within it, and every doorbell rung costs the writers a NOTIFY
+             * (PostgreSQL serialises the commits of notifying transactions). */
+            d->lingered = true;
+            uv_timer_start(&d->poll_timer, on_poll_timer, LINGER_MS, 0);
+            return;
+        }
         if (d->busy_since_idle) {
             /* Say we are idle, then look once more so nothing slips between. */
             d->busy_since_idle = false;
+            d->lingered = false;
             if (evd_pg_query(d->claimc, SQL_IDLE, 0, NULL, false, idle_set, d) == 0)
                 return;
         }
@@ -997,6 +1010,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     }
     d->idle = false;
     d->busy_since_idle = true;
+    d->lingered = false;
     unit_t *u = unit_new(d, true);
     if (!u) {
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
