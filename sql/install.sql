@@ -26,8 +26,18 @@
 --   durable:     evictd_insert / evictd_update / evictd_delete: AFTER ... FOR EACH STATEMENT
 --                with transition tables (evictd_old / evictd_new), evictd_truncate:
 --                AFTER TRUNCATE FOR EACH STATEMENT. Each statement writes its row images
---                in chunks of at most 500 (fewer for images over 2 KiB: about 1 MiB) per
---                outbox row, then rings the doorbell if evictd is idle.
+--                in chunks of at most 500 per outbox row (a chunk closes early past about
+--                1 MiB of images), then rings the doorbell if evictd is idle. A statement
+--                that touched one row (the common write) costs one INSERT ... SELECT: it reads
+--                the row from the transition table(s), pairs it, renders the payload with
+--                format() (the table's names are baked in and checked) and takes the outbox id.
+--                Any other statement streams its images through a plpgsql loop that inserts a
+--                chunk every 500 images and at the end. The images are the text that
+--                json_build_object() would give, rendered per column type when generated.
+--                The function is SECURITY DEFINER with search_path pinned to pg_catalog,
+--                pg_temp; it reads the idle flag with pg_sequence_last_value() and takes an
+--                outbox id, txid_current() and clock_timestamp() only when the statement
+--                touched a row. (tests/bench/trigger_cost.sh measures what it costs a writer.)
 --   notify-only: evictd_insert / evictd_update / evictd_delete: AFTER ... FOR EACH ROW,
 --                evictd_truncate as above; each row is one NOTIFY carrying the change
 --                (a "ref" payload when the change would reach 8000 bytes).
@@ -129,6 +139,136 @@ BEGIN
 END
 $$;
 
+-- The durable capture renders row images as text with format(): for `columns` read
+-- through `alias`, keys[i] is '"column" : %s' (the column name as a JSON string, % doubled
+-- for format()) and args[i] an SQL expression whose text is the column's JSON value, never
+-- NULL: the rendering json_build_object() gives (see _image_expr), built without its per-call
+-- type lookups. A primary key column of an integer type is passed as it is (format() prints
+-- it with the type's output function; it cannot be NULL); other integers become their text
+-- or null, booleans true/false/null, numeric/real/double precision a JSON string of their
+-- text form (which needs no escaping) or null, anything else to_json() or null.
+CREATE OR REPLACE FUNCTION evictd._image_parts(tbl regclass, columns text[], pk text[], alias text,
+                                               OUT keys text[], OUT args text[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(pg_catalog.replace(pg_catalog.to_json(a.attname::text)::text, '%', '%%') || ' : %s'
+                              ORDER BY u.ord), '{}'),
+           coalesce(array_agg(
+               CASE WHEN t.base IN ('pg_catalog.int2'::regtype, 'pg_catalog.int4'::regtype, 'pg_catalog.int8'::regtype)
+                         AND a.attname = ANY (pk)
+                    THEN pg_catalog.format('%s.%I', alias, a.attname)
+                    WHEN t.base IN ('pg_catalog.int2'::regtype, 'pg_catalog.int4'::regtype, 'pg_catalog.int8'::regtype)
+                    THEN pg_catalog.format('coalesce((%s.%I)::pg_catalog.text, ''null'')', alias, a.attname)
+                    WHEN t.base = 'pg_catalog.bool'::regtype
+                    THEN pg_catalog.format('CASE WHEN %1$s.%2$I THEN ''true'' WHEN NOT %1$s.%2$I THEN ''false'' ELSE ''null'' END',
+                                           alias, a.attname)
+                    WHEN t.base IN ('pg_catalog.numeric'::regtype, 'pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype)
+                    THEN pg_catalog.format('coalesce(''"'' || (%s.%I)::pg_catalog.text || ''"'', ''null'')', alias, a.attname)
+                    ELSE pg_catalog.format('coalesce((pg_catalog.to_json(%s.%I))::pg_catalog.text, ''null'')', alias, a.attname)
+               END ORDER BY u.ord), '{}')
+      FROM pg_catalog.unnest(columns) WITH ORDINALITY AS u(col, ord)
+      JOIN pg_catalog.pg_attribute a
+        ON a.attrelid = tbl AND a.attname = u.col AND a.attnum > 0 AND NOT a.attisdropped
+     CROSS JOIN LATERAL (SELECT evictd._base_type(a.atttypid) AS base) AS t
+$$;
+
+-- SQL expression for pg_catalog.format(fmt, args...) (or the literal it gives when there are no args).
+CREATE OR REPLACE FUNCTION evictd._format_call(fmt text, args text[]) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN cardinality(args) = 0 THEN quote_literal(replace(fmt, '%%', '%'))
+                ELSE format('pg_catalog.format(%L, %s)', fmt, array_to_string(args, ', ')) END
+$$;
+
+-- SQL expression for prefix || <JSON image from _image_parts> || suffix: one format() call
+-- per 90 columns (format() takes at most 100 arguments), joined with ||.
+CREATE OR REPLACE FUNCTION evictd._image_sql(keys text[], args text[], prefix text, suffix text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_n      int := cardinality(keys);
+    v_last   int := (cardinality(keys) - 1) / 90;
+    v_pieces text[] := '{}';
+    v_i      int;
+BEGIN
+    IF v_n = 0 THEN
+        RETURN quote_literal(prefix || '{}' || suffix);
+    END IF;
+    FOR v_i IN 0 .. v_last LOOP
+        v_pieces := v_pieces || evictd._format_call(
+            CASE WHEN v_i = 0 THEN replace(prefix, '%', '%%') || '{' ELSE ', ' END
+            || array_to_string(keys[v_i * 90 + 1 : v_i * 90 + 90], ', ')
+            || CASE WHEN v_i = v_last THEN '}' || replace(suffix, '%', '%%') ELSE '' END,
+            args[v_i * 90 + 1 : v_i * 90 + 90]);
+    END LOOP;
+    RETURN array_to_string(v_pieces, ' || ');
+END
+$$;
+
+-- Durable capture, a statement that touched exactly one row (the common single-row write):
+-- one INSERT ... SELECT reads the row's image(s) from the transition table(s), takes an outbox
+-- id and writes the chunk. It writes nothing when the statement touched no row or more than
+-- one (the gate: a second row exists; for UPDATE old and new have as many rows) or when the
+-- table's name is no longer the one baked into the payload (guard); the caller then takes
+-- the general path (_chunk_sql). sub_cols are the subquery's columns after its id (nextval,
+-- evaluated once per row of the subquery: once), rows_fmt/rows_args the format() text and
+-- arguments of the "rows" array's content, over x.
+CREATE OR REPLACE FUNCTION evictd._fast_sql(op text, names text, guard text, gate text, from_clause text,
+                                            sub_cols text[], rows_fmt text, rows_args text[]) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format($f$
+        INSERT INTO evictd.outbox (id, payload)
+        SELECT x.id, pg_catalog.format(%1$L,
+                                       %2$s)
+          FROM (SELECT %3$s
+                  FROM %4$s
+                 WHERE NOT EXISTS (SELECT FROM %5$s OFFSET 1) AND %6$s) AS x;$f$,
+        '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, ' || names || ', "op" : "' || op || '", "rows" : [' || rows_fmt || ']}',
+        array_to_string(ARRAY['x.id', 'pg_catalog.txid_current()',
+                              'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'] || rows_args, ', '),
+        array_to_string(ARRAY['pg_catalog.nextval(''evictd.outbox_id_seq''::pg_catalog.regclass) AS id'] || sub_cols, ', '),
+        from_clause, gate, guard)
+$$;
+
+-- Durable capture after the one-row INSERT (_fast_sql): when it wrote the chunk and evictd
+-- is not idle, return (the common case costs one expression); when it wrote nothing, take
+-- the general path: stream the statement's images (query: one text column) and write them
+-- in chunks of at most chunk_rows, a chunk closing early when the next image would take it
+-- past chunk_bytes (a chunk holds at least one image); return early, writing and ringing
+-- nothing, when the statement touched no row. Else the caller's doorbell follows.
+CREATE OR REPLACE FUNCTION evictd._chunk_sql(op text, chunk_rows int, chunk_bytes int, query text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT format($f$
+        IF FOUND AND pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) IS DISTINCT FROM 1 THEN
+            RETURN NULL;
+        END IF;
+        IF NOT FOUND THEN
+            FOR v_img IN %1$s LOOP
+                IF v_k = %3$s OR (v_k > 0 AND v_len + pg_catalog.octet_length(v_img) > %4$s) THEN%2$s
+                    v_k := 0;
+                    v_len := 0;
+                END IF;
+                v_k := v_k + 1;
+                v_buf[v_k] := v_img;
+                v_len := v_len + pg_catalog.octet_length(v_img);
+            END LOOP;
+            IF v_k > 0 THEN%2$s
+            END IF;
+            IF v_n = 0 THEN
+                RETURN NULL;
+            END IF;
+        END IF;$f$,
+        query,
+        format($f$
+                    v_id := pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass);
+                    INSERT INTO evictd.outbox (id, payload)
+                    VALUES (v_id, pg_catalog.format(%1$L,
+                                                    v_id, pg_catalog.txid_current(), %2$s,
+                                                    pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME),
+                                                    pg_catalog.array_to_string(v_buf[1:v_k], ', ')));
+                    v_n := v_n + 1;$f$,
+            '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "' || op || '", "rows" : [%s]}',
+            'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'),
+        chunk_rows, chunk_bytes)
+$$;
+
 -- Drop capture functions (of those given) that no trigger calls any more.
 CREATE OR REPLACE FUNCTION evictd._drop_orphans(fns oid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -149,10 +289,10 @@ $$;
 CREATE OR REPLACE FUNCTION evictd._generate(tbl regclass, with_triggers bool) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $gen$
 DECLARE
-    -- Row images per outbox row: at most c_chunk_rows (500), fewer when the statement's
-    -- largest image is big: least(500, c_chunk_bytes / largest image), at least 1, so
-    -- a chunk stays near c_chunk_bytes and a mass update of wide rows cannot build one
-    -- huge payload. Ordinary rows (under 2 KiB of captured JSON) give exactly 500.
+    -- Row images per outbox row: at most c_chunk_rows (500); a chunk closes early when
+    -- the next image would take it past c_chunk_bytes (it holds at least one image), so a
+    -- mass update of wide rows cannot build one huge payload. Ordinary rows (under 2 KiB
+    -- of captured JSON) give chunks of exactly 500.
     c_chunk_rows  CONSTANT int := 500;
     c_chunk_bytes CONSTANT int := 1048576;
     -- NOTIFY payloads must stay below 8000 bytes.
@@ -163,8 +303,24 @@ DECLARE
     v_fn       text := format('evictd.%I', 'capture_' || tbl::oid);
     v_head     text;
     v_pk       text[];
-    v_pairs    text;
-    v_chunked  text;
+    v_okeys    text[];
+    v_oargs    text[];
+    v_nkeys    text[];
+    v_nargs    text[];
+    v_oimg     text;
+    v_nimg     text;
+    v_ocols    text[];
+    v_ncols    text[];
+    v_orefs    text[];
+    v_nrefs    text[];
+    v_names    text;
+    v_guard    text;
+    v_inline   bool;
+    v_pkeq     text;
+    v_sep      text;
+    v_upd      text;
+    v_ins      text;
+    v_del      text;
     v_body     text;
     v_trg      record;
     v_old_fns  oid[];
@@ -202,69 +358,116 @@ BEGIN
          CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
          WHERE i.indrelid = tbl AND i.indisprimary AND k.ord <= i.indnkeyatts;
+        SELECT p.keys, p.args INTO v_okeys, v_oargs FROM evictd._image_parts(tbl, v_cols, v_pk, 'o_') AS p;
+        SELECT p.keys, p.args INTO v_nkeys, v_nargs FROM evictd._image_parts(tbl, v_cols, v_pk, 'n_') AS p;
+        -- The one-row path bakes the table's current names into its payload and checks them
+        -- at run time (a table renamed without this function being regenerated takes the
+        -- general path, which reads them at run time).
+        SELECT replace(format('"schema" : %s, "table" : %s', to_json(n.nspname::text), to_json(c.relname::text)), '%', '%%'),
+               format('TG_TABLE_NAME = %L AND TG_TABLE_SCHEMA = %L', c.relname, n.nspname)
+          INTO v_names, v_guard
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = tbl;
+        -- An image's format() text ({"col" : %s, ...}) and, for the one-row INSERT, the
+        -- subquery columns holding its arguments and their references from the outer query.
+        v_oimg := '{' || array_to_string(v_okeys, ', ') || '}';
+        v_nimg := '{' || array_to_string(v_nkeys, ', ') || '}';
+        v_ocols := ARRAY(SELECT format('%s AS o%s', a, i) FROM unnest(v_oargs) WITH ORDINALITY AS u(a, i));
+        v_ncols := ARRAY(SELECT format('%s AS n%s', a, i) FROM unnest(v_nargs) WITH ORDINALITY AS u(a, i));
+        v_orefs := ARRAY(SELECT 'x.o' || i FROM generate_series(1, cardinality(v_oargs)) AS i);
+        v_nrefs := ARRAY(SELECT 'x.n' || i FROM generate_series(1, cardinality(v_nargs)) AS i);
+        -- The images' values are arguments of the payload's format() when they fit in its 100
+        -- arguments (head: format text, id, tx, ts); else each image is one expression (_image_sql).
+        v_inline := 4 + 2 * cardinality(v_oargs) + 1 <= 100;
 
-        -- %1$s: the SELECT producing one JSON "img" per row image; numbers the images,
-        -- groups them into chunks, takes an outbox id per chunk (MATERIALIZED: nextval
-        -- runs exactly once per chunk, in chunk order) and inserts one outbox row each.
-        v_chunked := format($c$
-        WITH c AS MATERIALIZED (
-            SELECT pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass) AS id, g.rows
-              FROM (SELECT pg_catalog.json_agg(s.img) AS rows, s.chunk
-                      FROM (SELECT x.img,
-                                   (pg_catalog.row_number() OVER w - 1)
-                                   / GREATEST(1, LEAST(%2$s, %3$s / pg_catalog.max(pg_catalog.octet_length((x.img)::pg_catalog.text)) OVER w)) AS chunk
-                              FROM (%1$s) AS x
-                            WINDOW w AS ()) AS s
-                     GROUP BY s.chunk
-                     ORDER BY s.chunk) AS g)
-        INSERT INTO evictd.outbox (id, payload)
-        SELECT c.id, (pg_catalog.json_build_object(%4$s, 'rows', c.rows))::pg_catalog.text FROM c;
-        GET DIAGNOSTICS v_n = ROW_COUNT;$c$,
-            '%1$s', c_chunk_rows, c_chunk_bytes, format(v_head, 'c.id'));
-
+        -- UPDATE: pair old and new by primary key; without one, images come unpaired.
         IF v_pk IS NOT NULL THEN
-            v_pairs := format(
-                'SELECT CASE WHEN o_.%1$I IS NULL THEN pg_catalog.json_build_object(''new'', %2$s)'
-                '            WHEN n_.%1$I IS NULL THEN pg_catalog.json_build_object(''old'', %3$s)'
-                '            ELSE pg_catalog.json_build_object(''old'', %3$s, ''new'', %2$s) END AS img'
-                '  FROM evictd_old AS o_ FULL JOIN evictd_new AS n_ ON %4$s',
-                v_pk[1], evictd._image_expr(tbl, v_cols, 'n_'), evictd._image_expr(tbl, v_cols, 'o_'),
-                (SELECT string_agg(format('o_.%1$I = n_.%1$I', k), ' AND ') FROM unnest(v_pk) AS k));
+            v_pkeq := (SELECT string_agg(format('o_.%1$I = n_.%1$I', k), ' AND ') FROM unnest(v_pk) AS k);
+            v_sep := $s$CASE WHEN x.p THEN ', "new" : ' ELSE '}, {"new" : ' END$s$;
+            v_upd := CASE WHEN v_inline
+                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
+                         format('(%s) AS p', v_pkeq) || v_ocols || v_ncols,
+                         '{"old" : ' || v_oimg || '%s' || v_nimg || '}', v_orefs || v_sep || v_nrefs)
+                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
+                         ARRAY[format('(%s) AS p', v_pkeq), evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
+                               evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
+                         '{"old" : %s%s%s}', ARRAY['x.oi', v_sep, 'x.ni']) END
+                || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
+                       'SELECT CASE WHEN o_.%1$I IS NULL THEN %2$s WHEN n_.%1$I IS NULL THEN %3$s ELSE %4$s END'
+                       '  FROM evictd_old AS o_ FULL JOIN evictd_new AS n_ ON %5$s',
+                       v_pk[1], evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}'),
+                       evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}'),
+                       CASE WHEN 1 + 2 * cardinality(v_oargs) <= 100
+                            THEN evictd._format_call('{"old" : ' || v_oimg || ', "new" : ' || v_nimg || '}', v_oargs || v_nargs)
+                            ELSE evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '') || ' || '
+                                 || evictd._image_sql(v_nkeys, v_nargs, ', "new" : ', '}') END,
+                       v_pkeq));
         ELSE
-            v_pairs := format(
-                'SELECT pg_catalog.json_build_object(''old'', %1$s) AS img FROM evictd_old AS o_'
-                ' UNION ALL '
-                'SELECT pg_catalog.json_build_object(''new'', %2$s) AS img FROM evictd_new AS n_',
-                evictd._image_expr(tbl, v_cols, 'o_'), evictd._image_expr(tbl, v_cols, 'n_'));
+            v_upd := CASE WHEN v_inline
+                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
+                         v_ocols || v_ncols, '{"old" : ' || v_oimg || '}, {"new" : ' || v_nimg || '}', v_orefs || v_nrefs)
+                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
+                         ARRAY[evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
+                               evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
+                         '{"old" : %s}, {"new" : %s}', ARRAY['x.oi', 'x.ni']) END
+                || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
+                       'SELECT %s FROM evictd_old AS o_ UNION ALL SELECT %s FROM evictd_new AS n_',
+                       evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}'),
+                       evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}')));
         END IF;
 
+        -- INSERT (new images) and DELETE (old images).
+        v_inline := 4 + cardinality(v_nargs) <= 100;
+        v_ins := CASE WHEN v_inline
+                THEN evictd._fast_sql('INSERT', v_names, v_guard, 'evictd_new', 'evictd_new AS n_',
+                         v_ncols, '{"new" : ' || v_nimg || '}', v_nrefs)
+                ELSE evictd._fast_sql('INSERT', v_names, v_guard, 'evictd_new', 'evictd_new AS n_',
+                         ARRAY[evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}') || ' AS img'], '%s', ARRAY['x.img']) END
+            || evictd._chunk_sql('INSERT', c_chunk_rows, c_chunk_bytes,
+                   format('SELECT %s FROM evictd_new AS n_', evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}')));
+        v_del := CASE WHEN v_inline
+                THEN evictd._fast_sql('DELETE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_',
+                         v_ocols, '{"old" : ' || v_oimg || '}', v_orefs)
+                ELSE evictd._fast_sql('DELETE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_',
+                         ARRAY[evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}') || ' AS img'], '%s', ARRAY['x.img']) END
+            || evictd._chunk_sql('DELETE', c_chunk_rows, c_chunk_bytes,
+                   format('SELECT %s FROM evictd_old AS o_', evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}')));
+
+        -- UPDATE is tested first (the dispatch costs it one comparison). Queries
+        -- qualify every column (o_., n_., x.); use_variable keeps a watched column named like
+        -- TG_TABLE_NAME or v_id from making the guard or a chunk ambiguous (an error, a failed write).
         v_body := format($b$
+#variable_conflict use_variable
 DECLARE
-    v_n pg_catalog.int8 := 0;
+    v_n   pg_catalog.int8 := 0;   -- outbox rows written by the general path
+    v_k   pg_catalog.int4 := 0;   -- images in the chunk being built ...
+    v_len pg_catalog.int8 := 0;   -- ... their bytes ...
+    v_buf pg_catalog.text[];      -- ... and the images, 1 .. v_k
+    v_img pg_catalog.text;
+    v_id  pg_catalog.int8;
 BEGIN
-    IF TG_OP = 'INSERT' THEN%1$s
-    ELSIF TG_OP = 'UPDATE' THEN%2$s
+    IF TG_OP = 'UPDATE' THEN%1$s
+    ELSIF TG_OP = 'INSERT' THEN%2$s
     ELSIF TG_OP = 'DELETE' THEN%3$s
     ELSIF TG_OP = 'TRUNCATE' THEN
-        v_n := pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass);
+        v_id := pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass);
         INSERT INTO evictd.outbox (id, payload)
-        VALUES (v_n, (pg_catalog.json_build_object(%4$s))::pg_catalog.text);
-        v_n := 1;
+        VALUES (v_id, pg_catalog.format(%4$L, v_id, pg_catalog.txid_current(), %5$s,
+                                        pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME)));
+    ELSE
+        RETURN NULL;
     END IF;
     -- Doorbell: evictd is idle (drained the outbox and waits); wake it once.
-    IF v_n > 0 AND (SELECT s.last_value FROM evictd.idle AS s) = 1 THEN
+    IF pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) = 1 THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);
-        PERFORM pg_catalog.pg_notify(%5$L, '');
+        PERFORM pg_catalog.pg_notify(%6$L, '');
     END IF;
     RETURN NULL;
 END
 $b$,
-            format(v_chunked, format('SELECT pg_catalog.json_build_object(''new'', %s) AS img FROM evictd_new AS n_',
-                                     evictd._image_expr(tbl, v_cols, 'n_'))),
-            format(v_chunked, v_pairs),
-            format(v_chunked, format('SELECT pg_catalog.json_build_object(''old'', %s) AS img FROM evictd_old AS o_',
-                                     evictd._image_expr(tbl, v_cols, 'o_'))),
-            format(v_head, 'v_n'),
+            v_upd, v_ins, v_del,
+            '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "TRUNCATE"}',
+            'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)',
             w.channel);
     ELSE
         v_body := format($b$

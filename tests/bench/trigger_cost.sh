@@ -80,6 +80,7 @@ PGBENCH_BIN=$BIN/pgbench; [[ -x $PGBENCH_BIN ]] || PGBENCH_BIN=$(command -v pgbe
 WORK=$(mktemp -d /tmp/evictd-trigcost-XXXXXX)
 DATA=$WORK/data
 RUNNING=0
+CHILD=""
 as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [[ $(id -u) -eq 0 ]] && chown postgres: "$WORK"
 chmod 700 "$WORK"
@@ -87,6 +88,10 @@ chmod 700 "$WORK"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [[ -n $CHILD ]]; then
+        kill "$CHILD" 2>/dev/null || true
+        wait "$CHILD" 2>/dev/null || true
+    fi
     if [[ $RUNNING -eq 1 ]]; then
         if ! as_pg timeout 60 "$BIN/pg_ctl" stop -D "$DATA" -m fast -w -t 30 >/dev/null 2>&1; then
             local pid
@@ -188,9 +193,15 @@ run_pgbench() {  # run_pgbench MODE: sets LAST_TPS
     q "VACUUM products" >/dev/null
     q "VACUUM bench_outbox" >/dev/null
     q "CHECKPOINT" >/dev/null
-    local out tps xacts rows
-    out=$(timeout $((SECS + 120)) "$PGBENCH_BIN" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 8 -j 2 -T "$SECS" \
-              -M prepared -f "$SCRIPT" postgres 2>&1) || { echo "$out" >&2; die "pgbench failed ($1)"; }
+    local out tps xacts rows rc=0
+    # In the background and waited for, so that ^C / TERM interrupt at once (cleanup stops it).
+    timeout $((SECS + 120)) "$PGBENCH_BIN" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 8 -j 2 -T "$SECS" \
+        -M prepared -f "$SCRIPT" postgres >"$WORK/pgbench.out" 2>&1 &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    out=$(cat "$WORK/pgbench.out")
+    [[ $rc -eq 0 ]] || { echo "$out" >&2; die "pgbench failed ($1)"; }
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' <<< "$out")
     xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<< "$out")
     [[ -n $tps && -n $xacts ]] || { echo "$out" >&2; die "no tps in pgbench output"; }

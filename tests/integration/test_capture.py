@@ -407,6 +407,84 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual(list(img.keys()), ["id"] + ["c%02d" % i for i in range(60, 0, -1)])
         self.assertEqual([img["c%02d" % i] for i in range(1, 61)], [i * 10 for i in range(1, 61)])
 
+    def test_rendering_matches_json_build_object(self):
+        """The durable capture renders images itself (format(), per column type); on every path it
+        writes (one-row, many-row, >100 format() arguments, a renamed table, columns named like
+        its variables) each image must equal what json_build_object() gives for the row."""
+        wide = ", ".join("w%03d int" % i for i in range(1, 121))
+        self.q("CREATE TABLE typed (id bigint PRIMARY KEY, s smallint, i int, b bigint, n numeric, f4 real, "
+               "f8 double precision, ok bool, t text, j json, jb jsonb, ts timestamptz, u uuid, a int[], "
+               "v_id int, tg_table_name text, d date, %s); GRANT ALL ON typed TO app" % wide)
+        cols = ["id", "s", "i", "b", "n", "f4", "f8", "ok", "t", "j", "jb", "ts", "u", "a", "v_id",
+                "tg_table_name", "d"] + ["w%03d" % i for i in range(1, 121)]
+        try:
+            self.q("SELECT evictd.watch('typed', %s)", (cols,))
+            expr = self.q("SELECT evictd._image_expr('typed', %s, 'x')", (cols,))[0][0]
+
+            def expected(where):
+                return [json.loads(r[0]) for r in self.q(
+                    "SELECT (%s)::text FROM typed AS x WHERE %s ORDER BY x.id" % (expr, where))]
+
+            values = ("(%d, -3, NULL, 9007199254740993, 12.500, 'NaN', '-Infinity', NULL, "
+                      "E'q\"uo%%s\\\\te\\n\u00e9\u20ac \x01', '{\"k\": [1, 2.50]}', '{\"b\": 1, \"a\": null}', "
+                      "'2024-02-29 12:00:00+00', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{1,NULL,3}', 7, "
+                      "'%%%%', 'infinity', %s)")
+            row = lambda k: values % (k, ", ".join(str(k * 1000 + i) for i in range(1, 121)))
+
+            def images(op, side):
+                out = []
+                for _, p in self.outbox():
+                    self.assertEqual((p["table"], p["op"]), ("typed", op))
+                    out += [r[side] for r in p["rows"]]
+                self.q("DELETE FROM evictd.outbox")
+                return sorted(out, key=lambda img: img["id"])
+
+            # one row (the one-row path), then three (the general path)
+            self.app_exec("INSERT INTO typed VALUES %s" % row(1))
+            self.assertEqual(images("INSERT", "new"), expected("x.id = 1"))
+            self.app_exec("INSERT INTO typed VALUES %s" % ", ".join(row(k) for k in (2, 3, 4)))
+            self.assertEqual(images("INSERT", "new"), expected("x.id IN (2, 3, 4)"))
+            old = expected("true")
+            self.app_exec("UPDATE typed SET t = t || '!', n = NULL, ok = NOT coalesce(ok, false) WHERE id = 1")
+            (_, p), = self.outbox()
+            self.assertEqual(p["rows"], [{"old": old[0], "new": expected("x.id = 1")[0]}])
+            self.q("DELETE FROM evictd.outbox")
+            self.app_exec("UPDATE typed SET w120 = -w120, f4 = 0.1")
+            new = expected("true")
+            chunk = self.outbox()
+            self.assertEqual(len(chunk), 1)
+            rows = sorted(chunk[0][1]["rows"], key=lambda r: r["old"]["id"])
+            self.assertEqual([r["new"] for r in rows], new)
+            self.assertEqual([r["old"] for r in rows][1:], old[1:])
+            self.q("DELETE FROM evictd.outbox")
+            # a renamed table: the payload names it as it is now
+            self.q("ALTER TABLE typed RENAME TO typed2")
+            self.app_exec("DELETE FROM typed2 WHERE id = 4")
+            (_, p), = self.outbox()
+            self.assertEqual((p["table"], p["op"]), ("typed2", "DELETE"))
+            self.assertEqual(p["rows"], [{"old": new[3]}])
+            self.q("DELETE FROM evictd.outbox")
+            self.app_exec("DELETE FROM typed2 WHERE id < 3")
+            (_, p), = self.outbox()
+            self.assertEqual((p["table"], p["op"]), ("typed2", "DELETE"))
+            self.assertEqual(sorted((r["old"] for r in p["rows"]), key=lambda img: img["id"]), new[:2])
+        finally:
+            self.q("DROP TABLE IF EXISTS typed; DROP TABLE IF EXISTS typed2; DELETE FROM evictd.watches "
+                   "WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = tbl)")
+
+    def test_chunks_close_near_one_mebibyte(self):
+        """Wide images: a chunk closes before it would pass ~1 MiB of images (at least one each)."""
+        self.app_exec("INSERT INTO products (name) SELECT repeat('x', 3000) FROM generate_series(1, 1000)")
+        chunks = self.outbox()
+        self.assertEqual(sum(len(p["rows"]) for _, p in chunks), 1000)
+        self.assertGreater(len(chunks), 2)
+        for _, p in chunks:
+            self.assertLessEqual(len(json.dumps(p["rows"])), 1048576 + 4096)
+        self.assertEqual(len({r["new"]["id"] for _, p in chunks for r in p["rows"]}), 1000)
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("UPDATE products SET name = repeat('y', 600000) WHERE id IN (SELECT id FROM products ORDER BY id LIMIT 4)")
+        self.assertEqual([len(p["rows"]) for _, p in self.outbox()], [1, 1, 1, 1])
+
     # -- the idle flag / doorbell -----------------------------------------
     def test_idle_flag_doorbell(self):
         lc = self.listen("evictd")
