@@ -25,18 +25,24 @@
 #include "rules.h"
 
 #define CLAIM_ROWS 1000
-#define LINGER_MS 1 /* wait after an empty claim before setting the idle flag */
+#define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
+#define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
 #define LAG_SAMPLES 8192
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
-static const char SQL_BEGIN[] = "BEGIN";
 static const char SQL_COMMIT[] = "COMMIT";
-static const char SQL_CLAIM[] =
-    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2::bigint[]) "
-    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED";
+/* Set up once per connection of "outbox": claims and acks are then one round trip each
+ * (BEGIN + claim, delete + COMMIT), sent as one simple query whose only parameters are ids
+ * and counts that evictd prints itself. The acks do not wait for their WAL flush: an ack lost
+ * in a crash only brings its rows back, and deleting their keys again is harmless. */
+static const char SQL_CLAIM_SETUP[] =
+    "SET synchronous_commit = off; "
+    "PREPARE evictd_claim(bigint, bigint[], int) AS "
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) "
+    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED; "
+    "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
 static const char SQL_PEEK[] =
     "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
-static const char SQL_ACK[] = "DELETE FROM evictd.outbox WHERE id = ANY($1::bigint[])";
 /* A claim that was released (retry backoff) acks only rows no other replica has locked. */
 static const char SQL_ACK_RELEASED[] =
     "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
@@ -55,6 +61,18 @@ typedef struct cfgref {
 
 typedef struct daemon daemon_t;
 typedef struct unit unit_t;
+
+/* A connection that claims and acknowledges outbox rows. There are two: while one's batch is
+ * in flight (its transaction open), the other can claim the next rows. One claim query runs at
+ * a time. */
+typedef struct claimer {
+    daemon_t *d;
+    evd_pg_t *pg;
+    unit_t *open;          /* the unit whose transaction is open on pg */
+    bool setup;            /* SQL_CLAIM_SETUP succeeded (or is queued) on this connection */
+} claimer_t;
+
+#define NCLAIMERS 2
 
 /* One change in memory: its parse, its keys per target and its jobs. */
 typedef struct rec {
@@ -77,6 +95,7 @@ struct unit {
     daemon_t *d;
     cfgref_t *cfg;
     bool claim;            /* outbox rows: ack when done */
+    claimer_t *cl;         /* the connection that claimed them */
     bool in_tx;            /* the claim's transaction is still open */
     bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
     rec_t **recs;
@@ -112,7 +131,10 @@ struct daemon {
     evd_run_opts_t opts;
     cfgref_t *cfg;
     evd_pg_t *listen;
-    evd_pg_t *claimc;
+    evd_pg_t *claimc;      /* cl[0].pg: also reads evictd.watches and the backlog */
+    claimer_t cl[NCLAIMERS];
+    claimer_t *claim_cl;   /* the claimer of the claim in flight */
+    size_t claim_turn;     /* the claimer to try first next time */
     evd_pg_t *lookupc;
     target_t *targets;     /* per current config target */
     size_t ntargets;
@@ -128,12 +150,14 @@ struct daemon {
 
     /* outbox claiming */
     bool claiming;         /* a claim query is in flight */
-    unit_t *open_claim;    /* the unit whose transaction is open */
     int64_t cursor;
     size_t claim_limit;    /* rows the claim in flight asked for */
     double imgs_per_row;   /* row images per outbox row, moving average */
     uint64_t last_trim;    /* loop time of the last malloc_trim */
     bool lingered;         /* an empty claim was retried once before setting the idle flag */
+    uint64_t claim_sent;   /* uv_hrtime() when the claim in flight was sent */
+    uint64_t last_rows_at; /* uv_hrtime() of the last claim that found rows */
+    double rows_per_ms;    /* outbox rows found per ms lately (moving average) */
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool busy_since_idle;  /* rows found since the idle flag was last set */
@@ -329,12 +353,19 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
 
 /* ---------------------------------------------------------------- acks and unit completion */
 
+static void begin_done(const PGresult *res, const char *err, void *arg);
+
 static void after_ack(const PGresult *res, const char *err, void *arg)
 {
     unit_t *u = arg;
-    if (!res)
-        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
     daemon_t *d = u->d;
+    if (!res) {
+        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
+        /* A failed delete skips the COMMIT after it: end the aborted transaction (its rows
+         * stay in the outbox and are claimed again). */
+        if (u->in_tx && evd_pg_query(u->cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+            EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+    }
     unit_free(u);
     maybe_drain(d);
 }
@@ -354,33 +385,38 @@ static void ids_param(unit_t *u, evd_buf_t *b)
     (void)rc;
 }
 
-static void ack_step_done(const PGresult *res, const char *err, void *arg);
 
 /* Sends DELETE (+ COMMIT when the claim's transaction is open). */
 static void unit_send_ack(unit_t *u)
 {
     daemon_t *d = u->d;
     if (!u->claim || d->opts.dry_run) {
-        if (d->open_claim == u)
-            d->open_claim = NULL;
+        if (u->cl && u->cl->open == u)
+            u->cl->open = NULL;
         unit_free(u);
         maybe_drain(d);
         return;
     }
     evd_buf_t ids = {0};
-    ids_param(u, &ids);
-    const char *params[1] = {ids.data};
     int rc;
     if (u->in_tx) {
-        rc = evd_pg_query(d->claimc, SQL_ACK, 1, params, true, ack_step_done, NULL);
-        if (rc == 0)
-            rc = evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, after_ack, u);
+        rc = evd_buf_puts(&ids, "EXECUTE evictd_ack('");
+        ids_param(u, &ids);
+        rc = rc == 0 ? evd_buf_puts(&ids, "'); COMMIT") : rc;
+        rc = rc == 0 ? evd_pg_query(u->cl->pg, ids.data, 0, NULL, false, after_ack, u) : rc;
     } else {
-        rc = evd_pg_query(d->claimc, SQL_ACK_RELEASED, 1, params, true, after_ack, u);
+        ids_param(u, &ids);
+        const char *params[1] = {ids.data};
+        rc = evd_pg_query(u->cl->pg, SQL_ACK_RELEASED, 1, params, true, after_ack, u);
     }
     evd_buf_free(&ids);
-    if (d->open_claim == u)
-        d->open_claim = NULL;
+    if (u->cl->open == u)
+        u->cl->open = NULL;
+    if (rc == 0) {
+        /* The next claim queues behind the ack and goes as soon as it is done. */
+        maybe_drain(d);
+        return;
+    }
     if (rc < 0) {
         /* Not connected: the rows stay in the outbox and are claimed again (deletes are
          * idempotent, so repeating them is harmless). */
@@ -389,13 +425,6 @@ static void unit_send_ack(unit_t *u)
         unit_free(u);
         maybe_drain(d);
     }
-}
-
-static void ack_step_done(const PGresult *res, const char *err, void *arg)
-{
-    (void)res;
-    (void)err;
-    (void)arg;
 }
 
 static void dl_written(int status, void *arg)
@@ -850,12 +879,12 @@ static void update_pause(daemon_t *d)
 static void release_claim(unit_t *u)
 {
     daemon_t *d = u->d;
-    if (!u->in_tx || d->open_claim != u)
+    if (!u->in_tx || u->cl->open != u)
         return;
     u->in_tx = false;
     u->released = true;
-    d->open_claim = NULL;
-    if (evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, ack_step_done, NULL) < 0)
+    u->cl->open = NULL;
+    if (evd_pg_query(u->cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
         return;
     maybe_drain(d);
 }
@@ -881,6 +910,7 @@ static void held_ids(daemon_t *d, evd_buf_t *b)
 
 static void claim_done(const PGresult *res, const char *err, void *arg);
 static void idle_set(const PGresult *res, const char *err, void *arg);
+static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 
 static void begin_done(const PGresult *res, const char *err, void *arg)
 {
@@ -889,7 +919,7 @@ static void begin_done(const PGresult *res, const char *err, void *arg)
     (void)arg;
 }
 
-static void send_claim(daemon_t *d)
+static void send_claim(daemon_t *d, claimer_t *cl)
 {
     char cursor[32], limit[32];
     size_t max = (size_t)d->cfg->cfg->batch_max_pending;
@@ -907,30 +937,42 @@ static void send_claim(daemon_t *d)
     int rc;
     if (d->opts.dry_run) {
         const char *params[2] = {cursor, limit};
-        rc = evd_pg_query(d->claimc, SQL_PEEK, 2, params, true, claim_done, d);
+        rc = evd_pg_query(cl->pg, SQL_PEEK, 2, params, true, claim_done, cl);
     } else {
-        evd_buf_t held = {0};
-        held_ids(d, &held);
-        const char *params[3] = {cursor, held.data, limit};
-        rc = evd_pg_query(d->claimc, SQL_BEGIN, 0, NULL, false, begin_done, NULL);
-        if (rc == 0)
-            rc = evd_pg_query(d->claimc, SQL_CLAIM, 3, params, true, claim_done, d);
-        evd_buf_free(&held);
+        if (!cl->setup)
+            cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+        evd_buf_t q = {0};
+        rc = evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim(%s, '", cursor);
+        held_ids(d, &q);
+        rc = rc == 0 ? evd_buf_printf(&q, "', %s)", limit) : rc;
+        rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
+        evd_buf_free(&q);
     }
-    if (rc == 0)
+    if (rc == 0) {
         d->claiming = true;
+        d->claim_cl = cl;
+        d->claim_sent = uv_hrtime();
+    }
 }
 
-/* Claims the next chunk when there is room and nothing else is claiming. */
+/* Claims the next chunk when there is room, nothing else is claiming and a claim connection
+ * has no batch in flight. */
 static void maybe_drain(daemon_t *d)
 {
     update_pause(d);
     /* Lookups need their connection: draining without it would widen every lookup. */
-    if (d->stopping || d->claiming || d->open_claim || d->paused || !d->claimc ||
-        !evd_pg_ready(d->claimc) || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
+    if (d->stopping || d->claiming || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
-    d->want_drain = false;
-    send_claim(d);
+    /* Take turns, so that a claim does not queue behind the ack just sent on the other. */
+    for (size_t k = 0; k < NCLAIMERS; k++) {
+        claimer_t *cl = &d->cl[(d->claim_turn + k) % NCLAIMERS];
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open) {
+            d->claim_turn = (size_t)(cl - d->cl) + 1;
+            d->want_drain = false;
+            send_claim(d, cl);
+            return;
+        }
+    }
 }
 
 /* After a burst, glibc keeps the freed heap (tens of MB after a million changes); give it back
@@ -958,20 +1000,24 @@ static void on_poll_timer(uv_timer_t *t)
 
 static void claim_done(const PGresult *res, const char *err, void *arg)
 {
-    daemon_t *d = arg;
+    claimer_t *cl = arg;
+    daemon_t *d = cl->d;
     d->claiming = false;
+    d->claim_cl = NULL;
     if (!res) {
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
-            if (evd_pg_query(d->claimc, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+            if (evd_pg_query(cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
                 EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        if (!d->stopping)
+            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
         return;
     }
     int n = PQntuples(res);
     if (n == 0) {
         if (!d->opts.dry_run)
-            if (evd_pg_query(d->claimc, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
+            if (evd_pg_query(cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
                 EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
         if (d->stopping)
             return;
@@ -983,10 +1029,11 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         }
         if (d->opts.dry_run || d->idle)
             goto idle;
-        if (d->busy_since_idle && !d->lingered) {
-            /* Look once more after a moment before saying we are idle: under steady load a
-             * row arrives within it, and every doorbell rung costs the writers a NOTIFY
-             * (PostgreSQL serialises the commits of notifying transactions). */
+        if (d->busy_since_idle && !d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
+            /* Under heavy load, look once more after a moment before saying we are idle: a row
+             * arrives within it, and every doorbell rung costs the writers a NOTIFY
+             * (PostgreSQL serialises the commits of notifying transactions). Under light load
+             * say so at once: the next write rings, and is seen without waiting for a poll. */
             d->lingered = true;
             uv_timer_start(&d->poll_timer, on_poll_timer, LINGER_MS, 0);
             return;
@@ -995,7 +1042,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             /* Say we are idle, then look once more so nothing slips between. */
             d->busy_since_idle = false;
             d->lingered = false;
-            if (evd_pg_query(d->claimc, SQL_IDLE, 0, NULL, false, idle_set, d) == 0)
+            if (evd_pg_query(cl->pg, SQL_IDLE, 0, NULL, false, idle_set, d) == 0)
                 return;
         }
         d->idle = true;
@@ -1009,19 +1056,26 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         return;
     }
     d->idle = false;
+    /* Rows per ms since the previous claim that found rows (or since this one was sent). */
+    uint64_t now = uv_hrtime();
+    uint64_t since = d->busy_since_idle && d->last_rows_at ? d->last_rows_at : d->claim_sent;
+    double ms = (double)(now - since) / 1e6;
+    d->rows_per_ms = 0.5 * d->rows_per_ms + 0.5 * (double)n / (ms > 0.05 ? ms : 0.05);
+    d->last_rows_at = now;
     d->busy_since_idle = true;
     d->lingered = false;
     unit_t *u = unit_new(d, true);
     if (!u) {
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
         if (!d->opts.dry_run)
-            if (evd_pg_query(d->claimc, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+            if (evd_pg_query(cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
                 EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
         return;
     }
     u->in_tx = !d->opts.dry_run;
+    u->cl = cl;
     if (u->in_tx)
-        d->open_claim = u;
+        cl->open = u;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         if (id > d->cursor)
@@ -1162,10 +1216,25 @@ static void watches_loaded(const PGresult *res, const char *err, void *arg)
     maybe_drain(d);
 }
 
+static void claim_setup_done(const PGresult *res, const char *err, void *arg)
+{
+    claimer_t *cl = arg;
+    if (!res) {
+        /* E.g. evictd.outbox is not installed yet: set up again before the next claim. */
+        EVD_LOG(EVD_LOG_WARN, "claim_failed", F_STR("error", err));
+        cl->setup = false;
+    }
+}
+
 static void claim_connected(evd_pg_t *pg, void *ud)
 {
-    daemon_t *d = ud;
-    (void)pg;
+    claimer_t *cl = ud;
+    daemon_t *d = cl->d;
+    cl->setup = evd_pg_query(pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+    if (cl != &d->cl[0]) {
+        maybe_drain(d);
+        return;
+    }
     d->cursor = 0;
     d->busy_since_idle = true;
     d->idle = false;
@@ -1177,18 +1246,27 @@ static void claim_connected(evd_pg_t *pg, void *ud)
         d->watched_loaded = true;
 }
 
+/* The open claim's locks are gone with the connection; its rows stay held in memory. */
+static void claimer_lost(claimer_t *cl)
+{
+    daemon_t *d = cl->d;
+    if (d->claim_cl == cl) {
+        d->claiming = false;
+        d->claim_cl = NULL;
+    }
+    cl->setup = false;
+    if (cl->open) {
+        cl->open->in_tx = false;
+        cl->open->released = true;
+        cl->open = NULL;
+    }
+}
+
 static void claim_disconnected(evd_pg_t *pg, const char *why, void *ud)
 {
-    daemon_t *d = ud;
     (void)pg;
     (void)why;
-    d->claiming = false;
-    /* The open claim's locks are gone with the connection; its rows stay held in memory. */
-    if (d->open_claim) {
-        d->open_claim->in_tx = false;
-        d->open_claim->released = true;
-        d->open_claim = NULL;
-    }
+    claimer_lost(ud);
 }
 
 static void listen_connected(evd_pg_t *pg, void *ud)
@@ -1230,8 +1308,12 @@ static int pg_start(daemon_t *d)
     const evd_config_t *cfg = d->cfg->cfg;
     int rc = evd_pg_new(d->loop, "listen", cfg->pg_url, cfg->channels, cfg->nchannels, &listen_handlers, d,
                         &d->listen);
-    if (rc == 0)
-        rc = evd_pg_new(d->loop, "outbox", cfg->pg_url, NULL, 0, &claim_handlers, d, &d->claimc);
+    static const char *const names[NCLAIMERS] = {"outbox", "outbox2"};
+    for (size_t i = 0; i < NCLAIMERS && rc == 0; i++) {
+        d->cl[i].d = d;
+        rc = evd_pg_new(d->loop, names[i], cfg->pg_url, NULL, 0, &claim_handlers, &d->cl[i], &d->cl[i].pg);
+    }
+    d->claimc = d->cl[0].pg;
     if (rc == 0 && has_lookups(cfg))
         rc = evd_pg_new(d->loop, "lookups", cfg->pg_url, NULL, 0, &lookup_handlers, d, &d->lookupc);
     if (rc == 0 && d->paused)
@@ -1243,17 +1325,15 @@ static void pg_stop(daemon_t *d)
 {
     if (d->listen)
         evd_pg_close(d->listen, NULL, NULL);
-    if (d->claimc)
-        evd_pg_close(d->claimc, NULL, NULL);
+    for (size_t i = 0; i < NCLAIMERS; i++) {
+        if (d->cl[i].pg)
+            evd_pg_close(d->cl[i].pg, NULL, NULL);
+        claimer_lost(&d->cl[i]);
+        d->cl[i].pg = NULL;
+    }
     if (d->lookupc)
         evd_pg_close(d->lookupc, NULL, NULL);
     d->listen = d->claimc = d->lookupc = NULL;
-    d->claiming = false;
-    if (d->open_claim) {
-        d->open_claim->in_tx = false;
-        d->open_claim->released = true;
-        d->open_claim = NULL;
-    }
 }
 
 /* ---------------------------------------------------------------- Redis targets */

@@ -394,8 +394,11 @@ static bool send_next(evd_pg_t *pg)
             goto sent;
         }
     }
-    ok = PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
-                           NULL, 0);
+    if (q->nparams == 0) /* the simple protocol: may hold several statements */
+        ok = PQsendQuery(pg->conn, q->sql);
+    else
+        ok = PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
+                               NULL, 0);
 sent:
     pg->busy = ok;
     if (!ok) {
