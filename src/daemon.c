@@ -135,6 +135,9 @@ struct daemon {
     claimer_t cl[NCLAIMERS];
     claimer_t *claim_cl;   /* the claimer of the claim in flight */
     size_t claim_turn;     /* the claimer to try first next time */
+    int64_t claim_from;    /* the cursor the claim in flight was sent with */
+    int64_t restart;       /* where a pass starts: just below the lowest id found lately */
+    uint64_t last_full_pass; /* loop time of the last pass from id 0 */
     evd_pg_t *lookupc;
     target_t *targets;     /* per current config target */
     size_t ntargets;
@@ -951,6 +954,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
     if (rc == 0) {
         d->claiming = true;
         d->claim_cl = cl;
+        d->claim_from = d->cursor;
         d->claim_sent = uv_hrtime();
     }
 }
@@ -998,6 +1002,22 @@ static void on_poll_timer(uv_timer_t *t)
     maybe_drain(d);
 }
 
+/* Where the next pass starts. A pass from id 0 walks the index entries of every row deleted
+ * but not yet vacuumed (a million after a big drain: milliseconds per claim), so most passes
+ * start just below the lowest id a pass found lately; a pass from 0 at least every four poll
+ * intervals finds the rows of long transactions that took their ids before that and
+ * committed after. */
+static void restart_pass(daemon_t *d)
+{
+    uint64_t now = uv_now(d->loop);
+    if (now - d->last_full_pass >= 4 * (uint64_t)d->cfg->cfg->poll_interval_ms) {
+        d->last_full_pass = now;
+        d->cursor = 0;
+    } else {
+        d->cursor = d->restart;
+    }
+}
+
 static void claim_done(const PGresult *res, const char *err, void *arg)
 {
     claimer_t *cl = arg;
@@ -1021,11 +1041,14 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
         if (d->stopping)
             return;
-        if (d->cursor > 0 && !d->opts.dry_run) {
-            /* A full pass is over: start again from the lowest id. */
-            d->cursor = 0;
-            maybe_drain(d);
-            return;
+        if (!d->opts.dry_run) {
+            /* A pass is over: start again from the lowest id (restart_pass). */
+            int64_t from = d->claim_from;
+            restart_pass(d);
+            if (d->cursor < from) {
+                maybe_drain(d);
+                return;
+            }
         }
         if (d->opts.dry_run || d->idle)
             goto idle;
@@ -1076,6 +1099,9 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     u->cl = cl;
     if (u->in_tx)
         cl->open = u;
+    /* A claim at the start of a pass found the lowest id in the outbox (but rows held here). */
+    if (d->claim_from == 0 || d->claim_from <= d->restart)
+        d->restart = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         if (id > d->cursor)
@@ -1087,7 +1113,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * commit, so a row below the cursor may have committed meanwhile; under steady load a
      * pass that only ever moved onward would leave it behind until the load stopped. */
     if (!d->opts.dry_run && (size_t)n < d->claim_limit)
-        d->cursor = 0;
+        restart_pass(d);
     d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
     unit_start(u);
     if (d->opts.dry_run)
@@ -1236,6 +1262,8 @@ static void claim_connected(evd_pg_t *pg, void *ud)
         return;
     }
     d->cursor = 0;
+    d->restart = 0;
+    d->last_full_pass = uv_now(d->loop);
     d->busy_since_idle = true;
     d->idle = false;
     d->watched_loaded = false;
