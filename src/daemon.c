@@ -137,7 +137,7 @@ struct daemon {
     size_t claim_turn;     /* the claimer to try first next time */
     int64_t claim_from;    /* the cursor the claim in flight was sent with */
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
-    uint64_t last_full_pass; /* loop time of the last pass from id 0 */
+    bool floor_query;      /* a floor check is in flight (floor_check) */
     evd_pg_t *lookupc;
     target_t *targets;     /* per current config target */
     size_t ntargets;
@@ -171,6 +171,7 @@ struct daemon {
     evd_set_t durable;     /* the durably watched ones among them */
 
     uv_timer_t poll_timer;
+    uv_timer_t floor_timer;
     uv_timer_t stats_timer;
     uv_timer_t shutdown_timer;
     uv_check_t check;
@@ -1002,20 +1003,50 @@ static void on_poll_timer(uv_timer_t *t)
     maybe_drain(d);
 }
 
-/* Where the next pass starts. A pass from id 0 walks the index entries of every row deleted
- * but not yet vacuumed (a million after a big drain: milliseconds per claim), so most passes
- * start just below the lowest id a pass found lately; a pass from 0 at least every four poll
- * intervals finds the rows of long transactions that took their ids before that and
- * committed after. */
+/* Where the next pass starts: just below the lowest id a pass found lately. A pass from id 0
+ * would walk the index entries of every row deleted but not yet vacuumed (a million after a big
+ * drain: milliseconds per claim, in the way of every change). Rows below it that commit later
+ * (ids are taken at insert, rows become visible at commit) are found by floor_check. */
 static void restart_pass(daemon_t *d)
 {
-    uint64_t now = uv_now(d->loop);
-    if (now - d->last_full_pass >= 4 * (uint64_t)d->cfg->cfg->poll_interval_ms) {
-        d->last_full_pass = now;
-        d->cursor = 0;
-    } else {
-        d->cursor = d->restart;
+    d->cursor = d->restart;
+}
+
+static void floor_done(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    (void)err;
+    d->floor_query = false;
+    if (!res || PQntuples(res) != 1 || PQgetisnull(res, 0, 0))
+        return;
+    int64_t low = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
+    if (low < d->cursor) {
+        d->cursor = low;
+        if (low < d->restart)
+            d->restart = low;
+        d->want_drain = true;
+        maybe_drain(d);
     }
+}
+
+/* Every poll interval, off the claim path (on the LISTEN connection, which only reads here):
+ * is a row not held in memory waiting below the cursor (committed late, or below where passes
+ * start)? Then the next claim starts below it. (A row another replica or the other claim
+ * connection holds locked also counts: the claim then skips it.) */
+static void floor_check(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, floor_timer);
+    if (d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run || !d->listen ||
+        !evd_pg_ready(d->listen))
+        return;
+    evd_buf_t q = {0};
+    int rc = evd_buf_printf(&q, "SELECT min(id) FROM evictd.outbox WHERE id <= %" PRId64 " AND id <> ALL('",
+                            d->cursor);
+    held_ids(d, &q);
+    rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])") : rc;
+    if (rc == 0 && evd_pg_query(d->listen, q.data, 0, NULL, false, floor_done, d) == 0)
+        d->floor_query = true;
+    evd_buf_free(&q);
 }
 
 static void claim_done(const PGresult *res, const char *err, void *arg)
@@ -1263,7 +1294,6 @@ static void claim_connected(evd_pg_t *pg, void *ud)
     }
     d->cursor = 0;
     d->restart = 0;
-    d->last_full_pass = uv_now(d->loop);
     d->busy_since_idle = true;
     d->idle = false;
     d->watched_loaded = false;
@@ -1682,6 +1712,7 @@ static void close_all(daemon_t *d)
         return;
     closed_all = true;
     uv_timer_stop(&d->poll_timer);
+    uv_timer_stop(&d->floor_timer);
     /* Cancels pending jobs: notify-only ones are dead-lettered with reason shutdown. */
     for (size_t i = 0; i < d->ntargets; i++) {
         if (d->targets[i].r)
@@ -1695,6 +1726,7 @@ static void close_all(daemon_t *d)
     evd_http_close(d->http);
     d->http = NULL;
     uv_close((uv_handle_t *)&d->poll_timer, handle_close_noop);
+    uv_close((uv_handle_t *)&d->floor_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->stats_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->shutdown_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->check, handle_close_noop);
@@ -1747,6 +1779,8 @@ int evd_daemon_run(const evd_run_opts_t *opts)
         return 1;
     d->ntargets = cfg->ntargets;
     uv_timer_init(d->loop, &d->poll_timer);
+    uv_timer_init(d->loop, &d->floor_timer);
+    uv_timer_start(&d->floor_timer, floor_check, (uint64_t)cfg->poll_interval_ms, (uint64_t)cfg->poll_interval_ms);
     uv_timer_init(d->loop, &d->stats_timer);
     uv_timer_init(d->loop, &d->shutdown_timer);
     uv_check_init(d->loop, &d->check);

@@ -6,16 +6,17 @@
 Outbox ids come from a sequence when the capture trigger runs, not when the transaction commits.
 A transaction that writes early and commits late (a slow request, a batch job) therefore commits a
 row whose id is lower than rows other transactions committed meanwhile. evictd claims with
-`WHERE id > cursor` and moves the cursor back to the start only after a claim that finds nothing
-(or a reconnect). Under sustained write load every claim finds something, so the late row waits
-until the load pauses, while newer changes are applied within milliseconds.
+`WHERE id > cursor`; under sustained write load (evictd behind, every claim full) the cursor only
+moves onward, so the late row would wait until the load pauses. evictd's floor check (every
+postgres.poll_interval_ms, off the claim path) finds a row below the cursor and moves the cursor
+back below it.
 
 This script starts a throwaway PostgreSQL + Redis + evictd (one rule on `products`). While
 --writers processes commit single-row UPDATEs as fast as they can, it runs one transaction that
 UPDATEs a row, waits --hold-ms, and commits. It then measures how long that row stays in the
 outbox after COMMIT, and the backlog of newer rows while it waits. Exit status 1 when the late row
 waits longer than --bound-s in any repetition, and no longer than the load lasted if the load stopped
-first (that is the bug). It reports and does not fix. Everything is stopped by PID; every wait is bounded.
+first (that is the bug). Everything is stopped by PID; every wait is bounded.
 """
 
 import argparse
