@@ -138,6 +138,8 @@ struct daemon {
     int64_t claim_from;    /* the cursor the claim in flight was sent with */
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
     bool floor_query;      /* a floor check is in flight (floor_check) */
+    uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
+    uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
     evd_pg_t *lookupc;
     target_t *targets;     /* per current config target */
     size_t ntargets;
@@ -956,6 +958,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         d->claiming = true;
         d->claim_cl = cl;
         d->claim_from = d->cursor;
+        d->claim_gen = d->cursor_gen;
         d->claim_sent = uv_hrtime();
     }
 }
@@ -1022,6 +1025,7 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
     int64_t low = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
     if (low < d->cursor) {
         d->cursor = low;
+        d->cursor_gen++;
         if (low < d->restart)
             d->restart = low;
         d->want_drain = true;
@@ -1072,7 +1076,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
         if (d->stopping)
             return;
-        if (!d->opts.dry_run) {
+        if (!d->opts.dry_run && d->claim_gen == d->cursor_gen) {
             /* A pass is over: start again from the lowest id (restart_pass). */
             int64_t from = d->claim_from;
             restart_pass(d);
@@ -1131,11 +1135,12 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     if (u->in_tx)
         cl->open = u;
     /* A claim at the start of a pass found the lowest id in the outbox (but rows held here). */
-    if (d->claim_from == 0 || d->claim_from <= d->restart)
+    bool own = d->claim_gen == d->cursor_gen;
+    if (own && (d->claim_from == 0 || d->claim_from <= d->restart))
         d->restart = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        if (id > d->cursor)
+        if (own && id > d->cursor)
             d->cursor = id;
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
@@ -1143,7 +1148,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * starts again from the lowest id. Ids are taken at insert time but become visible at
      * commit, so a row below the cursor may have committed meanwhile; under steady load a
      * pass that only ever moved onward would leave it behind until the load stopped. */
-    if (!d->opts.dry_run && (size_t)n < d->claim_limit)
+    if (own && !d->opts.dry_run && (size_t)n < d->claim_limit)
         restart_pass(d);
     d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
     unit_start(u);

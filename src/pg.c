@@ -201,7 +201,8 @@ static int want_poll(evd_pg_t *pg, int events)
         pg->poll = p;
         pg->poll_events = 0;
     }
-    if (pg->paused && pg->state == PG_READY)
+    /* Paused: read no notifications, but still the results of a query in flight. */
+    if (pg->paused && pg->state == PG_READY && !pg->busy && !pg->head)
         events &= ~UV_READABLE;
     if (events != pg->poll_events || !uv_is_active((uv_handle_t *)&pg->poll->h)) {
         pg->poll_events = events;
