@@ -28,6 +28,7 @@
 #define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
 #define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
 #define LAG_SAMPLES 8192
+#define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
 static const char SQL_COMMIT[] = "COMMIT";
@@ -1006,7 +1007,8 @@ static void on_poll_timer(uv_timer_t *t)
     maybe_drain(d);
 }
 
-/* Where the next pass starts: just below the lowest id a pass found lately. A pass from id 0
+/* Where the next pass starts: RESTART_BACK ids below the lowest id a pass found lately (rows of
+ * transactions still open then, which took lower ids, are found by the next pass). A pass from id 0
  * would walk the index entries of every row deleted but not yet vacuumed (a million after a big
  * drain: milliseconds per claim, in the way of every change). Rows below it that commit later
  * (ids are taken at insert, rows become visible at commit) are found by floor_check. */
@@ -1136,8 +1138,12 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         cl->open = u;
     /* A claim at the start of a pass found the lowest id in the outbox (but rows held here). */
     bool own = d->claim_gen == d->cursor_gen;
-    if (own && (d->claim_from == 0 || d->claim_from <= d->restart))
-        d->restart = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
+    if (own && (d->claim_from == 0 || d->claim_from <= d->restart)) {
+        /* Some way below it: concurrent writers commit out of id order all the time. */
+        d->restart = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1 - RESTART_BACK;
+        if (d->restart < 0)
+            d->restart = 0;
+    }
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         if (own && id > d->cursor)
