@@ -269,6 +269,24 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
         chunk_rows, chunk_bytes)
 $$;
 
+-- Durable capture of an INSERT (new images from evictd_new, alias n_) or a DELETE (old images
+-- from evictd_old, alias o_): the one-row path, its images' values inline as format()
+-- arguments when they fit in its 100 (head: format text, id, tx, ts), then the general path.
+CREATE OR REPLACE FUNCTION evictd._side_sql(op text, tt text, alias text, side text, names text, guard text,
+                                            keys text[], args text[], cols text[], refs text[], img text,
+                                            chunk_rows int, chunk_bytes int) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN 4 + cardinality(args) <= 100
+                THEN evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
+                         cols, '{"' || side || '" : ' || img || '}', refs)
+                ELSE evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
+                         ARRAY[evictd._image_sql(keys, args, '{"' || side || '" : ', '}') || ' AS img'],
+                         '%s', ARRAY['x.img']) END
+           || evictd._chunk_sql(op, chunk_rows, chunk_bytes,
+                  format('SELECT %s FROM %s AS %s', evictd._image_sql(keys, args, '{"' || side || '" : ', '}'),
+                         tt, alias))
+$$;
+
 -- Drop capture functions (of those given) that no trigger calls any more.
 CREATE OR REPLACE FUNCTION evictd._drop_orphans(fns oid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -417,21 +435,10 @@ BEGIN
         END IF;
 
         -- INSERT (new images) and DELETE (old images).
-        v_inline := 4 + cardinality(v_nargs) <= 100;
-        v_ins := CASE WHEN v_inline
-                THEN evictd._fast_sql('INSERT', v_names, v_guard, 'evictd_new', 'evictd_new AS n_',
-                         v_ncols, '{"new" : ' || v_nimg || '}', v_nrefs)
-                ELSE evictd._fast_sql('INSERT', v_names, v_guard, 'evictd_new', 'evictd_new AS n_',
-                         ARRAY[evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}') || ' AS img'], '%s', ARRAY['x.img']) END
-            || evictd._chunk_sql('INSERT', c_chunk_rows, c_chunk_bytes,
-                   format('SELECT %s FROM evictd_new AS n_', evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}')));
-        v_del := CASE WHEN v_inline
-                THEN evictd._fast_sql('DELETE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_',
-                         v_ocols, '{"old" : ' || v_oimg || '}', v_orefs)
-                ELSE evictd._fast_sql('DELETE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_',
-                         ARRAY[evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}') || ' AS img'], '%s', ARRAY['x.img']) END
-            || evictd._chunk_sql('DELETE', c_chunk_rows, c_chunk_bytes,
-                   format('SELECT %s FROM evictd_old AS o_', evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}')));
+        v_ins := evictd._side_sql('INSERT', 'evictd_new', 'n_', 'new', v_names, v_guard,
+                                  v_nkeys, v_nargs, v_ncols, v_nrefs, v_nimg, c_chunk_rows, c_chunk_bytes);
+        v_del := evictd._side_sql('DELETE', 'evictd_old', 'o_', 'old', v_names, v_guard,
+                                  v_okeys, v_oargs, v_ocols, v_orefs, v_oimg, c_chunk_rows, c_chunk_bytes);
 
         -- UPDATE is tested first (the dispatch costs it one comparison). Queries
         -- qualify every column (o_., n_., x.); use_variable keeps a watched column named like

@@ -132,9 +132,8 @@ struct daemon {
     evd_run_opts_t opts;
     cfgref_t *cfg;
     evd_pg_t *listen;
-    evd_pg_t *claimc;      /* cl[0].pg: also reads evictd.watches and the backlog */
-    claimer_t cl[NCLAIMERS];
-    claimer_t *claim_cl;   /* the claimer of the claim in flight */
+    claimer_t cl[NCLAIMERS]; /* cl[0] also reads evictd.watches and the backlog */
+    claimer_t *claim_cl;   /* the claimer of the claim in flight, NULL when none */
     size_t claim_turn;     /* the claimer to try first next time */
     int64_t claim_from;    /* the cursor the claim in flight was sent with */
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
@@ -155,7 +154,6 @@ struct daemon {
     bool paused;
 
     /* outbox claiming */
-    bool claiming;         /* a claim query is in flight */
     int64_t cursor;
     size_t claim_limit;    /* rows the claim in flight asked for */
     double imgs_per_row;   /* row images per outbox row, moving average */
@@ -392,7 +390,6 @@ static void ids_param(unit_t *u, evd_buf_t *b)
     (void)rc;
 }
 
-
 /* Sends DELETE (+ COMMIT when the claim's transaction is open). */
 static void unit_send_ack(unit_t *u)
 {
@@ -424,14 +421,12 @@ static void unit_send_ack(unit_t *u)
         maybe_drain(d);
         return;
     }
-    if (rc < 0) {
-        /* Not connected: the rows stay in the outbox and are claimed again (deletes are
-         * idempotent, so repeating them is harmless). */
-        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
-                F_INT("changes", (int64_t)u->nrecs));
-        unit_free(u);
-        maybe_drain(d);
-    }
+    /* Not connected: the rows stay in the outbox and are claimed again (deletes are
+     * idempotent, so repeating them is harmless). */
+    EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
+            F_INT("changes", (int64_t)u->nrecs));
+    unit_free(u);
+    maybe_drain(d);
 }
 
 static void dl_written(int status, void *arg)
@@ -956,7 +951,6 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         evd_buf_free(&q);
     }
     if (rc == 0) {
-        d->claiming = true;
         d->claim_cl = cl;
         d->claim_from = d->cursor;
         d->claim_gen = d->cursor_gen;
@@ -970,7 +964,7 @@ static void maybe_drain(daemon_t *d)
 {
     update_pause(d);
     /* Lookups need their connection: draining without it would widen every lookup. */
-    if (d->stopping || d->claiming || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
+    if (d->stopping || d->claim_cl || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
     /* Take turns, so that a claim does not queue behind the ack just sent on the other. */
     for (size_t k = 0; k < NCLAIMERS; k++) {
@@ -1059,7 +1053,6 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
 {
     claimer_t *cl = arg;
     daemon_t *d = cl->d;
-    d->claiming = false;
     d->claim_cl = NULL;
     if (!res) {
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
@@ -1311,7 +1304,7 @@ static void claim_connected(evd_pg_t *pg, void *ud)
     /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not
      * arrive as 1000 rows at once. The average adapts within a few claims. */
     d->imgs_per_row = 100;
-    if (evd_pg_query(d->claimc, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+    if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
         d->watched_loaded = true;
 }
 
@@ -1319,10 +1312,8 @@ static void claim_connected(evd_pg_t *pg, void *ud)
 static void claimer_lost(claimer_t *cl)
 {
     daemon_t *d = cl->d;
-    if (d->claim_cl == cl) {
-        d->claiming = false;
+    if (d->claim_cl == cl)
         d->claim_cl = NULL;
-    }
     cl->setup = false;
     if (cl->open) {
         cl->open->in_tx = false;
@@ -1382,7 +1373,6 @@ static int pg_start(daemon_t *d)
         d->cl[i].d = d;
         rc = evd_pg_new(d->loop, names[i], cfg->pg_url, NULL, 0, &claim_handlers, &d->cl[i], &d->cl[i].pg);
     }
-    d->claimc = d->cl[0].pg;
     if (rc == 0 && has_lookups(cfg))
         rc = evd_pg_new(d->loop, "lookups", cfg->pg_url, NULL, 0, &lookup_handlers, d, &d->lookupc);
     if (rc == 0 && d->paused)
@@ -1402,7 +1392,7 @@ static void pg_stop(daemon_t *d)
     }
     if (d->lookupc)
         evd_pg_close(d->lookupc, NULL, NULL);
-    d->listen = d->claimc = d->lookupc = NULL;
+    d->listen = d->lookupc = NULL;
 }
 
 /* ---------------------------------------------------------------- Redis targets */
@@ -1566,9 +1556,9 @@ static void on_sighup(uv_signal_t *h, int sig)
         pg_stop(d);
         if (pg_start(d) < 0)
             EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
-    } else if (d->claimc && evd_pg_ready(d->claimc)) {
+    } else if (d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
         /* Re-check the capture against the new rules. */
-        if (evd_pg_query(d->claimc, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+        if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
             d->watched_loaded = true;
     }
     EVD_LOG(EVD_LOG_INFO, "config_reloaded", F_STR("path", cfg->path), F_INT("rules", (int64_t)cfg->rules.n),
@@ -1629,9 +1619,9 @@ static void backlog_done(const PGresult *res, const char *err, void *arg)
 static void backlog_refresh(daemon_t *d)
 {
     static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox";
-    if (d->backlog_query || !d->claimc || !evd_pg_ready(d->claimc) || d->opts.dry_run)
+    if (d->backlog_query || !d->cl[0].pg || !evd_pg_ready(d->cl[0].pg) || d->opts.dry_run)
         return;
-    if (evd_pg_query(d->claimc, sql, 0, NULL, true, backlog_done, d) == 0)
+    if (evd_pg_query(d->cl[0].pg, sql, 0, NULL, true, backlog_done, d) == 0)
         d->backlog_query = true;
 }
 
@@ -1697,7 +1687,7 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
     struct {
         const char *name;
         evd_pg_t *pg;
-    } conns[] = {{"listen", d->listen}, {"outbox", d->claimc}, {"lookups", d->lookupc}};
+    } conns[] = {{"listen", d->listen}, {"outbox", d->cl[0].pg}, {"lookups", d->lookupc}};
     for (size_t i = 0; i < 3; i++)
         if (conns[i].pg)
             rc |= evd_buf_printf(body, "evictd_reconnects_total{conn=\"%s\"} %llu\n", conns[i].name,

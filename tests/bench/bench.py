@@ -820,18 +820,8 @@ class Bench:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-BARE_FN = r"""
-CREATE OR REPLACE FUNCTION bench_bare_capture() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO bench_outbox (payload)
-    VALUES (jsonb_build_object('table', TG_TABLE_NAME, 'op', TG_OP,
-                               'old', CASE WHEN TG_OP <> 'INSERT' THEN OLD.id END,
-                               'new', CASE WHEN TG_OP <> 'DELETE' THEN NEW.id END,
-                               'ts', clock_timestamp()));
-    RETURN NULL;
-END
-$$;
-"""
+with open(os.path.join(HERE, "bare_capture.sql")) as _f:
+    BARE_FN = _f.read()
 
 
 # ------------------------------------------------------------------------------------------ report

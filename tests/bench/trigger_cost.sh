@@ -142,17 +142,8 @@ set_fsync() {
 log "products: $ROWS rows; bare trigger function"
 q "CREATE TABLE products (id int PRIMARY KEY, stock int NOT NULL DEFAULT 0);
    INSERT INTO products (id, stock) SELECT g, 0 FROM generate_series(1, $ROWS) AS g;
-   CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload jsonb NOT NULL);
-   CREATE FUNCTION bench_bare_capture() RETURNS trigger LANGUAGE plpgsql AS \$\$
-   BEGIN
-       INSERT INTO bench_outbox (payload)
-       VALUES (jsonb_build_object('table', TG_TABLE_NAME, 'op', TG_OP,
-                                  'old', CASE WHEN TG_OP <> 'INSERT' THEN OLD.id END,
-                                  'new', CASE WHEN TG_OP <> 'DELETE' THEN NEW.id END,
-                                  'ts', clock_timestamp()));
-       RETURN NULL;
-   END
-   \$\$;" >/dev/null
+   CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload jsonb NOT NULL);" >/dev/null
+qf "$HERE/bare_capture.sql"
 q "VACUUM ANALYZE products" >/dev/null
 
 CURRENT=""
