@@ -75,20 +75,26 @@ typedef struct claimer {
 
 #define NCLAIMERS 2
 
-/* One change in memory: its parse, its keys per target and its jobs. */
+/* One change in memory. Most changes are expanded as soon as they are parsed (from a scratch
+ * parse) and held as one allocation: this struct, then its jobs, their key and pattern
+ * pointers, and the strings (table, keys, patterns, payload). A change whose rules need lookups
+ * keeps its parse (ch) until the unit's lookups are back, and is then replaced by its expanded
+ * form. */
 typedef struct rec {
     unit_t *unit;
-    evd_change_t ch;
-    char *raw;             /* the payload text, for dead letters */
+    evd_change_t *ch;      /* the parse, only while waiting for lookups */
+    const char *raw;       /* the payload text (dead letters re-parse it), or NULL */
+    size_t rawlen;
+    const char *table;     /* "schema.table", or NULL before it is known */
     int64_t id;            /* outbox id or -1 */
-    char table[130];       /* schema.table */
-    size_t njobs;
+    double ts;             /* the change's ts (epoch ms) or 0 */
+    evd_op_t op;           /* 0 for bad input */
     bool finished;         /* bad input or unmatched: done before expansion */
+    bool expanded;         /* jobs (if any) are built */
     int outstanding;       /* jobs not called back */
+    size_t njobs;
     evd_job_t *jobs;       /* njobs entries */
     int *job_target;       /* target index per job */
-    evd_keyvec_t *keys;    /* per job */
-    evd_keyvec_t *patterns; /* per job */
 } rec_t;
 
 /* Changes read together: one outbox claim, or the notifications of one loop iteration. */
@@ -146,7 +152,9 @@ struct daemon {
     evd_redis_t **retiring; /* old targets draining after a reload */
     size_t nretiring;
     evd_dl_t *dl;
-    evd_expansion_t x;
+    evd_expansion_t x;     /* scratch: the keys of the change being expanded */
+    evd_change_t scratch;  /* scratch: the change being accepted */
+    evd_arena_block_t *spare; /* its arena block, kept between changes */
 
     unit_t *units;         /* live units */
     unit_t *incoming;      /* notifications of this iteration */
@@ -238,14 +246,11 @@ static void rec_free(rec_t *r)
 {
     if (!r)
         return;
-    evd_change_clear(&r->ch);
-    free(r->raw);
-    for (size_t i = 0; i < r->njobs; i++) {
-        evd_keyvec_free(&r->keys[i]);
-        evd_keyvec_free(&r->patterns[i]);
+    if (r->ch) {
+        evd_change_clear(r->ch);
+        free(r->ch);
     }
-    free(r->jobs); /* also holds keys, patterns and job_target */
-    free(r);
+    free(r); /* also holds the jobs and every string */
 }
 
 static void lres_free_all(unit_t *u)
@@ -284,27 +289,71 @@ static void unit_free(unit_t *u)
     free(u);
 }
 
-static rec_t *unit_add(unit_t *u, int64_t id)
+#define ALIGN8(n) (((n) + 7) & ~(size_t)7)
+
+/* Sizes of one rec's block: the struct, njobs jobs with their target indices, nptrs key and
+ * pattern pointers, then nbytes of strings. */
+static size_t rec_size(size_t njobs, size_t nptrs, size_t nbytes)
+{
+    return ALIGN8(sizeof(rec_t)) + njobs * sizeof(evd_job_t) + ALIGN8(njobs * sizeof(int)) +
+           nptrs * sizeof(char *) + nbytes;
+}
+
+/* A rec in one allocation, with room for njobs jobs, nptrs pointers and nbytes of strings (at
+ * *strings); table and the payload (raw, or NULL) are copied in. */
+static rec_t *rec_alloc(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen,
+                        size_t njobs, size_t nptrs, size_t nbytes, char ***ptrs, char **strings)
+{
+    size_t tlen = table ? strlen(table) + 1 : 0;
+    size_t rlen = raw ? rawlen + 1 : 0;
+    char *m = malloc(rec_size(njobs, nptrs, nbytes + tlen + rlen));
+    if (!m)
+        return NULL;
+    rec_t *r = (rec_t *)m;
+    memset(r, 0, sizeof(*r));
+    r->unit = u;
+    r->id = id;
+    m += ALIGN8(sizeof(rec_t));
+    r->jobs = njobs ? (evd_job_t *)m : NULL;
+    m += njobs * sizeof(evd_job_t);
+    r->job_target = njobs ? (int *)m : NULL;
+    m += ALIGN8(njobs * sizeof(int));
+    if (ptrs)
+        *ptrs = (char **)m;
+    m += nptrs * sizeof(char *);
+    if (strings)
+        *strings = m;
+    m += nbytes;
+    if (table) {
+        memcpy(m, table, tlen);
+        r->table = m;
+        m += tlen;
+    }
+    if (raw) {
+        memcpy(m, raw, rawlen);
+        m[rawlen] = '\0';
+        r->raw = m;
+        r->rawlen = rawlen;
+    }
+    return r;
+}
+
+/* Adds r to u: it counts as pending until the unit is freed. */
+static int unit_push(unit_t *u, rec_t *r)
 {
     if (u->nrecs == u->cap) {
         size_t cap = u->cap ? u->cap * 2 : 16;
         rec_t **v = realloc(u->recs, cap * sizeof(*v));
         if (!v)
-            return NULL;
+            return -ENOMEM;
         u->recs = v;
         u->cap = cap;
     }
-    rec_t *r = calloc(1, sizeof(*r));
-    if (!r)
-        return NULL;
-    r->unit = u;
-    r->id = id;
-    r->ch.id = -1;
     u->recs[u->nrecs++] = r;
     u->outstanding++;
     u->d->pending++;
     u->weight++;
-    return r;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- dead letters */
@@ -324,23 +373,30 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
         rc |= evd_buf_puts(b, "null");
     }
     rc |= evd_buf_puts(b, ",\"keys\":[");
-    if (target >= 0)
-        for (size_t i = 0; i < r->keys[target].n; i++) {
-            rc |= evd_buf_puts(b, i ? "," : "");
-            rc |= evd_buf_json_str(b, r->keys[target].v[i], strlen(r->keys[target].v[i]));
-        }
+    const evd_job_t *job = target >= 0 ? &r->jobs[target] : NULL;
+    for (size_t i = 0; job && i < job->nkeys; i++) {
+        rc |= evd_buf_puts(b, i ? "," : "");
+        rc |= evd_buf_json_str(b, job->keys[i], strlen(job->keys[i]));
+    }
     rc |= evd_buf_puts(b, "],\"patterns\":[");
-    if (target >= 0)
-        for (size_t i = 0; i < r->patterns[target].n; i++) {
-            rc |= evd_buf_puts(b, i ? "," : "");
-            rc |= evd_buf_json_str(b, r->patterns[target].v[i], strlen(r->patterns[target].v[i]));
-        }
+    for (size_t i = 0; job && i < job->npatterns; i++) {
+        rc |= evd_buf_puts(b, i ? "," : "");
+        rc |= evd_buf_json_str(b, job->patterns[i], strlen(job->patterns[i]));
+    }
     rc |= evd_buf_puts(b, "],\"change\":");
-    /* The parsed change when it parsed, else the raw payload as a string. */
-    if (r->ch.op) {
-        rc |= evd_change_to_json(&r->ch, b);
+    /* The parsed change when it parsed (parsed again from its payload: expanded recs keep only
+     * the text), else the raw payload as a string. */
+    evd_change_t c;
+    char err[64];
+    if (r->ch) {
+        rc |= evd_change_to_json(r->ch, b);
+    } else if (r->op && evd_payload_parse(r->raw, r->rawlen, &c, err, sizeof(err)) == EVD_PAYLOAD_OK) {
+        if (c.id < 0)
+            c.id = r->id;
+        rc |= evd_change_to_json(&c, b);
+        evd_change_clear(&c);
     } else {
-        rc |= evd_buf_json_str(b, r->raw ? r->raw : "", r->raw ? strlen(r->raw) : 0);
+        rc |= evd_buf_json_str(b, r->raw ? r->raw : "", r->raw ? r->rawlen : 0);
     }
     rc |= evd_buf_puts(b, ",\"error\":");
     rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
@@ -352,7 +408,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
-            F_STR("table", r->table[0] ? r->table : NULL), F_INT("id", r->id), F_STR("error", error),
+            F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error),
             F_INT("attempts", attempts));
 }
 
@@ -495,12 +551,12 @@ static void job_done(evd_job_t *job, int status, const char *error, void *ud)
             dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed",
                     job->attempts);
     } else {
-        d->n_keys += r->keys[ji].n;
-        d->n_patterns += r->patterns[ji].n;
+        d->n_keys += job->nkeys;
+        d->n_patterns += job->npatterns;
     }
     if (--r->outstanding == 0) {
         if (status == 0)
-            record_lag(d, r->ch.ts);
+            record_lag(d, r->ts);
         unit_finish_rec(u);
     }
 }
@@ -574,7 +630,7 @@ static void lookup_done(const PGresult *res, const char *err, void *arg)
 
 typedef struct lookup_ctx {
     unit_t *u;
-    int rc;
+    size_t calls; /* lookups the change needs */
 } lookup_ctx_t;
 
 typedef struct lookup_req {
@@ -596,6 +652,7 @@ static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const ch
 {
     lookup_ctx_t *lc = ud;
     unit_t *u = lc->u;
+    lc->calls++;
     daemon_t *d = u->d;
     char *key = args_key(args, nargs);
     if (!key)
@@ -635,113 +692,123 @@ static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const ch
 
 /* ---------------------------------------------------------------- expanding and submitting */
 
+/* Appends the keys (or patterns) of every job of r as a JSON array. */
+static int keys_json(const rec_t *r, bool patterns, evd_buf_t *b)
+{
+    int rc = evd_buf_putc(b, '[');
+    bool first = true;
+    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
+        const evd_job_t *job = &r->jobs[j];
+        char **v = patterns ? job->patterns : job->keys;
+        size_t n = patterns ? job->npatterns : job->nkeys;
+        for (size_t i = 0; i < n && rc == 0; i++, first = false) {
+            rc |= evd_buf_puts(b, first ? "" : ",");
+            rc |= evd_buf_json_str(b, v[i], strlen(v[i]));
+        }
+    }
+    return rc | evd_buf_putc(b, ']');
+}
+
 static void log_change_keys(rec_t *r)
 {
     bool dry = r->unit->d->opts.dry_run;
     if ((dry ? EVD_LOG_INFO : EVD_LOG_DEBUG) < evd_log_min_level)
         return; /* building the key lists costs more than the rest of the change */
     evd_buf_t b = {0};
-    int rc = evd_buf_putc(&b, '[');
-    bool first = true;
-    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
-        for (size_t i = 0; i < r->keys[j].n && rc == 0; i++) {
-            rc |= evd_buf_puts(&b, first ? "" : ",");
-            rc |= evd_buf_json_str(&b, r->keys[j].v[i], strlen(r->keys[j].v[i]));
-            first = false;
-        }
-    }
-    rc |= evd_buf_putc(&b, ']');
     evd_buf_t p = {0};
-    rc |= evd_buf_putc(&p, '[');
-    first = true;
-    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
-        for (size_t i = 0; i < r->patterns[j].n && rc == 0; i++) {
-            rc |= evd_buf_puts(&p, first ? "" : ",");
-            rc |= evd_buf_json_str(&p, r->patterns[j].v[i], strlen(r->patterns[j].v[i]));
-            first = false;
-        }
-    }
-    rc |= evd_buf_putc(&p, ']');
-    if (rc == 0) {
-        bool dry = r->unit->d->opts.dry_run;
+    if ((keys_json(r, false, &b) | keys_json(r, true, &p)) == 0)
         EVD_LOG(dry ? EVD_LOG_INFO : EVD_LOG_DEBUG, dry ? "would_invalidate" : "change", F_STR("table", r->table),
-                F_STR("op", evd_op_name(r->ch.op)), F_INT("id", r->id), F_RAW("keys", b.data),
+                F_STR("op", evd_op_name(r->op)), F_INT("id", r->id), F_RAW("keys", b.data),
                 F_RAW("patterns", p.data));
-    }
     evd_buf_free(&b);
     evd_buf_free(&p);
 }
 
-/* Turns the scratch expansion into jobs owned by r. */
-static int take_expansion(daemon_t *d, rec_t *r)
-{
-    evd_expansion_t *x = &d->x;
-    size_t n = 0;
-    for (size_t t = 0; t < x->ntargets; t++)
-        if (x->per_target[t].keys.n || x->per_target[t].patterns.n)
-            n++;
-    if (!n)
-        return 0;
-    /* One allocation for the four per-job arrays (jobs first: they need the strictest alignment). */
-    char *block = calloc(1, n * (sizeof(evd_job_t) + 2 * sizeof(evd_keyvec_t) + sizeof(int)));
-    if (!block)
-        return -ENOMEM;
-    r->jobs = (evd_job_t *)block;
-    r->keys = (evd_keyvec_t *)(block + n * sizeof(evd_job_t));
-    r->patterns = r->keys + n;
-    r->job_target = (int *)(r->patterns + n);
-    for (size_t t = 0; t < x->ntargets; t++) {
-        evd_keyset_t *k = &x->per_target[t];
-        if (!k->keys.n && !k->patterns.n)
-            continue;
-        size_t j = r->njobs++;
-        r->job_target[j] = (int)t;
-        r->keys[j] = k->keys;
-        r->patterns[j] = k->patterns;
-        memset(&k->keys, 0, sizeof(k->keys));
-        memset(&k->patterns, 0, sizeof(k->patterns));
-        evd_job_t *job = &r->jobs[j];
-        job->keys = r->keys[j].v;
-        job->nkeys = r->keys[j].n;
-        job->patterns = r->patterns[j].v;
-        job->npatterns = r->patterns[j].n;
-        job->table = r->table;
-        job->ts = r->ch.ts;
-        job->ud = r;
-    }
-    return 0;
-}
-
-static void expand_rec(unit_t *u, rec_t *r)
+/* Expands change c into the scratch expansion d->x (the caller resets it after use). */
+static int expand_change(unit_t *u, const evd_change_t *c, const char *table, int64_t id)
 {
     daemon_t *d = u->d;
     const evd_config_t *cfg = u->cfg->cfg;
     if (d->x.ntargets != cfg->ntargets) {
         evd_expansion_free(&d->x);
-        if (evd_expansion_init(&d->x, cfg->ntargets) < 0) {
-            dl_line(u, r, "bad_payload", -1, "out of memory", 0);
-            unit_finish_rec(u);
-            return;
-        }
+        if (evd_expansion_init(&d->x, cfg->ntargets) < 0)
+            return -ENOMEM;
     }
     evd_expansion_reset(&d->x);
-    int rc = evd_rules_expand(&cfg->rules, &r->ch, resolve, u, &d->x);
-    if (rc == 0)
-        rc = take_expansion(d, r);
+    int rc = evd_rules_expand(&cfg->rules, c, resolve, u, &d->x);
     if (rc == 0 && d->x.widened)
         evd_log_ratelimited("widened", "widened",
-                            (const evd_field_t[]){F_STR("table", r->table), F_STR("op", evd_op_name(r->ch.op)),
-                                                  F_INT("id", r->id), F_INT("templates", d->x.widened),
+                            (const evd_field_t[]){F_STR("table", table), F_STR("op", evd_op_name(c->op)),
+                                                  F_INT("id", id), F_INT("templates", d->x.widened),
                                                   F_STR("reason", d->x.widen_reason), {0}});
-    evd_expansion_reset(&d->x);
-    if (rc < 0) {
-        dl_line(u, r, "bad_payload", -1, "out of memory expanding the change", 0);
-        unit_finish_rec(u);
-        return;
+    return rc;
+}
+
+/* The expanded change as one allocation: a job per target with keys or patterns, copies of
+ * them, of table and of the payload. */
+static rec_t *rec_from_expansion(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen,
+                                 const evd_change_t *c)
+{
+    const evd_expansion_t *x = &u->d->x;
+    size_t njobs = 0, nptrs = 0, nbytes = 0;
+    for (size_t t = 0; t < x->ntargets; t++) {
+        const evd_keyset_t *k = &x->per_target[t];
+        if (!k->keys.n && !k->patterns.n)
+            continue;
+        njobs++;
+        nptrs += k->keys.n + k->patterns.n;
+        for (size_t i = 0; i < k->keys.n; i++)
+            nbytes += strlen(k->keys.v[i]) + 1;
+        for (size_t i = 0; i < k->patterns.n; i++)
+            nbytes += strlen(k->patterns.v[i]) + 1;
     }
+    char **ptrs = NULL;
+    char *str = NULL;
+    rec_t *r = rec_alloc(u, id, table, raw, rawlen, njobs, nptrs, nbytes, &ptrs, &str);
+    if (!r)
+        return NULL;
+    r->op = c->op;
+    r->ts = c->ts;
+    r->expanded = true;
+    for (size_t t = 0; t < x->ntargets; t++) {
+        const evd_keyset_t *k = &x->per_target[t];
+        if (!k->keys.n && !k->patterns.n)
+            continue;
+        size_t j = r->njobs++;
+        r->job_target[j] = (int)t;
+        evd_job_t *job = &r->jobs[j];
+        memset(job, 0, sizeof(*job));
+        job->table = r->table;
+        job->ts = r->ts;
+        job->ud = r;
+        for (int pat = 0; pat < 2; pat++) {
+            const evd_keyvec_t *kv = pat ? &k->patterns : &k->keys;
+            if (pat) {
+                job->patterns = ptrs;
+                job->npatterns = kv->n;
+            } else {
+                job->keys = ptrs;
+                job->nkeys = kv->n;
+            }
+            for (size_t i = 0; i < kv->n; i++) {
+                size_t n = strlen(kv->v[i]) + 1;
+                memcpy(str, kv->v[i], n);
+                *ptrs++ = str;
+                str += n;
+            }
+        }
+    }
+    return r;
+}
+
+/* Counts the change and hands its jobs to the targets (r is in its unit already). */
+static void submit_rec(unit_t *u, rec_t *r)
+{
+    daemon_t *d = u->d;
+    const evd_config_t *cfg = u->cfg->cfg;
     d->n_changes++;
     for (int b = 0; b < 4; b++)
-        if (r->ch.op == (evd_op_t)(1 << b))
+        if (r->op == (evd_op_t)(1 << b))
             evd_metrics_change(&d->m, r->table, b);
     d->t_changes++;
     log_change_keys(r);
@@ -773,86 +840,144 @@ static void expand_rec(unit_t *u, rec_t *r)
         evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
 }
 
+/* Expands c (parsed from raw) into a new rec of u and submits it; on failure dead-letters it.
+ * When w is set, the new rec replaces w (a rec that waited for lookups) at index i. */
+static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *table, int64_t id, const char *raw,
+                              size_t rawlen, rec_t *w, size_t i)
+{
+    daemon_t *d = u->d;
+    int rc = expand_change(u, c, table, id);
+    rec_t *r = rc == 0 ? rec_from_expansion(u, id, table, raw, rawlen, c) : NULL;
+    evd_expansion_reset(&d->x);
+    if (r && !w && unit_push(u, r) < 0) {
+        free(r);
+        r = NULL;
+    }
+    if (!r) {
+        if (!w && (!(w = rec_alloc(u, id, table, raw, rawlen, 0, 0, 0, NULL, NULL)) || unit_push(u, w) < 0)) {
+            free(w);
+            EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+            return;
+        }
+        w->op = c->op;
+        dl_line(u, w, "bad_payload", -1, "out of memory expanding the change", 0);
+        w->finished = true;
+        unit_finish_rec(u);
+        return;
+    }
+    if (w) {
+        u->recs[i] = r;
+        rec_free(w);
+    }
+    submit_rec(u, r);
+}
+
 static void expand_unit(unit_t *u)
 {
     /* The guard taken in unit_new keeps u alive while its recs are expanded and submitted. */
-    for (size_t i = 0; i < u->nrecs; i++)
-        if (!u->recs[i]->finished)
-            expand_rec(u, u->recs[i]);
+    for (size_t i = 0; i < u->nrecs; i++) {
+        rec_t *w = u->recs[i];
+        if (!w->finished && !w->expanded)
+            expand_and_submit(u, w->ch, w->table, w->id, w->raw, w->rawlen, w, i);
+    }
     lres_free_all(u);
     unit_finish_rec(u);
 }
 
-/* Parses a payload into a new rec of u; bad input and unmatched tables finish at once. */
+/* Adds a rec that is done before expansion (bad input, unmatched): dead-lettered when reason
+ * is set. The payload is kept for the line only when it parsed (op set): else it is quoted. */
+static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload,
+                            size_t len, const char *reason, const char *err)
+{
+    rec_t *r = rec_alloc(u, id, table, reason ? payload : NULL, len, 0, 0, 0, NULL, NULL);
+    if (!r || unit_push(u, r) < 0) {
+        free(r);
+        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+        return;
+    }
+    r->op = op;
+    r->finished = true;
+    if (reason)
+        dl_line(u, r, reason, -1, err, 0);
+    unit_finish_rec(u);
+}
+
+/* Parses a payload into a new rec of u: expanded and submitted at once unless its rules need
+ * lookups (then at unit_start); bad input and unmatched tables finish at once. */
 static void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
 {
     daemon_t *d = u->d;
-    rec_t *r = unit_add(u, id);
-    if (!r) {
-        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"));
-        return;
-    }
+    evd_change_t *c = &d->scratch;
     char err[256];
-    evd_payload_status_t st = evd_payload_parse(payload, len, &r->ch, err, sizeof(err));
-    if (st == EVD_PAYLOAD_BAD) {
-        /* Kept for the dead-letter line: the change as received. */
-        if ((r->raw = malloc(len + 1)) != NULL) {
-            memcpy(r->raw, payload, len);
-            r->raw[len] = '\0';
-        }
+    evd_payload_status_t st = evd_payload_parse_spare(payload, len, c, &d->spare, err, sizeof(err));
+    if (st != EVD_PAYLOAD_OK) {
+        if (st == EVD_PAYLOAD_DOORBELL)
+            snprintf(err, sizeof(err), "empty payload");
         d->n_bad++;
         evd_log_ratelimited("bad_payload", "bad_input",
                             (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err),
                                                   F_INT("id", id), {0}});
-        dl_line(u, r, "bad_payload", -1, err, 0);
-        memset(&r->ch, 0, sizeof(r->ch));
-        r->finished = true;
-        unit_finish_rec(u);
+        accept_finished(u, id, NULL, 0, payload, len, "bad_payload", err);
+        evd_change_clear_spare(c, &d->spare);
         return;
     }
+    if (c->id < 0)
+        c->id = id;
+    char table[sizeof(c->schema) + sizeof(c->table) + 1];
+    snprintf(table, sizeof(table), "%s.%s", c->schema, c->table);
     /* A statement chunk holds up to 500 row images: pending counts images, not rows. */
-    if (r->ch.nrows > 1) {
-        u->weight += r->ch.nrows - 1;
-        d->pending += r->ch.nrows - 1;
-    }
-    if (r->ch.id < 0)
-        r->ch.id = id;
-    snprintf(r->table, sizeof(r->table), "%s.%s", r->ch.schema, r->ch.table);
-    /* The capture of a durable table only ever rings an empty doorbell; a full change for it
-     * by NOTIFY came from elsewhere (any role may NOTIFY): refuse it. */
-    if (!u->claim && evd_set_has(&d->durable, r->table, strlen(r->table))) {
-        d->n_bad++;
-        snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", r->table);
-        evd_log_ratelimited("notify_for_durable", "bad_input",
-                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", r->table),
-                                                  F_STR("error", err), {0}});
-        dl_line(u, r, "bad_payload", -1, err, 0);
-        evd_change_clear(&r->ch);
-        r->finished = true;
-        unit_finish_rec(u);
-        return;
-    }
+    size_t extra = c->nrows > 1 ? c->nrows - 1 : 0;
+    size_t before = u->nrecs;
     const evd_config_t *cfg = u->cfg->cfg;
-    if (!evd_rules_watches(&cfg->rules, r->ch.schema, r->ch.table)) {
-        bool watched = evd_set_has(&d->watched, r->table, strlen(r->table));
-        if (watched) {
+    if (!u->claim && evd_set_has(&d->durable, table, strlen(table))) {
+        /* The capture of a durable table only ever rings an empty doorbell; a full change for
+         * it by NOTIFY came from elsewhere (any role may NOTIFY): refuse it. */
+        d->n_bad++;
+        snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", table);
+        evd_log_ratelimited("notify_for_durable", "bad_input",
+                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
+                                                  F_STR("error", err), {0}});
+        accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
+    } else if (!evd_rules_watches(&cfg->rules, c->schema, c->table)) {
+        if (evd_set_has(&d->watched, table, strlen(table))) {
             d->n_unmatched++;
+            accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
         } else {
             d->n_bad++;
-            snprintf(err, sizeof(err), "table %s is not watched by evictd", r->table);
+            snprintf(err, sizeof(err), "table %s is not watched by evictd", table);
             evd_log_ratelimited("unknown_table", "bad_input",
-                                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", r->table),
+                                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", table),
                                                       F_INT("id", id), {0}});
-            dl_line(u, r, "unknown_table", -1, err, 0);
+            accept_finished(u, id, table, c->op, payload, len, "unknown_table", err);
         }
-        evd_change_clear(&r->ch);
-        r->finished = true;
-        unit_finish_rec(u);
-        return;
+    } else {
+        lookup_ctx_t lc = {.u = u};
+        if (evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) < 0)
+            EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("error", "out of memory"));
+        if (lc.calls == 0) {
+            expand_and_submit(u, c, table, id, payload, len, NULL, 0);
+        } else {
+            /* Its parse waits for the unit's lookups (expand_unit). */
+            rec_t *w = rec_alloc(u, id, table, payload, len, 0, 0, 0, NULL, NULL);
+            evd_change_t *keep = w ? malloc(sizeof(*keep)) : NULL;
+            if (!keep || unit_push(u, w) < 0) {
+                free(keep);
+                free(w);
+                EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+            } else {
+                *keep = *c;
+                memset(c, 0, sizeof(*c)); /* the arena is the rec's now */
+                w->ch = keep;
+                w->op = keep->op;
+                w->ts = keep->ts;
+            }
+        }
     }
-    lookup_ctx_t lc = {.u = u};
-    if (evd_rules_lookups(&cfg->rules, &r->ch, need_lookup, &lc) < 0)
-        EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("error", "out of memory"));
+    if (u->nrecs > before && extra) {
+        u->weight += extra;
+        d->pending += extra;
+    }
+    evd_change_clear_spare(c, &d->spare);
 }
 
 /* All payloads of u are in: expand now or when the lookups return. */
@@ -1820,6 +1945,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     free(d->targets);
     free(d->retiring);
     evd_expansion_free(&d->x);
+    evd_arena_spare_free(&d->spare);
     evd_set_free(&d->watched);
     evd_set_free(&d->durable);
     evd_metrics_free(&d->m);

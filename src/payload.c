@@ -41,6 +41,8 @@ evd_op_t evd_op_parse(const char *s)
 
 /* ---- arena: chained blocks, so pointers stay valid; freed at once ---- */
 
+#define SPARE_MAX 65536 /* the largest first block a caller keeps between parses */
+
 struct evd_arena_block {
     evd_arena_block_t *next;
     size_t used, cap;
@@ -904,6 +906,12 @@ static bool check_form(top_t *t, evd_change_t *out, char *err, size_t errlen)
 evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t *out, char *err,
                                        size_t errlen)
 {
+    return evd_payload_parse_spare(buf, len, out, NULL, err, errlen);
+}
+
+evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out,
+                                             evd_arena_block_t **spare, char *err, size_t errlen)
+{
     memset(out, 0, sizeof(*out));
     out->id = -1;
     out->tx = -1;
@@ -912,8 +920,15 @@ evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t
     top_t t;
     memset(&t, 0, sizeof(t));
     parser_t ps = {.base = buf, .p = buf, .end = buf + len, .arena = &out->arena, .err = err, .errlen = errlen};
-    /* Room for the decoded strings plus a few dozen columns: one malloc for a typical change. */
-    out->arena = arena_block(NULL, len + 320);
+    /* Room for the decoded strings plus a few dozen columns: one malloc for a typical change,
+     * none when the caller's spare block is big enough. */
+    if (spare && *spare && (*spare)->cap >= 2 * len + 512) {
+        out->arena = *spare;
+        out->arena->used = 0;
+        *spare = NULL;
+    } else {
+        out->arena = arena_block(NULL, 2 * len + 512);
+    }
     if (!out->arena) {
         snprintf(err, errlen, "out of memory");
         return EVD_PAYLOAD_BAD;
@@ -942,6 +957,29 @@ evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t
 fail:
     evd_change_clear(out);
     return EVD_PAYLOAD_BAD;
+}
+
+void evd_change_clear_spare(evd_change_t *c, evd_arena_block_t **spare)
+{
+    /* Keep the largest block up to SPARE_MAX (blocks grow along the chain, newest first). */
+    evd_arena_block_t **best = NULL;
+    for (evd_arena_block_t **b = &c->arena; *b; b = &(*b)->next)
+        if ((*b)->cap <= SPARE_MAX && (!best || (*b)->cap > (*best)->cap))
+            best = b;
+    if (best && (!*spare || (*spare)->cap < (*best)->cap)) {
+        evd_arena_block_t *keep = *best;
+        *best = keep->next;
+        free(*spare);
+        *spare = keep;
+        keep->next = NULL;
+    }
+    evd_change_clear(c);
+}
+
+void evd_arena_spare_free(evd_arena_block_t **spare)
+{
+    free(*spare);
+    *spare = NULL;
 }
 
 void evd_change_clear(evd_change_t *c)

@@ -92,6 +92,16 @@ evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t
                                        size_t errlen) EVD_MUST_CHECK;
 void evd_change_clear(evd_change_t *c);
 
+/* For a caller that parses one change at a time: the parse takes its first block from *spare
+ * when it is big enough, and evd_change_clear_spare keeps that block (up to 64 KiB) in *spare
+ * for the next parse, so a steady stream of changes allocates nothing per change.
+ * evd_arena_spare_free releases it. */
+evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out,
+                                             evd_arena_block_t **spare, char *err,
+                                             size_t errlen) EVD_MUST_CHECK;
+void evd_change_clear_spare(evd_change_t *c, evd_arena_block_t **spare);
+void evd_arena_spare_free(evd_arena_block_t **spare);
+
 /* Appends the change as compact JSON in the payload form (for dead-letter lines). */
 int evd_change_to_json(const evd_change_t *c, evd_buf_t *out) EVD_MUST_CHECK;
 

@@ -295,8 +295,8 @@ int evd_expansion_init(evd_expansion_t *x, size_t ntargets)
 
 static void keyset_reset(evd_keyset_t *k)
 {
-    evd_keyvec_free(&k->keys);
-    evd_keyvec_free(&k->patterns);
+    evd_keyvec_reset(&k->keys);
+    evd_keyvec_reset(&k->patterns);
     evd_set_clear(&k->seen_keys);
     evd_set_clear(&k->seen_patterns);
 }

@@ -171,6 +171,31 @@ int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n)
     return 0;
 }
 
+void evd_keyvec_reset(evd_keyvec_t *kv)
+{
+    /* The newest chunk is the largest: keep it (when modest) and the pointer array. */
+    evd_chunk_t *keep = kv->chunks;
+    if (keep && keep->cap > 65536)
+        keep = NULL;
+    evd_chunk_t *c = keep ? keep->next : kv->chunks;
+    while (c) {
+        evd_chunk_t *next = c->next;
+        free(c);
+        c = next;
+    }
+    if (keep) {
+        keep->next = NULL;
+        keep->used = 0;
+    }
+    kv->chunks = keep;
+    if (kv->cap > 4096) {
+        free(kv->v);
+        kv->v = NULL;
+        kv->cap = 0;
+    }
+    kv->n = 0;
+}
+
 void evd_keyvec_free(evd_keyvec_t *kv)
 {
     evd_chunk_t *c = kv->chunks;

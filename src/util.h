@@ -50,6 +50,8 @@ typedef struct evd_keyvec {
 } evd_keyvec_t;
 
 int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n) EVD_MUST_CHECK;
+/* Empties kv, keeping its pointer array and newest chunk (when modest) for reuse. */
+void evd_keyvec_reset(evd_keyvec_t *kv);
 void evd_keyvec_free(evd_keyvec_t *kv);
 
 /* Monotonic clock in milliseconds and wall clock in epoch milliseconds. */

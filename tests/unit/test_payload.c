@@ -465,6 +465,63 @@ static void test_prefixes_and_mutations(void **state)
     free(m);
 }
 
+/* A caller parsing one change at a time reuses one arena block: no allocation per change. */
+static void test_spare_block(void **state)
+{
+    (void)state;
+    static const char upd[] = "{\"v\":1,\"id\":42,\"tx\":901,\"ts\":1.5,\"schema\":\"public\","
+                              "\"table\":\"shipments\",\"op\":\"UPDATE\",\"old\":{\"id\":7,\"product_id\":3},"
+                              "\"new\":{\"id\":7,\"product_id\":4}}";
+    static const char ins[] = "{\"v\":1,\"id\":null,\"schema\":\"public\",\"table\":\"products\","
+                              "\"op\":\"INSERT\",\"new\":{\"id\":9}}";
+    evd_arena_block_t *spare = NULL;
+    evd_change_t c;
+    char err[128];
+    assert_int_equal(evd_payload_parse_spare(upd, strlen(upd), &c, &spare, err, sizeof(err)), EVD_PAYLOAD_OK);
+    evd_change_clear_spare(&c, &spare);
+    assert_non_null(spare);
+    assert_null(c.arena);
+    evd_arena_block_t *first = spare;
+
+    /* A shorter payload parses into the kept block, with correct values. */
+    assert_int_equal(evd_payload_parse_spare(ins, strlen(ins), &c, &spare, err, sizeof(err)), EVD_PAYLOAD_OK);
+    assert_ptr_equal(c.arena, first);
+    assert_null(spare);
+    assert_int_equal(c.op, EVD_OP_INSERT);
+    assert_int_equal(int_of(c.rows[0].new_img, "id"), 9);
+    evd_change_clear_spare(&c, &spare);
+    assert_ptr_equal(spare, first);
+
+    /* A longer one needs a block of its own; the larger block is kept afterwards. */
+    size_t n = 3000;
+    char *big = malloc(n + 200);
+    assert_non_null(big);
+    int len = snprintf(big, n + 200, "{\"v\":1,\"id\":null,\"schema\":\"public\",\"table\":\"products\","
+                                     "\"op\":\"INSERT\",\"new\":{\"id\":5,\"name\":\"%0*d\"}}", (int)n, 0);
+    assert_int_equal(evd_payload_parse_spare(big, (size_t)len, &c, &spare, err, sizeof(err)), EVD_PAYLOAD_OK);
+    assert_ptr_not_equal(c.arena, first);
+    assert_ptr_equal(spare, first);
+    assert_int_equal(col_of(c.rows[0].new_img, "name")->len, n);
+    evd_change_clear_spare(&c, &spare);
+    assert_non_null(spare);
+    assert_ptr_not_equal(spare, first);
+    evd_arena_block_t *second = spare;
+    assert_int_equal(evd_payload_parse_spare(big, (size_t)len, &c, &spare, err, sizeof(err)), EVD_PAYLOAD_OK);
+    assert_ptr_equal(c.arena, second);
+    evd_change_clear_spare(&c, &spare);
+
+    /* Bad input leaves the change cleared; the parse after it still works. */
+    assert_int_equal(evd_payload_parse_spare("{\"v\":2}", 7, &c, &spare, err, sizeof(err)), EVD_PAYLOAD_BAD);
+    assert_null(c.arena);
+    evd_change_clear_spare(&c, &spare);
+    assert_int_equal(evd_payload_parse_spare(upd, strlen(upd), &c, &spare, err, sizeof(err)), EVD_PAYLOAD_OK);
+    assert_int_equal(int_of(c.rows[0].new_img, "product_id"), 4);
+    evd_change_clear_spare(&c, &spare);
+    evd_arena_spare_free(&spare);
+    assert_null(spare);
+    free(big);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -481,6 +538,7 @@ int main(void)
         cmocka_unit_test(test_huge_nesting),
         cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_prefixes_and_mutations),
+        cmocka_unit_test(test_spare_block),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

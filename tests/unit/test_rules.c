@@ -1227,6 +1227,35 @@ static void test_reset_reuse(void **state)
     evd_config_free(cfg);
 }
 
+/* evd_keyvec_reset empties the vector and keeps its storage: strings pushed after it are intact. */
+static void test_keyvec_reset(void **state)
+{
+    (void)state;
+    evd_keyvec_t kv = {0};
+    char key[300];
+    for (int round = 0; round < 3; round++) {
+        /* Long keys in later rounds: several chunks, and one past the kept chunk's size. */
+        size_t n = round == 0 ? 8 : 200;
+        for (size_t i = 0; i < n; i++) {
+            int len = snprintf(key, sizeof(key), "k:%d:%zu:%0*d", round, i, (int)(round * 100), 0);
+            assert_int_equal(evd_keyvec_push(&kv, key, (size_t)len), 0);
+        }
+        assert_int_equal(kv.n, n);
+        for (size_t i = 0; i < n; i++) {
+            snprintf(key, sizeof(key), "k:%d:%zu:%0*d", round, i, (int)(round * 100), 0);
+            assert_string_equal(kv.v[i], key);
+        }
+        char **v = kv.v;
+        evd_keyvec_reset(&kv);
+        assert_int_equal(kv.n, 0);
+        assert_ptr_equal(kv.v, v);
+        assert_non_null(kv.chunks);
+    }
+    evd_keyvec_free(&kv);
+    assert_null(kv.v);
+    assert_null(kv.chunks);
+}
+
 /* ---- evd_rules_lookups ------------------------------------------------------------------ */
 
 static void test_rules_lookups(void **state)
@@ -1370,6 +1399,7 @@ int main(void)
         cmocka_unit_test(test_glob_escaping),
         cmocka_unit_test(test_star_value_is_key),
         cmocka_unit_test(test_reset_reuse),
+        cmocka_unit_test(test_keyvec_reset),
         cmocka_unit_test(test_rules_lookups),
         cmocka_unit_test(test_lookups_cover_expand),
     };
