@@ -191,6 +191,8 @@ struct daemon {
     /* stats for the current interval and in total */
     uint64_t n_changes, n_keys, n_patterns, n_dead, n_unmatched, n_bad;
     uint64_t t_changes, t_dead;
+    uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
+    uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
     double lags[LAG_SAMPLES];
     size_t nlags;
     uint64_t retries_seen;
@@ -1220,8 +1222,10 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             /* Say we are idle, then look once more so nothing slips between. */
             d->busy_since_idle = false;
             d->lingered = false;
-            if (evd_pg_query(cl->pg, SQL_IDLE, 0, NULL, false, idle_set, d) == 0)
+            if (evd_pg_query(cl->pg, SQL_IDLE, 0, NULL, false, idle_set, d) == 0) {
+                d->t_idle_sets++;
                 return;
+            }
         }
         d->idle = true;
         trim_heap(d);
@@ -1239,6 +1243,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     uint64_t since = d->busy_since_idle && d->last_rows_at ? d->last_rows_at : d->claim_sent;
     double ms = (double)(now - since) / 1e6;
     d->rows_per_ms = 0.5 * d->rows_per_ms + 0.5 * (double)n / (ms > 0.05 ? ms : 0.05);
+    d->t_claims++;
+    d->t_claimed += (uint64_t)n;
     d->last_rows_at = now;
     d->busy_since_idle = true;
     d->lingered = false;
@@ -1303,6 +1309,7 @@ static void on_notify(evd_pg_t *pg, const char *channel, const char *payload, si
         return;
     if (len == 0) {
         /* A doorbell: the outbox has rows. */
+        d->t_doorbells++;
         d->want_drain = true;
         d->idle = false;
         uv_timer_stop(&d->poll_timer);
@@ -1936,7 +1943,9 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     evd_dl_close(d->dl);
     uv_run(d->loop, UV_RUN_DEFAULT);
     EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
-            F_INT("unacknowledged", (int64_t)d->pending));
+            F_INT("unacknowledged", (int64_t)d->pending), F_INT("doorbells", (int64_t)d->t_doorbells),
+            F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
+            F_INT("rows_claimed", (int64_t)d->t_claimed));
     evd_log_flush();
     while (d->units)
         unit_free(d->units);

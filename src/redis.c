@@ -21,6 +21,7 @@
 #include "log.h"
 
 #define ERR_LEN 256
+#define MAX_INFLIGHT 4 /* batches in flight per target at most */
 #define SCAN_COUNT "1000"
 
 /* The connection's life. advance() is the only place that enters a state and does what entering
@@ -135,7 +136,8 @@ struct evd_redis {
     evd_job_t *queue, *queue_tail; /* submitted, not yet in a batch */
     size_t queued_items;
     uint64_t fill_deadline;    /* loop time when the queue goes even if not full */
-    batch_t *inflight;         /* at most one batch in flight per target */
+    batch_t *inflight;         /* batches in flight (linked by next), MAX_INFLIGHT at most */
+    size_t ninflight;
     batch_t *backoff;          /* failed batches waiting for their retry, by due */
     batch_t *done, *done_tail; /* finished batches whose jobs are being called back */
     bool flushing;
@@ -426,8 +428,8 @@ static void reset(evd_redis_t *r, const char *fmt, ...)
         EVD_LOG(EVD_LOG_DEBUG, "disconnected", F_STR("target", r->cfg.name),
                 F_STR("error", r->last_error), F_INT("failures", r->conn_failures));
     }
-    batch_t *b = r->inflight;
-    if (b) {
+    batch_t *b;
+    while ((b = r->inflight)) {
         if (!b->error[0])
             set_error(b->error, "%s", r->last_error);
         b->outstanding = 0;
@@ -704,6 +706,10 @@ static void advance(evd_redis_t *r, state_t next)
         int64_t d = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms,
                                       r->conn_failures, rnd_unit(r));
         uv_timer_start(&r->conn_timer, on_conn_timer, (uint64_t)d, 0);
+        /* What waited for this connection now fails its attempt (counted: a Redis that stays
+         * down exhausts max_attempts), from the loop like the kick on ST_READY. */
+        if (r->queue || r->backoff)
+            uv_timer_start(&r->fill_timer, on_kick_timer, 0, 0);
         break;
     }
     case ST_CLOSED:
@@ -883,12 +889,22 @@ static void scan_detach(evd_redis_t *r, const batch_t *b)
     }
 }
 
+static void inflight_remove(evd_redis_t *r, batch_t *b)
+{
+    for (batch_t **p = &r->inflight; *p; p = &(*p)->next)
+        if (*p == b) {
+            *p = b->next;
+            b->next = NULL;
+            r->ninflight--;
+            return;
+        }
+}
+
 /* The attempt failed (b->error says why): back off, or give up after max_attempts. The batch
  * keeps its jobs and argv and goes again as a whole. */
 static void attempt_failed(evd_redis_t *r, batch_t *b)
 {
-    if (r->inflight == b)
-        r->inflight = NULL;
+    inflight_remove(r, b);
     if (b->scans_left) {
         /* Scans it started run on without it; its retry waits for a later pass. */
         scan_detach(r, b);
@@ -958,8 +974,7 @@ static void redelete_add(evd_redis_t *r, const batch_t *b);
 
 static void confirm(evd_redis_t *r, batch_t *b)
 {
-    if (r->inflight == b)
-        r->inflight = NULL;
+    inflight_remove(r, b);
     r->stats.batches++;
     r->stats.keys += b->nkeys;
     log_invalidated(r, b);
@@ -996,7 +1011,9 @@ static void attempt(evd_redis_t *r, batch_t *b)
         attempt_failed(r, b);
         return;
     }
+    b->next = r->inflight;
     r->inflight = b;
+    r->ninflight++;
     b->sending = true;
     for (size_t i = 0; i < b->argc;) {
         size_t n = b->argc - i < b->chunk + 1 ? b->argc - i : b->chunk + 1;
@@ -1337,13 +1354,19 @@ static void on_reply(redisAsyncContext *ac, void *reply_, void *privdata)
     end(r);
 }
 
-/* Starts what may start: due retries first, then the queue, one batch in flight at a time.
- * One batch in flight per target keeps ordering, timeouts and scan sharing simple; pipelining
- * inside a batch is where the throughput comes from. */
+/* Starts what may start: due retries first, then the queue. With
+ * no batch in flight the queue goes at once; while one is, it fills up to max_keys or until
+ * max_delay_ms, then goes as a further batch in flight (MAX_INFLIGHT at most). Pipelining
+ * inside a batch is where the throughput comes from; the queue going the moment nothing is in
+ * flight is where the latency comes from. */
 static void kick(evd_redis_t *r)
 {
+    /* While a connection is being made, wait for its outcome (ready, or failed: both kick)
+     * rather than spend attempts on it. */
+    if (r->state == ST_RESOLVING || r->state == ST_CONNECTING || r->state == ST_AUTH || r->state == ST_SELECT)
+        return;
     uint64_t now = uv_now(r->loop);
-    while (!r->closing && !r->inflight) {
+    while (!r->closing && r->ninflight < MAX_INFLIGHT) {
         if (r->backoff && r->backoff->due <= now) {
             batch_t *b = r->backoff;
             r->backoff = b->next;
@@ -1353,7 +1376,7 @@ static void kick(evd_redis_t *r)
         }
         if (!r->queue)
             break;
-        if (r->queued_items < (size_t)r->opts.max_keys && now < r->fill_deadline) {
+        if (r->inflight && r->queued_items < (size_t)r->opts.max_keys && now < r->fill_deadline) {
             uv_timer_start(&r->fill_timer, on_kick_timer, r->fill_deadline - now, 0);
             break;
         }
@@ -1366,6 +1389,8 @@ static void kick(evd_redis_t *r)
             break;
         }
         attempt(r, b);
+        /* What is left of the queue fills behind the batch now in flight. */
+        r->fill_deadline = now + (uint64_t)r->opts.max_delay_ms;
     }
     if (!r->closing && r->backoff && r->backoff->due > now)
         uv_timer_start(&r->retry_timer, on_kick_timer, r->backoff->due - now, 0);
@@ -1566,9 +1591,9 @@ void evd_redis_close(evd_redis_t *r, void (*closed)(void *arg), void *arg)
     teardown(r);
     r->state = ST_CLOSED;
     /* Finished jobs keep their outcome; everything else is cancelled, in order. */
-    batch_t *b = r->inflight;
-    if (b) {
-        r->inflight = NULL;
+    batch_t *b;
+    while ((b = r->inflight)) {
+        inflight_remove(r, b);
         cancel_batch(r, b);
     }
     while ((b = r->backoff)) {

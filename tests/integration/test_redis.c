@@ -476,6 +476,37 @@ static void test_duplicates_deleted_once(void **state)
     redisFree(c);
 }
 
+/* A batch goes at once when none is in flight: b, queued while a was in flight, goes as soon as
+ * a is back, not when max_delay_ms (3 s here) runs out. */
+static void test_queue_goes_when_none_in_flight(void **state)
+{
+    (void)state;
+    redisContext *c = sync_connect(0);
+    sync_ok(c, "MSET q:1 a q:2 b");
+    tctx_t t;
+    t_init(&t);
+    t.opts.max_delay_ms = 3000;
+    t_connect(&t);
+    tjob_t a, b;
+    tjob_init(&a, "q:1", NULL);
+    tjob_init(&b, "q:2", NULL);
+    uint64_t t0 = uv_hrtime();
+    evd_redis_submit(t.r, &a.job);
+    evd_redis_submit(t.r, &b.job);
+    RUN_UNTIL(&t, t.calls == 2);
+    double ms = (double)(uv_hrtime() - t0) / 1e6;
+    assert_int_equal(a.status, 0);
+    assert_int_equal(b.status, 0);
+    assert_int_equal(evd_redis_stats(t.r)->batches, 2);
+    if (ms >= 1500)
+        fail_msg("the second batch waited %.0f ms: it should go when the first is back", ms);
+    assert_int_equal(sync_int(c, "EXISTS q:1 q:2"), 0);
+    t_finish(&t);
+    tjob_free(&a);
+    tjob_free(&b);
+    redisFree(c);
+}
+
 static void test_max_keys_splits_commands(void **state)
 {
     (void)state;
@@ -867,9 +898,11 @@ static void test_close_from_callback(void **state)
     (void)state;
     redisContext *c = sync_connect(0);
     sync_ok(c, "MSET cb:1 a cb:2 b");
-    /* from a reply callback of the live connection */
+    /* from a reply callback of the live connection (b waits behind a, not going as a second
+     * batch in flight that could come back first) */
     tctx_t t;
     t_init(&t);
+    t.opts.max_delay_ms = 2000;
     t_connect(&t);
     tjob_t a, b;
     tjob_init(&a, "cb:1", "cb:*");
@@ -919,6 +952,7 @@ int main(void)
         cmocka_unit_test_setup(test_keys_deleted, test_setup),
         cmocka_unit_test_setup(test_duplicates_deleted_once, test_setup),
         cmocka_unit_test_setup(test_max_keys_splits_commands, test_setup),
+        cmocka_unit_test_setup(test_queue_goes_when_none_in_flight, test_setup),
         cmocka_unit_test_setup(test_pattern_scan, test_setup),
         cmocka_unit_test_setup(test_literal_star_key, test_setup),
         cmocka_unit_test_setup(test_auth_and_select, test_setup),
