@@ -48,7 +48,8 @@ static const char SQL_PEEK[] =
 static const char SQL_ACK_RELEASED[] =
     "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
     "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
-static const char SQL_IDLE[] = "SELECT setval('evictd.idle', 1)";
+/* Sets the idle flag in the same round trip as the claim that looks once more after it. */
+static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', 1); ";
 static const char SQL_WATCHES[] =
     "SELECT n.nspname, c.relname, array_to_string(w.columns, ','), w.durable "
     "FROM evictd.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
@@ -174,6 +175,8 @@ struct daemon {
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool busy_since_idle;  /* rows found since the idle flag was last set */
     bool idle;             /* the flag is set and the last claim found nothing */
+    bool want_idle;        /* the next claim sets the idle flag first */
+    bool claim_sets_idle;  /* the claim in flight set it */
     bool want_drain;       /* a doorbell arrived while a claim was running */
     bool watched_loaded;
     evd_set_t watched;     /* "schema.table" of evictd.watches */
@@ -1038,7 +1041,6 @@ static void held_ids(daemon_t *d, evd_buf_t *b)
 }
 
 static void claim_done(const PGresult *res, const char *err, void *arg);
-static void idle_set(const PGresult *res, const char *err, void *arg);
 static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 
 static void begin_done(const PGresult *res, const char *err, void *arg)
@@ -1071,7 +1073,9 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         if (!cl->setup)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
         evd_buf_t q = {0};
-        rc = evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim(%s, '", cursor);
+        d->claim_sets_idle = d->want_idle;
+        d->want_idle = false;
+        rc = evd_buf_printf(&q, "%sBEGIN; EXECUTE evictd_claim(%s, '", d->claim_sets_idle ? SQL_IDLE : "", cursor);
         held_ids(d, &q);
         rc = rc == 0 ? evd_buf_printf(&q, "', %s)", limit) : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
@@ -1093,16 +1097,18 @@ static void maybe_drain(daemon_t *d)
     /* Lookups need their connection: draining without it would widen every lookup. */
     if (d->stopping || d->claim_cl || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
-    /* Take turns, so that a claim does not queue behind the ack just sent on the other. */
-    for (size_t k = 0; k < NCLAIMERS; k++) {
-        claimer_t *cl = &d->cl[(d->claim_turn + k) % NCLAIMERS];
-        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open) {
-            d->claim_turn = (size_t)(cl - d->cl) + 1;
-            d->want_drain = false;
-            send_claim(d, cl);
-            return;
+    /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
+     * waits for its round trip. */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t k = 0; k < NCLAIMERS; k++) {
+            claimer_t *cl = &d->cl[(d->claim_turn + k) % NCLAIMERS];
+            if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && (pass || !evd_pg_busy(cl->pg))) {
+                d->claim_turn = (size_t)(cl - d->cl) + 1;
+                d->want_drain = false;
+                send_claim(d, cl);
+                return;
+            }
         }
-    }
 }
 
 /* After a burst, glibc keeps the freed heap (tens of MB after a million changes); give it back
@@ -1181,7 +1187,11 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     claimer_t *cl = arg;
     daemon_t *d = cl->d;
     d->claim_cl = NULL;
+    bool set_idle = d->claim_sets_idle;
+    d->claim_sets_idle = false;
     if (!res) {
+        if (set_idle) /* the flag may not be set: the next empty claim sets it */
+            d->busy_since_idle = true;
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
@@ -1207,6 +1217,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 return;
             }
         }
+        if (set_idle)
+            d->idle = true;
         if (d->opts.dry_run || d->idle)
             goto idle;
         if (d->busy_since_idle && !d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
@@ -1219,13 +1231,13 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             return;
         }
         if (d->busy_since_idle) {
-            /* Say we are idle, then look once more so nothing slips between. */
+            /* Say we are idle and look once more (one round trip), so nothing slips between. */
             d->busy_since_idle = false;
             d->lingered = false;
-            if (evd_pg_query(cl->pg, SQL_IDLE, 0, NULL, false, idle_set, d) == 0) {
-                d->t_idle_sets++;
-                return;
-            }
+            d->want_idle = true;
+            d->t_idle_sets++;
+            maybe_drain(d);
+            return;
         }
         d->idle = true;
         trim_heap(d);
@@ -1286,16 +1298,6 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         maybe_drain(d);
     else
         update_pause(d);
-}
-
-static void idle_set(const PGresult *res, const char *err, void *arg)
-{
-    daemon_t *d = arg;
-    if (!res)
-        EVD_LOG(EVD_LOG_WARN, "idle_flag_failed", F_STR("error", err));
-    d->idle = res != NULL;
-    d->want_drain = true;
-    maybe_drain(d);
 }
 
 /* ---------------------------------------------------------------- PostgreSQL events */

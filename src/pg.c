@@ -621,6 +621,11 @@ bool evd_pg_ready(const evd_pg_t *pg)
     return pg->state == PG_READY;
 }
 
+bool evd_pg_busy(const evd_pg_t *pg)
+{
+    return pg->head != NULL;
+}
+
 const char *evd_pg_last_error(const evd_pg_t *pg)
 {
     return pg->last_error[0] ? pg->last_error : NULL;

@@ -35,6 +35,8 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
                  evd_pg_result_cb cb, void *arg) EVD_MUST_CHECK;
 
 bool evd_pg_ready(const evd_pg_t *pg);
+/* True while a query is queued or in flight. */
+bool evd_pg_busy(const evd_pg_t *pg);
 const char *evd_pg_last_error(const evd_pg_t *pg);
 uint64_t evd_pg_reconnects(const evd_pg_t *pg);
 /* Stops (or resumes) reading the socket: backpressure for the LISTEN connection. */

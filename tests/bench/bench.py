@@ -347,7 +347,7 @@ class Bench:
             argv = [sys.executable, PEER, "--dsn", self.pg.dsn(), "--redis", self.rd.url(0),
                     "--channel", "evictd", "--max-seconds", "3600"]
         else:
-            argv = [self.args.evictd, "run", "--config", self.cfg[kind], "--log-level", "warn"]
+            argv = [self.args.evictd, "run", "--config", self.cfg[kind], "--log-level", self.args.evictd_log_level]
         proc = Proc(name, argv, logpath)
         try:
             self.ready(proc)
@@ -1146,6 +1146,9 @@ def main():
     ap.add_argument("--synchronous-commit", default="on", choices=("on", "off", "local"))
     ap.add_argument("--lat-conns", type=int, help="writer connections for the main latency run (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, probe data)")
+    ap.add_argument("--evictd-log-level", default="warn", choices=("debug", "info", "warn", "error"),
+                    help="evictd's log level (default warn; info adds a line per batch and, at exit, the counts of "
+                         "doorbells, idle flags set, claims and rows claimed)")
     ap.add_argument("--perf", nargs="?", const="fp", choices=("fp", "dwarf"),
                     help="perf record evictd during the first burst and outbox drain (call graphs by frame pointer, "
                          "or dwarf); the report gets the top of `perf report`")
