@@ -1,0 +1,205 @@
+/* daemon_int.h - what the parts of `evictd run` share: the daemon, its units of work and
+ * records, and the calls between pipeline.c (change -> keys -> Redis jobs -> completion),
+ * outbox.c (claims, acks, the idle flag) and daemon.c (connections, signals, reload, stats).
+ * Internal to the daemon. */
+#ifndef EVD_DAEMON_INT_H
+#define EVD_DAEMON_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config.h"
+#include "daemon.h"
+#include "deadletter.h"
+#include "http.h"
+#include "log.h"
+#include "metrics.h"
+#include "payload.h"
+#include "pg.h"
+#include "redis.h"
+#include "rules.h"
+
+#define LAG_SAMPLES 8192 /* lag samples kept per stats interval */
+
+/* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
+static const char SQL_WATCHES[] =
+    "SELECT n.nspname, c.relname, array_to_string(w.columns, ','), w.durable "
+    "FROM evictd.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+
+/* A config shared by the work that started under it (reload swaps the current one). */
+typedef struct cfgref {
+    evd_config_t *cfg;
+    int refs;
+} cfgref_t;
+
+typedef struct daemon daemon_t;
+typedef struct unit unit_t;
+
+/* A connection that claims and acknowledges outbox rows. There are two: while one's batch is
+ * in flight (its transaction open), the other can claim the next rows. One claim query runs at
+ * a time. */
+typedef struct claimer {
+    daemon_t *d;
+    evd_pg_t *pg;
+    unit_t *open;          /* the unit whose transaction is open on pg */
+    bool setup;            /* SQL_CLAIM_SETUP succeeded (or is queued) on this connection */
+} claimer_t;
+
+#define NCLAIMERS 2
+
+/* One change in memory. Most changes are expanded as soon as they are parsed (from a scratch
+ * parse) and held as one allocation: this struct, then its jobs, their key and pattern
+ * pointers, and the strings (table, keys, patterns, payload). A change whose rules need lookups
+ * keeps its parse (ch) until the unit's lookups are back, and is then replaced by its expanded
+ * form. */
+typedef struct rec {
+    unit_t *unit;
+    evd_change_t *ch;      /* the parse, only while waiting for lookups */
+    const char *raw;       /* the payload text (dead letters re-parse it), or NULL */
+    size_t rawlen;
+    const char *table;     /* "schema.table", or NULL before it is known */
+    int64_t id;            /* outbox id or -1 */
+    double ts;             /* the change's ts (epoch ms) or 0 */
+    evd_op_t op;           /* 0 for bad input */
+    bool finished;         /* bad input or unmatched: done before expansion */
+    bool expanded;         /* jobs (if any) are built */
+    int outstanding;       /* jobs not called back */
+    size_t njobs;
+    evd_job_t *jobs;       /* njobs entries */
+    int *job_target;       /* target index per job */
+} rec_t;
+
+/* Changes read together: one outbox claim, or the notifications of one loop iteration. */
+struct unit {
+    daemon_t *d;
+    cfgref_t *cfg;
+    bool claim;            /* outbox rows: ack when done */
+    claimer_t *cl;         /* the connection that claimed them */
+    bool in_tx;            /* the claim's transaction is still open */
+    bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
+    rec_t **recs;
+    size_t nrecs, cap;
+    size_t weight;         /* row images held: what batch.max_pending counts */
+    int outstanding;       /* recs not finished, +1 until the unit is expanded */
+    int lookups_pending;   /* lookups in flight, +1 until the unit is complete (unit_start) */
+    evd_buf_t dl;          /* retries_exhausted / shutdown lines */
+    evd_buf_t dl_bad;      /* bad-input lines */
+    int dl_writes;         /* dead-letter writes in flight */
+    /* lookup results of this unit */
+    struct lres *lres;
+    unit_t *next;          /* in the daemon's list of live units */
+    unit_t *prev;
+};
+
+typedef struct lres {
+    struct lres *next;
+    const evd_rule_t *rule;
+    size_t lookup;
+    char *argkey;          /* args joined by \x1f */
+    evd_lookup_vals_t vals;
+    bool done;
+} lres_t;
+
+typedef struct target {
+    evd_redis_t *r;
+    char *name;
+} target_t;
+
+struct daemon {
+    uv_loop_t *loop;
+    evd_run_opts_t opts;
+    cfgref_t *cfg;
+    evd_pg_t *listen;
+    claimer_t cl[NCLAIMERS]; /* cl[0] also reads evictd.watches and the backlog */
+    claimer_t *claim_cl;   /* the claimer of the claim in flight, NULL when none */
+    size_t claim_turn;     /* the claimer to try first next time */
+    int64_t claim_from;    /* the cursor the claim in flight was sent with */
+    int64_t restart;       /* where a pass starts: just below the lowest id found lately */
+    bool floor_query;      /* a floor check is in flight (floor_check) */
+    uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
+    uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
+    evd_pg_t *lookupc;
+    target_t *targets;     /* per current config target */
+    size_t ntargets;
+    evd_redis_t **retiring; /* old targets draining after a reload */
+    size_t nretiring;
+    evd_dl_t *dl;
+    evd_expansion_t x;     /* scratch: the keys of the change being expanded */
+    evd_change_t scratch;  /* scratch: the change being accepted */
+    evd_arena_block_t *spare; /* its arena block, kept between changes */
+
+    unit_t *units;         /* live units */
+    unit_t *incoming;      /* notifications of this iteration */
+    size_t pending;        /* changes in memory */
+    bool paused;
+
+    /* outbox claiming */
+    int64_t cursor;
+    size_t claim_limit;    /* rows the claim in flight asked for */
+    double imgs_per_row;   /* row images per outbox row, moving average */
+    uint64_t last_trim;    /* loop time of the last malloc_trim */
+    bool lingered;         /* an empty claim was retried once before setting the idle flag */
+    uint64_t claim_sent;   /* uv_hrtime() when the claim in flight was sent */
+    uint64_t last_rows_at; /* uv_hrtime() of the last claim that found rows */
+    double rows_per_ms;    /* outbox rows found per ms lately (moving average) */
+    uint64_t changes_at_trim;
+    uint64_t images_done;  /* row images through the pipeline, for trim_heap */
+    bool busy_since_idle;  /* rows found since the idle flag was last set */
+    bool idle;             /* the flag is set and the last claim found nothing */
+    bool want_idle;        /* the next claim sets the idle flag first */
+    bool claim_sets_idle;  /* the claim in flight set it */
+    bool want_drain;       /* a doorbell arrived while a claim was running */
+    bool watched_loaded;
+    evd_set_t watched;     /* "schema.table" of evictd.watches */
+    evd_set_t durable;     /* the durably watched ones among them */
+
+    uv_timer_t poll_timer;
+    uv_timer_t floor_timer;
+    uv_timer_t stats_timer;
+    uv_timer_t shutdown_timer;
+    uv_check_t check;
+    uv_signal_t sigterm, sigint, sighup;
+    bool stopping;
+    int exit_code;
+
+    /* stats for the current interval and in total */
+    uint64_t n_changes, n_keys, n_patterns, n_dead, n_unmatched, n_bad;
+    uint64_t t_changes, t_dead;
+    uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
+    uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
+    double lags[LAG_SAMPLES];
+    size_t nlags;
+    uint64_t retries_seen;
+
+    /* /metrics and /readyz */
+    evd_metrics_t m;
+    evd_http_t *http;
+    int64_t backlog;       /* outbox rows between the lowest and highest id, -1 unknown */
+    bool backlog_query;    /* a backlog query is in flight */
+};
+
+/* pipeline.c */
+unit_t *unit_new(daemon_t *d, bool claim);
+void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id);
+void cfg_put(cfgref_t *c);
+void job_done(evd_job_t *job, int status, const char *error, void *ud);
+void unit_free(unit_t *u);
+void unit_start(unit_t *u);
+void update_pause(daemon_t *d);
+
+/* outbox.c */
+void claim_connected(evd_pg_t *pg, void *ud);
+void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
+void claimer_lost(claimer_t *cl);
+void floor_check(uv_timer_t *t);
+void maybe_drain(daemon_t *d);
+void release_claim(unit_t *u);
+void unit_send_ack(unit_t *u);
+
+/* daemon.c */
+void watches_loaded(const PGresult *res, const char *err, void *arg);
+
+#endif

@@ -1,0 +1,461 @@
+/* outbox.c - the outbox side of `evictd run`: claims on two connections taking turns, acks,
+ * releases on retry backoff, the idle flag, passes and the floor check. */
+#include "daemon_int.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#define CLAIM_ROWS 1000
+#define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
+#define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
+#define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
+
+/* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
+static const char SQL_COMMIT[] = "COMMIT";
+/* Set up once per connection of "outbox": claims and acks are then one round trip each
+ * (BEGIN + claim, delete + COMMIT), sent as one simple query whose only parameters are ids
+ * and counts that evictd prints itself. The acks do not wait for their WAL flush: an ack lost
+ * in a crash only brings its rows back, and deleting their keys again is harmless. */
+static const char SQL_CLAIM_SETUP[] =
+    "SET synchronous_commit = off; "
+    "PREPARE evictd_claim(bigint, bigint[], int) AS "
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) "
+    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED; "
+    "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
+static const char SQL_PEEK[] =
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+/* A claim that was released (retry backoff) acks only rows no other replica has locked. */
+static const char SQL_ACK_RELEASED[] =
+    "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
+    "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
+/* Sets the idle flag in the same round trip as the claim that looks once more after it. */
+static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', 1); ";
+
+/* ---------------------------------------------------------------- acks and unit completion */
+
+static void begin_done(const PGresult *res, const char *err, void *arg);
+
+static void after_ack(const PGresult *res, const char *err, void *arg)
+{
+    unit_t *u = arg;
+    daemon_t *d = u->d;
+    if (!res) {
+        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
+        /* A failed delete skips the COMMIT after it: end the aborted transaction (its rows
+         * stay in the outbox and are claimed again). */
+        if (u->in_tx && evd_pg_query(u->cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+            EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+    }
+    unit_free(u);
+    maybe_drain(d);
+}
+
+/* Appends the outbox ids of u's records, comma-separated (first: none written yet). */
+static int put_ids(const unit_t *u, evd_buf_t *b, bool *first)
+{
+    int rc = 0;
+    for (size_t i = 0; i < u->nrecs && rc == 0; i++) {
+        if (u->recs[i]->id < 0)
+            continue;
+        rc = evd_buf_printf(b, "%s%" PRId64, *first ? "" : ",", u->recs[i]->id);
+        *first = false;
+    }
+    return rc;
+}
+
+/* The ids of u as an array literal. */
+static void ids_param(unit_t *u, evd_buf_t *b)
+{
+    bool first = true;
+    int rc = evd_buf_putc(b, '{');
+    rc = rc == 0 ? put_ids(u, b, &first) : rc;
+    if (rc == 0)
+        rc = evd_buf_putc(b, '}');
+    (void)rc;
+}
+
+/* Sends DELETE (+ COMMIT when the claim's transaction is open). */
+void unit_send_ack(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (!u->claim || d->opts.dry_run) {
+        if (u->cl && u->cl->open == u)
+            u->cl->open = NULL;
+        unit_free(u);
+        maybe_drain(d);
+        return;
+    }
+    evd_buf_t ids = {0};
+    int rc;
+    if (u->in_tx) {
+        rc = evd_buf_puts(&ids, "EXECUTE evictd_ack('");
+        ids_param(u, &ids);
+        rc = rc == 0 ? evd_buf_puts(&ids, "'); COMMIT") : rc;
+        rc = rc == 0 ? evd_pg_query(u->cl->pg, ids.data, 0, NULL, false, after_ack, u) : rc;
+    } else {
+        ids_param(u, &ids);
+        const char *params[1] = {ids.data};
+        rc = evd_pg_query(u->cl->pg, SQL_ACK_RELEASED, 1, params, true, after_ack, u);
+    }
+    evd_buf_free(&ids);
+    if (u->cl->open == u)
+        u->cl->open = NULL;
+    if (rc == 0) {
+        /* The next claim queues behind the ack and goes as soon as it is done. */
+        maybe_drain(d);
+        return;
+    }
+    /* Not connected: the rows stay in the outbox and are claimed again (deletes are
+     * idempotent, so repeating them is harmless). */
+    EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
+            F_INT("changes", (int64_t)u->nrecs));
+    unit_free(u);
+    maybe_drain(d);
+}
+
+/* ---------------------------------------------------------------- outbox claims */
+
+void release_claim(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (!u->in_tx || u->cl->open != u)
+        return;
+    u->in_tx = false;
+    u->released = true;
+    u->cl->open = NULL;
+    if (evd_pg_query(u->cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
+        return;
+    maybe_drain(d);
+}
+
+/* The ids of every claimed record in memory, as an array literal: claims skip them. */
+static void held_ids(daemon_t *d, evd_buf_t *b)
+{
+    bool first = true;
+    int rc = evd_buf_putc(b, '{');
+    for (unit_t *u = d->units; u && rc == 0; u = u->next)
+        if (u->claim)
+            rc = put_ids(u, b, &first);
+    if (rc == 0)
+        rc = evd_buf_putc(b, '}');
+    (void)rc;
+}
+
+static void claim_done(const PGresult *res, const char *err, void *arg);
+static void claim_setup_done(const PGresult *res, const char *err, void *arg);
+
+static void begin_done(const PGresult *res, const char *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    (void)arg;
+}
+
+static void send_claim(daemon_t *d, claimer_t *cl)
+{
+    char cursor[32], limit[32];
+    size_t max = (size_t)d->cfg->cfg->batch_max_pending;
+    size_t room = d->pending < max ? max - d->pending : 1;
+    snprintf(cursor, sizeof(cursor), "%" PRId64, d->cursor);
+    /* Outbox rows may be chunks of many images: ask for as many rows as the room holds at
+     * the images per row seen lately. */
+    size_t per_row = d->imgs_per_row > 1 ? (size_t)d->imgs_per_row : 1;
+    d->claim_limit = room / per_row;
+    if (d->claim_limit < 1)
+        d->claim_limit = 1;
+    if (d->claim_limit > CLAIM_ROWS)
+        d->claim_limit = CLAIM_ROWS;
+    snprintf(limit, sizeof(limit), "%zu", d->claim_limit);
+    int rc;
+    if (d->opts.dry_run) {
+        const char *params[2] = {cursor, limit};
+        rc = evd_pg_query(cl->pg, SQL_PEEK, 2, params, true, claim_done, cl);
+    } else {
+        if (!cl->setup)
+            cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+        evd_buf_t q = {0};
+        d->claim_sets_idle = d->want_idle;
+        d->want_idle = false;
+        rc = evd_buf_printf(&q, "%sBEGIN; EXECUTE evictd_claim(%s, '", d->claim_sets_idle ? SQL_IDLE : "", cursor);
+        held_ids(d, &q);
+        rc = rc == 0 ? evd_buf_printf(&q, "', %s)", limit) : rc;
+        rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
+        evd_buf_free(&q);
+    }
+    if (rc == 0) {
+        d->claim_cl = cl;
+        d->claim_from = d->cursor;
+        d->claim_gen = d->cursor_gen;
+        d->claim_sent = uv_hrtime();
+    }
+}
+
+/* Claims the next chunk when there is room, nothing else is claiming and a claim connection
+ * has no batch in flight. */
+void maybe_drain(daemon_t *d)
+{
+    update_pause(d);
+    /* Lookups need their connection: draining without it would widen every lookup. */
+    if (d->stopping || d->claim_cl || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
+        return;
+    /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
+     * waits for its round trip. */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t k = 0; k < NCLAIMERS; k++) {
+            claimer_t *cl = &d->cl[(d->claim_turn + k) % NCLAIMERS];
+            if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && (pass || !evd_pg_busy(cl->pg))) {
+                d->claim_turn = (size_t)(cl - d->cl) + 1;
+                d->want_drain = false;
+                send_claim(d, cl);
+                return;
+            }
+        }
+}
+
+/* After a burst, glibc keeps the freed heap (tens of MB after a million changes); give it back
+ * once evictd is idle again, at most once a second. */
+static void trim_heap(daemon_t *d)
+{
+#ifdef __GLIBC__
+    uint64_t now = uv_now(d->loop);
+    if (d->pending == 0 && d->images_done - d->changes_at_trim > 1000 && now - d->last_trim >= 1000) {
+        d->last_trim = now;
+        d->changes_at_trim = d->images_done;
+        malloc_trim(0);
+    }
+#else
+    (void)d;
+#endif
+}
+
+static void on_poll_timer(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
+    trim_heap(d);
+    maybe_drain(d);
+}
+
+/* Where the next pass starts: RESTART_BACK ids below the lowest id a pass found lately (rows of
+ * transactions still open then, which took lower ids, are found by the next pass). A pass from id 0
+ * would walk the index entries of every row deleted but not yet vacuumed (a million after a big
+ * drain: milliseconds per claim, in the way of every change). Rows below it that commit later
+ * (ids are taken at insert, rows become visible at commit) are found by floor_check. */
+static void restart_pass(daemon_t *d)
+{
+    d->cursor = d->restart;
+}
+
+static void floor_done(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    (void)err;
+    d->floor_query = false;
+    if (!res || PQntuples(res) != 1 || PQgetisnull(res, 0, 0))
+        return;
+    int64_t low = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
+    if (low < d->cursor) {
+        d->cursor = low;
+        d->cursor_gen++;
+        if (low < d->restart)
+            d->restart = low;
+        d->want_drain = true;
+        maybe_drain(d);
+    }
+}
+
+/* Every poll interval, off the claim path (on the LISTEN connection, which only reads here):
+ * is a row not held in memory waiting below the cursor (committed late, or below where passes
+ * start)? Then the next claim starts below it. (A row another replica or the other claim
+ * connection holds locked also counts: the claim then skips it.) */
+void floor_check(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, floor_timer);
+    if (d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run || !d->listen ||
+        !evd_pg_ready(d->listen))
+        return;
+    evd_buf_t q = {0};
+    int rc = evd_buf_printf(&q, "SELECT min(id) FROM evictd.outbox WHERE id <= %" PRId64 " AND id <> ALL('",
+                            d->cursor);
+    held_ids(d, &q);
+    rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])") : rc;
+    if (rc == 0 && evd_pg_query(d->listen, q.data, 0, NULL, false, floor_done, d) == 0)
+        d->floor_query = true;
+    evd_buf_free(&q);
+}
+
+static void claim_done(const PGresult *res, const char *err, void *arg)
+{
+    claimer_t *cl = arg;
+    daemon_t *d = cl->d;
+    d->claim_cl = NULL;
+    bool set_idle = d->claim_sets_idle;
+    d->claim_sets_idle = false;
+    if (!res) {
+        if (set_idle) /* the flag may not be set: the next empty claim sets it */
+            d->busy_since_idle = true;
+        /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
+        EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
+        if (!d->opts.dry_run)
+            if (evd_pg_query(cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        if (!d->stopping)
+            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        return;
+    }
+    int n = PQntuples(res);
+    if (n == 0) {
+        if (!d->opts.dry_run)
+            if (evd_pg_query(cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
+        if (d->stopping)
+            return;
+        if (!d->opts.dry_run && d->claim_gen == d->cursor_gen) {
+            /* A pass is over: start again from the lowest id (restart_pass). */
+            int64_t from = d->claim_from;
+            restart_pass(d);
+            if (d->cursor < from) {
+                maybe_drain(d);
+                return;
+            }
+        }
+        if (set_idle)
+            d->idle = true;
+        if (d->opts.dry_run || d->idle)
+            goto idle;
+        if (d->busy_since_idle && !d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
+            /* Under heavy load, look once more after a moment before saying we are idle: a row
+             * arrives within it, and every doorbell rung costs the writers a NOTIFY
+             * (PostgreSQL serialises the commits of notifying transactions). Under light load
+             * say so at once: the next write rings, and is seen without waiting for a poll. */
+            d->lingered = true;
+            uv_timer_start(&d->poll_timer, on_poll_timer, LINGER_MS, 0);
+            return;
+        }
+        if (d->busy_since_idle) {
+            /* Say we are idle and look once more (one round trip), so nothing slips between. */
+            d->busy_since_idle = false;
+            d->lingered = false;
+            d->want_idle = true;
+            d->t_idle_sets++;
+            maybe_drain(d);
+            return;
+        }
+        d->idle = true;
+        trim_heap(d);
+    idle:
+        if (d->want_drain) {
+            maybe_drain(d);
+            return;
+        }
+        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        return;
+    }
+    d->idle = false;
+    /* Rows per ms since the previous claim that found rows (or since this one was sent). */
+    uint64_t now = uv_hrtime();
+    uint64_t since = d->busy_since_idle && d->last_rows_at ? d->last_rows_at : d->claim_sent;
+    double ms = (double)(now - since) / 1e6;
+    d->rows_per_ms = 0.5 * d->rows_per_ms + 0.5 * (double)n / (ms > 0.05 ? ms : 0.05);
+    d->t_claims++;
+    d->t_claimed += (uint64_t)n;
+    d->last_rows_at = now;
+    d->busy_since_idle = true;
+    d->lingered = false;
+    unit_t *u = unit_new(d, true);
+    if (!u) {
+        EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
+        if (!d->opts.dry_run)
+            if (evd_pg_query(cl->pg, "ROLLBACK", 0, NULL, false, begin_done, NULL) < 0)
+                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        return;
+    }
+    u->in_tx = !d->opts.dry_run;
+    u->cl = cl;
+    if (u->in_tx)
+        cl->open = u;
+    /* A claim at the start of a pass found the lowest id in the outbox (but rows held here). */
+    bool own = d->claim_gen == d->cursor_gen;
+    if (own && (d->claim_from == 0 || d->claim_from <= d->restart)) {
+        /* Some way below it: concurrent writers commit out of id order all the time. */
+        d->restart = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1 - RESTART_BACK;
+        if (d->restart < 0)
+            d->restart = 0;
+    }
+    for (int i = 0; i < n; i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        if (own && id > d->cursor)
+            d->cursor = id;
+        accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
+    }
+    /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
+     * starts again from the lowest id. Ids are taken at insert time but become visible at
+     * commit, so a row below the cursor may have committed meanwhile; under steady load a
+     * pass that only ever moved onward would leave it behind until the load stopped. */
+    if (own && !d->opts.dry_run && (size_t)n < d->claim_limit)
+        restart_pass(d);
+    d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
+    unit_start(u);
+    if (d->opts.dry_run)
+        maybe_drain(d);
+    else
+        update_pause(d);
+}
+
+static void claim_setup_done(const PGresult *res, const char *err, void *arg)
+{
+    claimer_t *cl = arg;
+    if (!res) {
+        /* E.g. evictd.outbox is not installed yet: set up again before the next claim. */
+        EVD_LOG(EVD_LOG_WARN, "claim_failed", F_STR("error", err));
+        cl->setup = false;
+    }
+}
+
+void claim_connected(evd_pg_t *pg, void *ud)
+{
+    claimer_t *cl = ud;
+    daemon_t *d = cl->d;
+    cl->setup = evd_pg_query(pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+    if (cl != &d->cl[0]) {
+        maybe_drain(d);
+        return;
+    }
+    d->cursor = 0;
+    d->restart = 0;
+    d->busy_since_idle = true;
+    d->idle = false;
+    d->watched_loaded = false;
+    /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not
+     * arrive as 1000 rows at once. The average adapts within a few claims. */
+    d->imgs_per_row = 100;
+    if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+        d->watched_loaded = true;
+}
+
+/* The open claim's locks are gone with the connection; its rows stay held in memory. */
+void claimer_lost(claimer_t *cl)
+{
+    daemon_t *d = cl->d;
+    if (d->claim_cl == cl)
+        d->claim_cl = NULL;
+    cl->setup = false;
+    if (cl->open) {
+        cl->open->in_tx = false;
+        cl->open->released = true;
+        cl->open = NULL;
+    }
+}
+
+void claim_disconnected(evd_pg_t *pg, const char *why, void *ud)
+{
+    (void)pg;
+    (void)why;
+    claimer_lost(ud);
+}
+

@@ -1,0 +1,732 @@
+/* pipeline.c - the change pipeline of `evictd run`: payloads parsed into records, expanded
+ * into keys per target, handed to the Redis targets as jobs, dead-lettered when they fail,
+ * and completed per unit (then outbox.c acknowledges a claim). */
+#include "daemon_int.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void unit_finish_rec(unit_t *u);
+
+/* ---------------------------------------------------------------- config refs */
+
+static cfgref_t *cfg_get(cfgref_t *c)
+{
+    c->refs++;
+    return c;
+}
+
+void cfg_put(cfgref_t *c)
+{
+    if (c && --c->refs == 0) {
+        evd_config_free(c->cfg);
+        free(c);
+    }
+}
+
+/* ---------------------------------------------------------------- units and records */
+
+unit_t *unit_new(daemon_t *d, bool claim)
+{
+    unit_t *u = calloc(1, sizeof(*u));
+    if (!u)
+        return NULL;
+    u->d = d;
+    u->claim = claim;
+    /* Guards: recs that finish while the unit is still filling must not complete it. */
+    u->outstanding = 1;
+    u->lookups_pending = 1;
+    u->cfg = cfg_get(d->cfg);
+    u->next = d->units;
+    if (d->units)
+        d->units->prev = u;
+    d->units = u;
+    return u;
+}
+
+static void rec_free(rec_t *r)
+{
+    if (!r)
+        return;
+    if (r->ch) {
+        evd_change_clear(r->ch);
+        free(r->ch);
+    }
+    free(r); /* also holds the jobs and every string */
+}
+
+static void lres_free_all(unit_t *u)
+{
+    lres_t *l = u->lres;
+    while (l) {
+        lres_t *next = l->next;
+        for (size_t i = 0; i < l->vals.n; i++)
+            free(l->vals.v[i]);
+        free(l->vals.v);
+        free(l->argkey);
+        free(l);
+        l = next;
+    }
+    u->lres = NULL;
+}
+
+void unit_free(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        d->units = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    for (size_t i = 0; i < u->nrecs; i++)
+        rec_free(u->recs[i]);
+    d->pending -= u->weight;
+    d->images_done += u->weight;
+    free(u->recs);
+    evd_buf_free(&u->dl);
+    evd_buf_free(&u->dl_bad);
+    lres_free_all(u);
+    cfg_put(u->cfg);
+    free(u);
+}
+
+#define ALIGN8(n) (((n) + 7) & ~(size_t)7)
+
+/* Sizes of one rec's block: the struct, njobs jobs with their target indices, nptrs key and
+ * pattern pointers, then nbytes of strings. */
+static size_t rec_size(size_t njobs, size_t nptrs, size_t nbytes)
+{
+    return ALIGN8(sizeof(rec_t)) + njobs * sizeof(evd_job_t) + ALIGN8(njobs * sizeof(int)) +
+           nptrs * sizeof(char *) + nbytes;
+}
+
+/* A rec in one allocation, with room for njobs jobs, nptrs pointers and nbytes of strings (at
+ * *strings); table and the payload (raw, or NULL) are copied in. */
+static rec_t *rec_alloc(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen,
+                        size_t njobs, size_t nptrs, size_t nbytes, char ***ptrs, char **strings)
+{
+    size_t tlen = table ? strlen(table) + 1 : 0;
+    size_t rlen = raw ? rawlen + 1 : 0;
+    char *m = malloc(rec_size(njobs, nptrs, nbytes + tlen + rlen));
+    if (!m)
+        return NULL;
+    rec_t *r = (rec_t *)m;
+    memset(r, 0, sizeof(*r));
+    r->unit = u;
+    r->id = id;
+    m += ALIGN8(sizeof(rec_t));
+    r->jobs = njobs ? (evd_job_t *)m : NULL;
+    m += njobs * sizeof(evd_job_t);
+    r->job_target = njobs ? (int *)m : NULL;
+    m += ALIGN8(njobs * sizeof(int));
+    if (ptrs)
+        *ptrs = (char **)m;
+    m += nptrs * sizeof(char *);
+    if (strings)
+        *strings = m;
+    m += nbytes;
+    if (table) {
+        memcpy(m, table, tlen);
+        r->table = m;
+        m += tlen;
+    }
+    if (raw) {
+        memcpy(m, raw, rawlen);
+        m[rawlen] = '\0';
+        r->raw = m;
+        r->rawlen = rawlen;
+    }
+    return r;
+}
+
+/* Adds r to u: it counts as pending until the unit is freed. */
+static int unit_push(unit_t *u, rec_t *r)
+{
+    if (u->nrecs == u->cap) {
+        size_t cap = u->cap ? u->cap * 2 : 16;
+        rec_t **v = realloc(u->recs, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        u->recs = v;
+        u->cap = cap;
+    }
+    u->recs[u->nrecs++] = r;
+    u->outstanding++;
+    u->d->pending++;
+    u->weight++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- dead letters */
+
+/* Appends one dead-letter line for rec r (target < 0: bad input). */
+static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const char *error, int attempts)
+{
+    daemon_t *d = u->d;
+    evd_buf_t *b = target < 0 ? &u->dl_bad : &u->dl;
+    char ts[40];
+    snprintf(ts, sizeof(ts), "%.3f", evd_now_wall_ms());
+    int rc = evd_buf_printf(b, "{\"ts\":%s,\"reason\":\"%s\",\"target\":", ts, reason);
+    if (target >= 0) {
+        const char *tname = u->cfg->cfg->targets[r->job_target[target]].name;
+        rc |= evd_buf_json_str(b, tname, strlen(tname));
+    } else {
+        rc |= evd_buf_puts(b, "null");
+    }
+    rc |= evd_buf_puts(b, ",\"keys\":[");
+    const evd_job_t *job = target >= 0 ? &r->jobs[target] : NULL;
+    for (size_t i = 0; job && i < job->nkeys; i++) {
+        rc |= evd_buf_puts(b, i ? "," : "");
+        rc |= evd_buf_json_str(b, job->keys[i], strlen(job->keys[i]));
+    }
+    rc |= evd_buf_puts(b, "],\"patterns\":[");
+    for (size_t i = 0; job && i < job->npatterns; i++) {
+        rc |= evd_buf_puts(b, i ? "," : "");
+        rc |= evd_buf_json_str(b, job->patterns[i], strlen(job->patterns[i]));
+    }
+    rc |= evd_buf_puts(b, "],\"change\":");
+    /* The parsed change when it parsed (parsed again from its payload: expanded recs keep only
+     * the text), else the raw payload as a string. */
+    evd_change_t c;
+    char err[64];
+    if (r->ch) {
+        rc |= evd_change_to_json(r->ch, b);
+    } else if (r->op && evd_payload_parse(r->raw, r->rawlen, &c, err, sizeof(err)) == EVD_PAYLOAD_OK) {
+        if (c.id < 0)
+            c.id = r->id;
+        rc |= evd_change_to_json(&c, b);
+        evd_change_clear(&c);
+    } else {
+        rc |= evd_buf_json_str(b, r->raw ? r->raw : "", r->raw ? r->rawlen : 0);
+    }
+    rc |= evd_buf_puts(b, ",\"error\":");
+    rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
+    rc |= evd_buf_printf(b, ",\"attempts\":%d}\n", attempts);
+    d->n_dead++;
+    evd_metrics_dead_letter(&d->m, reason);
+    d->t_dead++;
+    if (rc)
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
+    EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
+            F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
+            F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error),
+            F_INT("attempts", attempts));
+}
+
+static void dl_written(int status, void *arg)
+{
+    unit_t *u = arg;
+    if (status < 0)
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "write failed"), F_STR("detail", strerror(-status)));
+    if (--u->dl_writes == 0)
+        unit_send_ack(u);
+}
+
+/* Called when a rec finished: when the unit is complete, dead letters first, then the ack. */
+static void unit_finish_rec(unit_t *u)
+{
+    if (--u->outstanding > 0)
+        return;
+    daemon_t *d = u->d;
+    u->dl_writes++;
+    if (u->dl.len) {
+        u->dl_writes++;
+        if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0)
+            u->dl_writes--;
+    }
+    if (u->dl_bad.len) {
+        u->dl_writes++;
+        if (evd_dl_write(d->dl, &u->dl_bad, true, dl_written, u) < 0)
+            u->dl_writes--;
+    }
+    dl_written(0, u);
+}
+
+/* ---------------------------------------------------------------- Redis jobs */
+
+static void record_lag(daemon_t *d, double ts)
+{
+    if (ts <= 0)
+        return;
+    double lag = evd_now_wall_ms() - ts;
+    if (lag < 0)
+        lag = 0;
+    evd_metrics_lag(&d->m, lag);
+    if (d->nlags < LAG_SAMPLES)
+        d->lags[d->nlags++] = lag;
+    else
+        d->lags[(size_t)rand() % LAG_SAMPLES] = lag;
+}
+
+void job_done(evd_job_t *job, int status, const char *error, void *ud)
+{
+    daemon_t *d = ud;
+    rec_t *r = job->ud;
+    unit_t *u = r->unit;
+    size_t ji = (size_t)(job - r->jobs);
+    if (status == EVD_REDIS_RETRYING) {
+        /* The batch entered retry backoff: let other replicas have the rows meanwhile. */
+        release_claim(u);
+        return;
+    }
+    if (status == -EIO) {
+        dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
+    } else if (status == -ECANCELED) {
+        /* Shutting down: notify-only changes cannot wait in the outbox. */
+        if (r->id < 0)
+            dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed",
+                    job->attempts);
+    } else {
+        d->n_keys += job->nkeys;
+        d->n_patterns += job->npatterns;
+    }
+    if (--r->outstanding == 0) {
+        if (status == 0)
+            record_lag(d, r->ts);
+        unit_finish_rec(u);
+    }
+}
+
+/* ---------------------------------------------------------------- lookups */
+
+static char *args_key(const char *const *args, size_t nargs)
+{
+    evd_buf_t b = {0};
+    for (size_t i = 0; i < nargs; i++)
+        if (evd_buf_puts(&b, args[i]) < 0 || evd_buf_putc(&b, '\x1f') < 0) {
+            evd_buf_free(&b);
+            return NULL;
+        }
+    if (!b.data && evd_buf_reserve(&b, 0) < 0)
+        return NULL;
+    if (b.data)
+        b.data[b.len] = '\0';
+    return b.data;
+}
+
+static lres_t *lres_find(unit_t *u, const evd_rule_t *rule, size_t lookup, const char *key)
+{
+    for (lres_t *l = u->lres; l; l = l->next)
+        if (l->rule == rule && l->lookup == lookup && strcmp(l->argkey, key) == 0)
+            return l;
+    return NULL;
+}
+
+static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t lookup,
+                                        const char *const *args, size_t nargs)
+{
+    unit_t *u = ud;
+    char *key = args_key(args, nargs);
+    if (!key)
+        return NULL;
+    lres_t *l = lres_find(u, rule, lookup, key);
+    free(key);
+    return l && l->done ? &l->vals : NULL;
+}
+
+static void expand_unit(unit_t *u);
+
+static void lookup_done(const PGresult *res, const char *err, void *arg)
+{
+    lres_t *l = arg;
+    l->done = true;
+    if (!res) {
+        l->vals.status = -1;
+        EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("as", l->rule->lookups[l->lookup].as), F_STR("error", err));
+    } else {
+        int n = PQntuples(res);
+        bool is_bool = PQnfields(res) > 0 && PQftype(res, 0) == 16; /* BOOLOID */
+        l->vals.v = calloc((size_t)(n ? n : 1), sizeof(char *));
+        if (!l->vals.v) {
+            l->vals.status = -1;
+        } else {
+            for (int i = 0; i < n && PQnfields(res) > 0; i++) {
+                if (PQgetisnull(res, i, 0)) {
+                    l->vals.v[l->vals.n++] = NULL;
+                    continue;
+                }
+                const char *v = PQgetvalue(res, i, 0);
+                if (is_bool)
+                    v = v[0] == 't' ? "True" : "False";
+                l->vals.v[l->vals.n++] = strdup(v);
+            }
+        }
+    }
+}
+
+typedef struct lookup_ctx {
+    unit_t *u;
+    size_t calls; /* lookups the change needs */
+} lookup_ctx_t;
+
+typedef struct lookup_req {
+    lres_t *l;
+    unit_t *u;
+} lookup_req_t;
+
+static void lookup_req_done(const PGresult *res, const char *err, void *arg)
+{
+    lookup_req_t *q = arg;
+    unit_t *u = q->u;
+    lookup_done(res, err, q->l);
+    free(q);
+    if (--u->lookups_pending == 0)
+        expand_unit(u);
+}
+
+static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const char *const *args, size_t nargs)
+{
+    lookup_ctx_t *lc = ud;
+    unit_t *u = lc->u;
+    lc->calls++;
+    daemon_t *d = u->d;
+    char *key = args_key(args, nargs);
+    if (!key)
+        return -ENOMEM;
+    if (lres_find(u, rule, lookup, key)) {
+        free(key);
+        return 0;
+    }
+    lres_t *l = calloc(1, sizeof(*l));
+    lookup_req_t *q = calloc(1, sizeof(*q));
+    if (!l || !q) {
+        free(l);
+        free(q);
+        free(key);
+        return -ENOMEM;
+    }
+    l->rule = rule;
+    l->lookup = lookup;
+    l->argkey = key;
+    l->next = u->lres;
+    u->lres = l;
+    q->l = l;
+    q->u = u;
+    int rc = d->lookupc ? evd_pg_query(d->lookupc, rule->lookups[lookup].sql, (int)nargs, args, true,
+                                       lookup_req_done, q)
+                        : -ENOTCONN;
+    if (rc < 0) {
+        /* Unknown: the template widens. */
+        l->done = true;
+        l->vals.status = -1;
+        free(q);
+        return 0;
+    }
+    u->lookups_pending++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- expanding and submitting */
+
+/* Appends the keys (or patterns) of every job of r as a JSON array. */
+static int keys_json(const rec_t *r, bool patterns, evd_buf_t *b)
+{
+    int rc = evd_buf_putc(b, '[');
+    bool first = true;
+    for (size_t j = 0; j < r->njobs && rc == 0; j++) {
+        const evd_job_t *job = &r->jobs[j];
+        char **v = patterns ? job->patterns : job->keys;
+        size_t n = patterns ? job->npatterns : job->nkeys;
+        for (size_t i = 0; i < n && rc == 0; i++, first = false) {
+            rc |= evd_buf_puts(b, first ? "" : ",");
+            rc |= evd_buf_json_str(b, v[i], strlen(v[i]));
+        }
+    }
+    return rc | evd_buf_putc(b, ']');
+}
+
+static void log_change_keys(rec_t *r)
+{
+    bool dry = r->unit->d->opts.dry_run;
+    if ((dry ? EVD_LOG_INFO : EVD_LOG_DEBUG) < evd_log_min_level)
+        return; /* building the key lists costs more than the rest of the change */
+    evd_buf_t b = {0};
+    evd_buf_t p = {0};
+    if ((keys_json(r, false, &b) | keys_json(r, true, &p)) == 0)
+        EVD_LOG(dry ? EVD_LOG_INFO : EVD_LOG_DEBUG, dry ? "would_invalidate" : "change", F_STR("table", r->table),
+                F_STR("op", evd_op_name(r->op)), F_INT("id", r->id), F_RAW("keys", b.data),
+                F_RAW("patterns", p.data));
+    evd_buf_free(&b);
+    evd_buf_free(&p);
+}
+
+/* Expands change c into the scratch expansion d->x (the caller resets it after use). */
+static int expand_change(unit_t *u, const evd_change_t *c, const char *table, int64_t id)
+{
+    daemon_t *d = u->d;
+    const evd_config_t *cfg = u->cfg->cfg;
+    if (d->x.ntargets != cfg->ntargets) {
+        evd_expansion_free(&d->x);
+        if (evd_expansion_init(&d->x, cfg->ntargets) < 0)
+            return -ENOMEM;
+    }
+    evd_expansion_reset(&d->x);
+    int rc = evd_rules_expand(&cfg->rules, c, resolve, u, &d->x);
+    if (rc == 0 && d->x.widened)
+        evd_log_ratelimited("widened", "widened",
+                            (const evd_field_t[]){F_STR("table", table), F_STR("op", evd_op_name(c->op)),
+                                                  F_INT("id", id), F_INT("templates", d->x.widened),
+                                                  F_STR("reason", d->x.widen_reason), {0}});
+    return rc;
+}
+
+/* The expanded change as one allocation: a job per target with keys or patterns, copies of
+ * them, of table and of the payload. */
+static rec_t *rec_from_expansion(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen,
+                                 const evd_change_t *c)
+{
+    const evd_expansion_t *x = &u->d->x;
+    size_t njobs = 0, nptrs = 0, nbytes = 0;
+    for (size_t t = 0; t < x->ntargets; t++) {
+        const evd_keyset_t *k = &x->per_target[t];
+        if (!k->keys.n && !k->patterns.n)
+            continue;
+        njobs++;
+        nptrs += k->keys.n + k->patterns.n;
+        for (size_t i = 0; i < k->keys.n; i++)
+            nbytes += strlen(k->keys.v[i]) + 1;
+        for (size_t i = 0; i < k->patterns.n; i++)
+            nbytes += strlen(k->patterns.v[i]) + 1;
+    }
+    char **ptrs = NULL;
+    char *str = NULL;
+    rec_t *r = rec_alloc(u, id, table, raw, rawlen, njobs, nptrs, nbytes, &ptrs, &str);
+    if (!r)
+        return NULL;
+    r->op = c->op;
+    r->ts = c->ts;
+    r->expanded = true;
+    for (size_t t = 0; t < x->ntargets; t++) {
+        const evd_keyset_t *k = &x->per_target[t];
+        if (!k->keys.n && !k->patterns.n)
+            continue;
+        size_t j = r->njobs++;
+        r->job_target[j] = (int)t;
+        evd_job_t *job = &r->jobs[j];
+        memset(job, 0, sizeof(*job));
+        job->table = r->table;
+        job->ts = r->ts;
+        job->ud = r;
+        for (int pat = 0; pat < 2; pat++) {
+            const evd_keyvec_t *kv = pat ? &k->patterns : &k->keys;
+            if (pat) {
+                job->patterns = ptrs;
+                job->npatterns = kv->n;
+            } else {
+                job->keys = ptrs;
+                job->nkeys = kv->n;
+            }
+            for (size_t i = 0; i < kv->n; i++) {
+                size_t n = strlen(kv->v[i]) + 1;
+                memcpy(str, kv->v[i], n);
+                *ptrs++ = str;
+                str += n;
+            }
+        }
+    }
+    return r;
+}
+
+/* Counts the change and hands its jobs to the targets (r is in its unit already). */
+static void submit_rec(unit_t *u, rec_t *r)
+{
+    daemon_t *d = u->d;
+    const evd_config_t *cfg = u->cfg->cfg;
+    d->n_changes++;
+    for (int b = 0; b < 4; b++)
+        if (r->op == (evd_op_t)(1 << b))
+            evd_metrics_change(&d->m, r->table, b);
+    d->t_changes++;
+    log_change_keys(r);
+    if (!r->njobs || d->opts.dry_run || d->ntargets != cfg->ntargets || cfg != d->cfg->cfg) {
+        /* Nothing to delete, a dry run, or the config changed under us (resubmit below). */
+        if (r->njobs && !d->opts.dry_run) {
+            /* Targets are looked up by name in the current config. */
+            r->outstanding = (int)r->njobs;
+            for (size_t j = 0; j < r->njobs; j++) {
+                const char *tname = cfg->targets[r->job_target[j]].name;
+                evd_redis_t *t = NULL;
+                for (size_t k = 0; k < d->ntargets; k++)
+                    if (strcmp(d->targets[k].name, tname) == 0)
+                        t = d->targets[k].r;
+                if (t) {
+                    evd_redis_submit(t, &r->jobs[j]);
+                } else {
+                    r->jobs[j].attempts = 0;
+                    job_done(&r->jobs[j], -EIO, "target removed by a config reload", d);
+                }
+            }
+            return;
+        }
+        unit_finish_rec(u);
+        return;
+    }
+    r->outstanding = (int)r->njobs;
+    for (size_t j = 0; j < r->njobs; j++)
+        evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
+}
+
+/* Expands c (parsed from raw) into a new rec of u and submits it; on failure dead-letters it.
+ * When w is set, the new rec replaces w (a rec that waited for lookups) at index i. */
+static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *table, int64_t id, const char *raw,
+                              size_t rawlen, rec_t *w, size_t i)
+{
+    daemon_t *d = u->d;
+    int rc = expand_change(u, c, table, id);
+    rec_t *r = rc == 0 ? rec_from_expansion(u, id, table, raw, rawlen, c) : NULL;
+    evd_expansion_reset(&d->x);
+    if (r && !w && unit_push(u, r) < 0) {
+        free(r);
+        r = NULL;
+    }
+    if (!r) {
+        if (!w && (!(w = rec_alloc(u, id, table, raw, rawlen, 0, 0, 0, NULL, NULL)) || unit_push(u, w) < 0)) {
+            free(w);
+            EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+            return;
+        }
+        w->op = c->op;
+        dl_line(u, w, "bad_payload", -1, "out of memory expanding the change", 0);
+        w->finished = true;
+        unit_finish_rec(u);
+        return;
+    }
+    if (w) {
+        u->recs[i] = r;
+        rec_free(w);
+    }
+    submit_rec(u, r);
+}
+
+static void expand_unit(unit_t *u)
+{
+    /* The guard taken in unit_new keeps u alive while its recs are expanded and submitted. */
+    for (size_t i = 0; i < u->nrecs; i++) {
+        rec_t *w = u->recs[i];
+        if (!w->finished && !w->expanded)
+            expand_and_submit(u, w->ch, w->table, w->id, w->raw, w->rawlen, w, i);
+    }
+    lres_free_all(u);
+    unit_finish_rec(u);
+}
+
+/* Adds a rec that is done before expansion (bad input, unmatched): dead-lettered when reason
+ * is set. The payload is kept for the line only when it parsed (op set): else it is quoted. */
+static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload,
+                            size_t len, const char *reason, const char *err)
+{
+    rec_t *r = rec_alloc(u, id, table, reason ? payload : NULL, len, 0, 0, 0, NULL, NULL);
+    if (!r || unit_push(u, r) < 0) {
+        free(r);
+        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+        return;
+    }
+    r->op = op;
+    r->finished = true;
+    if (reason)
+        dl_line(u, r, reason, -1, err, 0);
+    unit_finish_rec(u);
+}
+
+/* Parses a payload into a new rec of u: expanded and submitted at once unless its rules need
+ * lookups (then at unit_start); bad input and unmatched tables finish at once. */
+void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
+{
+    daemon_t *d = u->d;
+    evd_change_t *c = &d->scratch;
+    char err[256];
+    evd_payload_status_t st = evd_payload_parse_spare(payload, len, c, &d->spare, err, sizeof(err));
+    if (st != EVD_PAYLOAD_OK) {
+        if (st == EVD_PAYLOAD_DOORBELL)
+            snprintf(err, sizeof(err), "empty payload");
+        d->n_bad++;
+        evd_log_ratelimited("bad_payload", "bad_input",
+                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err),
+                                                  F_INT("id", id), {0}});
+        accept_finished(u, id, NULL, 0, payload, len, "bad_payload", err);
+        evd_change_clear_spare(c, &d->spare);
+        return;
+    }
+    if (c->id < 0)
+        c->id = id;
+    char table[sizeof(c->schema) + sizeof(c->table) + 1];
+    snprintf(table, sizeof(table), "%s.%s", c->schema, c->table);
+    /* A statement chunk holds up to 500 row images: pending counts images, not rows. */
+    size_t extra = c->nrows > 1 ? c->nrows - 1 : 0;
+    size_t before = u->nrecs;
+    const evd_config_t *cfg = u->cfg->cfg;
+    if (!u->claim && evd_set_has(&d->durable, table, strlen(table))) {
+        /* The capture of a durable table only ever rings an empty doorbell; a full change for
+         * it by NOTIFY came from elsewhere (any role may NOTIFY): refuse it. */
+        d->n_bad++;
+        snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", table);
+        evd_log_ratelimited("notify_for_durable", "bad_input",
+                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
+                                                  F_STR("error", err), {0}});
+        accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
+    } else if (!evd_rules_watches(&cfg->rules, c->schema, c->table)) {
+        if (evd_set_has(&d->watched, table, strlen(table))) {
+            d->n_unmatched++;
+            accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
+        } else {
+            d->n_bad++;
+            snprintf(err, sizeof(err), "table %s is not watched by evictd", table);
+            evd_log_ratelimited("unknown_table", "bad_input",
+                                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", table),
+                                                      F_INT("id", id), {0}});
+            accept_finished(u, id, table, c->op, payload, len, "unknown_table", err);
+        }
+    } else {
+        lookup_ctx_t lc = {.u = u};
+        if (evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) < 0)
+            EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("error", "out of memory"));
+        if (lc.calls == 0) {
+            expand_and_submit(u, c, table, id, payload, len, NULL, 0);
+        } else {
+            /* Its parse waits for the unit's lookups (expand_unit). */
+            rec_t *w = rec_alloc(u, id, table, payload, len, 0, 0, 0, NULL, NULL);
+            evd_change_t *keep = w ? malloc(sizeof(*keep)) : NULL;
+            if (!keep || unit_push(u, w) < 0) {
+                free(keep);
+                free(w);
+                EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+            } else {
+                *keep = *c;
+                memset(c, 0, sizeof(*c)); /* the arena is the rec's now */
+                w->ch = keep;
+                w->op = keep->op;
+                w->ts = keep->ts;
+            }
+        }
+    }
+    if (u->nrecs > before && extra) {
+        u->weight += extra;
+        d->pending += extra;
+    }
+    evd_change_clear_spare(c, &d->spare);
+}
+
+/* All payloads of u are in: expand now or when the lookups return. */
+void unit_start(unit_t *u)
+{
+    if (--u->lookups_pending == 0)
+        expand_unit(u);
+}
+
+/* ---------------------------------------------------------------- backpressure */
+
+void update_pause(daemon_t *d)
+{
+    size_t max = (size_t)d->cfg->cfg->batch_max_pending;
+    bool pause = d->pending >= max || d->stopping;
+    if (pause != d->paused) {
+        d->paused = pause;
+        if (d->listen)
+            evd_pg_pause(d->listen, pause);
+        EVD_LOG(EVD_LOG_DEBUG, pause ? "paused" : "resumed", F_INT("pending", (int64_t)d->pending));
+    }
+}
+
