@@ -3,6 +3,7 @@
 #include "daemon_int.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -408,13 +409,17 @@ static void backlog_done(const PGresult *res, const char *err, void *arg)
 }
 
 /* The outbox backlog, refreshed at most once per scrape (max - min + 1: an upper bound that
- * costs two index probes, not a count). */
+ * costs two index probes, not a count; min from the floor check's floor, so that it does not
+ * walk the index entries of rows deleted but not yet vacuumed). */
 static void backlog_refresh(daemon_t *d)
 {
-    static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox";
+    static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox WHERE id > $1";
     if (d->backlog_query || !d->cl[0].pg || !evd_pg_ready(d->cl[0].pg) || d->opts.dry_run)
         return;
-    if (evd_pg_query(d->cl[0].pg, sql, 0, NULL, true, backlog_done, d) == 0)
+    char from[32];
+    snprintf(from, sizeof(from), "%" PRId64, d->floor_from);
+    const char *params[1] = {from};
+    if (evd_pg_query(d->cl[0].pg, sql, 1, params, true, backlog_done, d) == 0)
         d->backlog_query = true;
 }
 

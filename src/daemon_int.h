@@ -121,6 +121,13 @@ struct daemon {
     bool floor_query;      /* a floor check is in flight (floor_check) */
     uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
     uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
+    int64_t max_claimed;   /* the highest id claimed since connecting */
+    int64_t floor_from;    /* the floor check scans ids above this (floor_raise) */
+    int64_t floor_pend_m;  /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
+    int64_t floor_pend_xmax;
+    int64_t floor_sent_cursor, floor_sent_max; /* of the floor check in flight */
+    uint64_t conn_gen;     /* bumped when the claim connection (re)connects */
+    uint64_t floor_gen;    /* conn_gen when the floor check in flight was sent */
     evd_pg_t *lookupc;
     target_t *targets;     /* per current config target */
     size_t ntargets;

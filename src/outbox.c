@@ -251,15 +251,43 @@ static void restart_pass(daemon_t *d)
     d->cursor = d->restart;
 }
 
+/* Where the floor check starts scanning. A pass of claims leaves deleted rows behind in the
+ * index until VACUUM; a check from id 0 after a million-row drain walked them all every poll
+ * interval (seconds each, and claims stalled behind it). Ids are taken by the capture after its
+ * transaction has an xid, so when a check with snapshot xmax X saw that every id up to M had
+ * been claimed or was visible, every transaction that took an id <= M has an xid below X; once
+ * a later check's xmin reaches X they have all ended, and rows <= M that are not visible then
+ * never will be. The floor then rises to just above M (or to the lowest row found, if lower). */
+static void floor_raise(daemon_t *d, const PGresult *res, int64_t low)
+{
+    if (PQgetisnull(res, 0, 1) || PQgetisnull(res, 0, 2))
+        return;
+    int64_t xmin = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
+    int64_t xmax = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+    if (d->floor_pend_m >= 0 && xmin >= d->floor_pend_xmax) {
+        int64_t to = d->floor_pend_m < d->floor_sent_cursor ? d->floor_pend_m : d->floor_sent_cursor;
+        if (low >= 0 && low < to)
+            to = low;
+        if (to > d->floor_from)
+            d->floor_from = to;
+        d->floor_pend_m = -1;
+    }
+    if (d->floor_pend_m < 0) {
+        d->floor_pend_m = d->floor_sent_max;
+        d->floor_pend_xmax = xmax;
+    }
+}
+
 static void floor_done(const PGresult *res, const char *err, void *arg)
 {
     daemon_t *d = arg;
     (void)err;
     d->floor_query = false;
-    if (!res || PQntuples(res) != 1 || PQgetisnull(res, 0, 0))
+    if (!res || PQntuples(res) != 1 || PQnfields(res) != 3 || d->floor_gen != d->conn_gen)
         return;
-    int64_t low = strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
-    if (low < d->cursor) {
+    int64_t low = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
+    floor_raise(d, res, low);
+    if (low >= 0 && low < d->cursor) {
         d->cursor = low;
         d->cursor_gen++;
         if (low < d->restart)
@@ -272,7 +300,8 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
 /* Every poll interval, off the claim path (on the LISTEN connection, which only reads here):
  * is a row not held in memory waiting below the cursor (committed late, or below where passes
  * start)? Then the next claim starts below it. (A row another replica or the other claim
- * connection holds locked also counts: the claim then skips it.) */
+ * connection holds locked also counts: the claim then skips it.) The scan starts at the floor
+ * (floor_raise), not at id 0. */
 void floor_check(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, floor_timer);
@@ -280,12 +309,20 @@ void floor_check(uv_timer_t *t)
         !evd_pg_ready(d->listen))
         return;
     evd_buf_t q = {0};
-    int rc = evd_buf_printf(&q, "SELECT min(id) FROM evictd.outbox WHERE id <= %" PRId64 " AND id <> ALL('",
-                            d->cursor);
+    int rc = evd_buf_printf(&q,
+                            "SELECT (SELECT min(id) FROM evictd.outbox WHERE id > %" PRId64 " AND id <= %" PRId64
+                            " AND id <> ALL('",
+                            d->floor_from, d->cursor);
     held_ids(d, &q);
-    rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])") : rc;
-    if (rc == 0 && evd_pg_query(d->listen, q.data, 0, NULL, false, floor_done, d) == 0)
+    rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])), pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), "
+                                    "pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())")
+                 : rc;
+    if (rc == 0 && evd_pg_query(d->listen, q.data, 0, NULL, false, floor_done, d) == 0) {
         d->floor_query = true;
+        d->floor_sent_cursor = d->cursor;
+        d->floor_sent_max = d->max_claimed;
+        d->floor_gen = d->conn_gen;
+    }
     evd_buf_free(&q);
 }
 
@@ -391,6 +428,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         if (own && id > d->cursor)
             d->cursor = id;
+        if (id > d->max_claimed)
+            d->max_claimed = id;
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
     /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
@@ -401,7 +440,10 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         restart_pass(d);
     d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
     unit_start(u);
-    if (d->opts.dry_run)
+    /* A full claim says more rows wait: the other connection claims them while this batch is
+     * in flight. After a claim that reached the end, the next one goes when this batch is
+     * acknowledged (or at once on a doorbell), which batches a steady stream of writes. */
+    if (d->opts.dry_run || (size_t)n >= d->claim_limit)
         maybe_drain(d);
     else
         update_pause(d);
@@ -428,6 +470,10 @@ void claim_connected(evd_pg_t *pg, void *ud)
     }
     d->cursor = 0;
     d->restart = 0;
+    d->max_claimed = 0;
+    d->floor_from = 0;
+    d->floor_pend_m = -1;
+    d->conn_gen++;
     d->busy_since_idle = true;
     d->idle = false;
     d->watched_loaded = false;
