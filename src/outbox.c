@@ -297,16 +297,19 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
     }
 }
 
-/* Every poll interval, off the claim path (on the LISTEN connection, which only reads here):
- * is a row not held in memory waiting below the cursor (committed late, or below where passes
- * start)? Then the next claim starts below it. (A row another replica or the other claim
- * connection holds locked also counts: the claim then skips it.) The scan starts at the floor
- * (floor_raise), not at id 0. */
+/* Every poll interval: is a row not held in memory waiting below the cursor (committed late,
+ * or below where passes start)? Then the next claim starts below it. (A row another replica or
+ * the other claim connection holds locked also counts: the claim then skips it.) The scan
+ * starts at the floor (floor_raise), not at id 0. It runs on the first claim connection when
+ * nothing else is on it (claims then go to the other one), never on the LISTEN connection: a
+ * backend busy with a query delivers no notifications, and the first check after a big drain
+ * may walk many deleted index entries. */
 void floor_check(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, floor_timer);
-    if (d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run || !d->listen ||
-        !evd_pg_ready(d->listen))
+    evd_pg_t *pg = d->cl[0].pg;
+    if (d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run || !pg || !evd_pg_ready(pg) ||
+        d->cl[0].open || evd_pg_busy(pg) || d->claim_cl == &d->cl[0])
         return;
     evd_buf_t q = {0};
     int rc = evd_buf_printf(&q,
@@ -317,7 +320,7 @@ void floor_check(uv_timer_t *t)
     rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])), pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), "
                                     "pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())")
                  : rc;
-    if (rc == 0 && evd_pg_query(d->listen, q.data, 0, NULL, false, floor_done, d) == 0) {
+    if (rc == 0 && evd_pg_query(pg, q.data, 0, NULL, false, floor_done, d) == 0) {
         d->floor_query = true;
         d->floor_sent_cursor = d->cursor;
         d->floor_sent_max = d->max_claimed;
