@@ -119,6 +119,7 @@ struct daemon {
     int64_t claim_from;    /* the cursor the claim in flight was sent with */
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
     bool floor_query;      /* a floor check is in flight (floor_check) */
+    bool floor_due;        /* the poll interval passed since the last floor check was sent */
     uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
     uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
     int64_t max_claimed;   /* the highest id claimed since connecting */
