@@ -120,6 +120,7 @@ struct daemon {
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
     bool floor_query;      /* a floor check is in flight (floor_check) */
     bool floor_due;        /* the poll interval passed since the last floor check was sent */
+    evd_pg_t *floor_pg;    /* the connection the floor check in flight runs on */
     uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
     uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
     int64_t max_claimed;   /* the highest id claimed since connecting */

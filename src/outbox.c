@@ -212,7 +212,8 @@ void maybe_drain(daemon_t *d)
     for (int pass = 0; pass < 2; pass++)
         for (size_t k = 0; k < NCLAIMERS; k++) {
             claimer_t *cl = &d->cl[(d->claim_turn + k) % NCLAIMERS];
-            if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && (pass || !evd_pg_busy(cl->pg))) {
+            if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && cl->pg != d->floor_pg &&
+                (pass || !evd_pg_busy(cl->pg))) {
                 d->claim_turn = (size_t)(cl - d->cl) + 1;
                 d->want_drain = false;
                 send_claim(d, cl);
@@ -286,6 +287,7 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
     daemon_t *d = arg;
     (void)err;
     d->floor_query = false;
+    d->floor_pg = NULL;
     if (!res || PQntuples(res) != 1 || PQnfields(res) != 3 || d->floor_gen != d->conn_gen)
         return;
     int64_t low = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
@@ -310,15 +312,14 @@ static void floor_try(daemon_t *d)
 {
     if (!d->floor_due || d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run)
         return;
-    /* A connection with nothing on it; else one without an open claim (the check queues behind
-     * its query); else the next maybe_drain tries again. */
+    /* A connection with nothing on it (claims keep off it until the check is back), else the
+     * next maybe_drain tries again. */
     evd_pg_t *pg = NULL;
-    for (int pass = 0; pass < 2 && !pg; pass++)
-        for (size_t k = 0; k < NCLAIMERS && !pg; k++) {
-            claimer_t *cl = &d->cl[k];
-            if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && (pass || !evd_pg_busy(cl->pg)))
-                pg = cl->pg;
-        }
+    for (size_t k = 0; k < NCLAIMERS && !pg; k++) {
+        claimer_t *cl = &d->cl[k];
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg))
+            pg = cl->pg;
+    }
     if (!pg)
         return;
     evd_buf_t q = {0};
@@ -333,6 +334,7 @@ static void floor_try(daemon_t *d)
     if (rc == 0 && evd_pg_query(pg, q.data, 0, NULL, false, floor_done, d) == 0) {
         d->floor_due = false;
         d->floor_query = true;
+        d->floor_pg = pg;
         d->floor_sent_cursor = d->cursor;
         d->floor_sent_max = d->max_claimed;
         d->floor_gen = d->conn_gen;
