@@ -61,9 +61,20 @@ static int put_ids(const unit_t *u, evd_buf_t *b, bool *first)
 {
     int rc = 0;
     for (size_t i = 0; i < u->nrecs && rc == 0; i++) {
-        if (u->recs[i]->id < 0)
+        int64_t id = u->recs[i]->id;
+        if (id < 0)
             continue;
-        rc = evd_buf_printf(b, "%s%" PRId64, *first ? "" : ",", u->recs[i]->id);
+        /* By hand: printf of these lists was a tenth of evictd's time in an outbox drain. */
+        char tmp[24];
+        char *p = tmp + sizeof(tmp);
+        uint64_t v = (uint64_t)id;
+        do {
+            *--p = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        if (!*first)
+            *--p = ',';
+        rc = evd_buf_append(b, p, (size_t)(tmp + sizeof(tmp) - p));
         *first = false;
     }
     return rc;
