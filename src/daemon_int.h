@@ -65,7 +65,6 @@ typedef struct rec {
     double ts;             /* the change's ts (epoch ms) or 0 */
     evd_op_t op;           /* 0 for bad input */
     bool finished;         /* bad input or unmatched: done before expansion */
-    bool expanded;         /* jobs (if any) are built */
     int outstanding;       /* jobs not called back */
     size_t njobs;
     evd_job_t *jobs;       /* njobs entries */
@@ -118,9 +117,8 @@ struct daemon {
     size_t claim_turn;     /* the claimer to try first next time */
     int64_t claim_from;    /* the cursor the claim in flight was sent with */
     int64_t restart;       /* where a pass starts: just below the lowest id found lately */
-    bool floor_query;      /* a floor check is in flight (floor_check) */
     bool floor_due;        /* the poll interval passed since the last floor check was sent */
-    evd_pg_t *floor_pg;    /* the connection the floor check in flight runs on */
+    evd_pg_t *floor_pg;    /* the connection the floor check in flight runs on, NULL when none */
     uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
     uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
     int64_t max_claimed;   /* the highest id claimed since connecting */

@@ -297,7 +297,6 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
 {
     daemon_t *d = arg;
     (void)err;
-    d->floor_query = false;
     d->floor_pg = NULL;
     if (!res || PQntuples(res) != 1 || PQnfields(res) != 3 || d->floor_gen != d->conn_gen)
         return;
@@ -321,7 +320,7 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
  * no notifications, and the first check after a big drain may walk many deleted index entries. */
 static void floor_try(daemon_t *d)
 {
-    if (!d->floor_due || d->floor_query || d->cursor <= 0 || d->stopping || d->opts.dry_run)
+    if (!d->floor_due || d->floor_pg || d->cursor <= 0 || d->stopping || d->opts.dry_run)
         return;
     /* A connection with nothing on it (claims keep off it until the check is back), else the
      * next maybe_drain tries again. */
@@ -344,7 +343,6 @@ static void floor_try(daemon_t *d)
                  : rc;
     if (rc == 0 && evd_pg_query(pg, q.data, 0, NULL, false, floor_done, d) == 0) {
         d->floor_due = false;
-        d->floor_query = true;
         d->floor_pg = pg;
         d->floor_sent_cursor = d->cursor;
         d->floor_sent_max = d->max_claimed;

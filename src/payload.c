@@ -922,12 +922,13 @@ evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_ch
     parser_t ps = {.base = buf, .p = buf, .end = buf + len, .arena = &out->arena, .err = err, .errlen = errlen};
     /* Room for the decoded strings plus a few dozen columns: one malloc for a typical change,
      * none when the caller's spare block is big enough. */
-    if (spare && *spare && (*spare)->cap >= 2 * len + 512) {
+    size_t first = 2 * len + 512;
+    if (spare && *spare && (*spare)->cap >= first) {
         out->arena = *spare;
         out->arena->used = 0;
         *spare = NULL;
     } else {
-        out->arena = arena_block(NULL, 2 * len + 512);
+        out->arena = arena_block(NULL, first);
     }
     if (!out->arena) {
         snprintf(err, errlen, "out of memory");

@@ -498,7 +498,6 @@ static rec_t *rec_from_expansion(unit_t *u, int64_t id, const char *table, const
         return NULL;
     r->op = c->op;
     r->ts = c->ts;
-    r->expanded = true;
     for (size_t t = 0; t < x->ntargets; t++) {
         const evd_keyset_t *k = &x->per_target[t];
         if (!k->keys.n && !k->patterns.n)
@@ -520,10 +519,8 @@ static rec_t *rec_from_expansion(unit_t *u, int64_t id, const char *table, const
                 job->nkeys = kv->n;
             }
             for (size_t i = 0; i < kv->n; i++) {
-                size_t n = strlen(kv->v[i]) + 1;
-                memcpy(str, kv->v[i], n);
                 *ptrs++ = str;
-                str += n;
+                str = stpcpy(str, kv->v[i]) + 1;
             }
         }
     }
@@ -569,6 +566,40 @@ static void submit_rec(unit_t *u, rec_t *r)
         evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
 }
 
+/* A rec without jobs added to u (done before expansion, or waiting for lookups); NULL, logged,
+ * when out of memory. */
+static rec_t *rec_add_bare(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen)
+{
+    rec_t *r = rec_alloc(u, id, table, raw, rawlen, 0, 0, 0, NULL, NULL);
+    if (!r || unit_push(u, r) < 0) {
+        free(r);
+        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+        return NULL;
+    }
+    return r;
+}
+
+/* Finishes r before expansion: dead-lettered when reason is set. */
+static void rec_finish(unit_t *u, rec_t *r, const char *reason, const char *err)
+{
+    r->finished = true;
+    if (reason)
+        dl_line(u, r, reason, -1, err, 0);
+    unit_finish_rec(u);
+}
+
+/* Adds a rec that is done before expansion (bad input, unmatched): dead-lettered when reason
+ * is set. The payload is kept for the line only when it parsed (op set): else it is quoted. */
+static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload,
+                            size_t len, const char *reason, const char *err)
+{
+    rec_t *r = rec_add_bare(u, id, table, reason ? payload : NULL, len);
+    if (!r)
+        return;
+    r->op = op;
+    rec_finish(u, r, reason, err);
+}
+
 /* Expands c (parsed from raw) into a new rec of u and submits it; on failure dead-letters it.
  * When w is set, the new rec replaces w (a rec that waited for lookups) at index i. */
 static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *table, int64_t id, const char *raw,
@@ -583,15 +614,11 @@ static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *tabl
         r = NULL;
     }
     if (!r) {
-        if (!w && (!(w = rec_alloc(u, id, table, raw, rawlen, 0, 0, 0, NULL, NULL)) || unit_push(u, w) < 0)) {
-            free(w);
-            EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
-            return;
-        }
-        w->op = c->op;
-        dl_line(u, w, "bad_payload", -1, "out of memory expanding the change", 0);
-        w->finished = true;
-        unit_finish_rec(u);
+        static const char why[] = "out of memory expanding the change";
+        if (w)
+            rec_finish(u, w, "bad_payload", why);
+        else
+            accept_finished(u, id, table, c->op, raw, rawlen, "bad_payload", why);
         return;
     }
     if (w) {
@@ -606,28 +633,10 @@ static void expand_unit(unit_t *u)
     /* The guard taken in unit_new keeps u alive while its recs are expanded and submitted. */
     for (size_t i = 0; i < u->nrecs; i++) {
         rec_t *w = u->recs[i];
-        if (!w->finished && !w->expanded)
+        if (w->ch && !w->finished) /* waiting for lookups (the others are finished or submitted) */
             expand_and_submit(u, w->ch, w->table, w->id, w->raw, w->rawlen, w, i);
     }
     lres_free_all(u);
-    unit_finish_rec(u);
-}
-
-/* Adds a rec that is done before expansion (bad input, unmatched): dead-lettered when reason
- * is set. The payload is kept for the line only when it parsed (op set): else it is quoted. */
-static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload,
-                            size_t len, const char *reason, const char *err)
-{
-    rec_t *r = rec_alloc(u, id, table, reason ? payload : NULL, len, 0, 0, 0, NULL, NULL);
-    if (!r || unit_push(u, r) < 0) {
-        free(r);
-        EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
-        return;
-    }
-    r->op = op;
-    r->finished = true;
-    if (reason)
-        dl_line(u, r, reason, -1, err, 0);
     unit_finish_rec(u);
 }
 
@@ -687,12 +696,12 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
             expand_and_submit(u, c, table, id, payload, len, NULL, 0);
         } else {
             /* Its parse waits for the unit's lookups (expand_unit). */
-            rec_t *w = rec_alloc(u, id, table, payload, len, 0, 0, 0, NULL, NULL);
-            evd_change_t *keep = w ? malloc(sizeof(*keep)) : NULL;
-            if (!keep || unit_push(u, w) < 0) {
+            evd_change_t *keep = malloc(sizeof(*keep));
+            rec_t *w = keep ? rec_add_bare(u, id, table, payload, len) : NULL;
+            if (!w) {
+                if (!keep)
+                    EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
                 free(keep);
-                free(w);
-                EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
             } else {
                 *keep = *c;
                 memset(c, 0, sizeof(*c)); /* the arena is the rec's now */

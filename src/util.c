@@ -171,18 +171,22 @@ int evd_keyvec_push(evd_keyvec_t *kv, const char *s, size_t n)
     return 0;
 }
 
+static void chunks_free(evd_chunk_t *c)
+{
+    while (c) {
+        evd_chunk_t *next = c->next;
+        free(c);
+        c = next;
+    }
+}
+
 void evd_keyvec_reset(evd_keyvec_t *kv)
 {
     /* The newest chunk is the largest: keep it (when modest) and the pointer array. */
     evd_chunk_t *keep = kv->chunks;
     if (keep && keep->cap > 65536)
         keep = NULL;
-    evd_chunk_t *c = keep ? keep->next : kv->chunks;
-    while (c) {
-        evd_chunk_t *next = c->next;
-        free(c);
-        c = next;
-    }
+    chunks_free(keep ? keep->next : kv->chunks);
     if (keep) {
         keep->next = NULL;
         keep->used = 0;
@@ -198,12 +202,7 @@ void evd_keyvec_reset(evd_keyvec_t *kv)
 
 void evd_keyvec_free(evd_keyvec_t *kv)
 {
-    evd_chunk_t *c = kv->chunks;
-    while (c) {
-        evd_chunk_t *next = c->next;
-        free(c);
-        c = next;
-    }
+    chunks_free(kv->chunks);
     free(kv->v);
     kv->v = NULL;
     kv->chunks = NULL;
