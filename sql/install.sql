@@ -219,7 +219,8 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                                        %2$s)
           FROM (SELECT %3$s
                   FROM %4$s
-                 WHERE NOT EXISTS (SELECT FROM %5$s OFFSET 1) AND %6$s) AS x;$f$,
+                 WHERE NOT EXISTS (SELECT FROM %5$s OFFSET 1) AND %6$s) AS x
+        RETURNING payload INTO v_p;$f$,
         '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, ' || names || ', "op" : "' || op || '", "rows" : [' || rows_fmt || ']}',
         array_to_string(ARRAY['x.id', 'pg_catalog.txid_current()',
                               'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'] || rows_args, ', '),
@@ -452,6 +453,7 @@ DECLARE
     v_buf pg_catalog.text[];      -- ... and the images, 1 .. v_k
     v_img pg_catalog.text;
     v_id  pg_catalog.int8;
+    v_p   pg_catalog.text;        -- the one-row path's payload: the doorbell carries it
 BEGIN
     IF TG_OP = 'UPDATE' THEN%1$s
     ELSIF TG_OP = 'INSERT' THEN%2$s
@@ -464,10 +466,12 @@ BEGIN
     ELSE
         RETURN NULL;
     END IF;
-    -- Doorbell: evictd is idle (drained the outbox and waits); wake it once.
+    -- Doorbell: evictd is idle (drained the outbox and waits); wake it once. A one-row
+    -- statement's doorbell carries its change (evictd applies it at once, and again when it
+    -- claims the row); any other rings empty.
     IF pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) = 1 THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);
-        PERFORM pg_catalog.pg_notify(%6$L, '');
+        PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
     END IF;
     RETURN NULL;
 END
@@ -475,7 +479,7 @@ $b$,
             v_upd, v_ins, v_del,
             '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "TRUNCATE"}',
             'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)',
-            w.channel);
+            w.channel, c_notify_max);
     ELSE
         v_body := format($b$
 DECLARE

@@ -23,11 +23,7 @@ static void on_notify(evd_pg_t *pg, const char *channel, const char *payload, si
         return;
     if (len == 0) {
         /* A doorbell: the outbox has rows. */
-        d->t_doorbells++;
-        d->want_drain = true;
-        d->idle = false;
-        uv_timer_stop(&d->poll_timer);
-        maybe_drain(d);
+        outbox_rung(d, false);
         return;
     }
     if (!d->incoming && !(d->incoming = unit_new(d, false)))
@@ -610,7 +606,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     uv_run(d->loop, UV_RUN_DEFAULT);
     EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
             F_INT("unacknowledged", (int64_t)d->pending), F_INT("doorbells", (int64_t)d->t_doorbells),
-            F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
+            F_INT("hints", (int64_t)d->t_hints), F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
             F_INT("rows_claimed", (int64_t)d->t_claimed));
     evd_log_flush();
     while (d->units)

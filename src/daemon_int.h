@@ -22,6 +22,9 @@
 #include "rules.h"
 
 #define LAG_SAMPLES 8192 /* lag samples kept per stats interval */
+#define ID_NOTIFY (-1)   /* rec id of a notify-only change */
+#define ID_HINT (-2)     /* rec id of a hint: a durable change its doorbell carried (accept_payload) */
+#define HINTS_KEPT 64    /* outbox ids of recent hints, whose claims record no lag */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
 static const char SQL_WATCHES[] =
@@ -61,7 +64,7 @@ typedef struct rec {
     const char *raw;       /* the payload text (dead letters re-parse it), or NULL */
     size_t rawlen;
     const char *table;     /* "schema.table", or NULL before it is known */
-    int64_t id;            /* outbox id or -1 */
+    int64_t id;            /* outbox id, ID_NOTIFY or ID_HINT */
     double ts;             /* the change's ts (epoch ms) or 0 */
     evd_op_t op;           /* 0 for bad input */
     bool finished;         /* bad input or unmatched: done before expansion */
@@ -124,7 +127,7 @@ struct daemon {
     int64_t max_claimed;   /* the highest id claimed since connecting */
     int64_t floor_from;    /* the floor check scans ids above this (floor_raise) */
     int64_t floor_pend_m;  /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
-    int64_t floor_pend_xmax;
+    int64_t floor_pend_xmax; /* the xid of the check that set floor_pend_m */
     int64_t floor_sent_cursor, floor_sent_max; /* of the floor check in flight */
     uint64_t conn_gen;     /* bumped when the claim connection (re)connects */
     uint64_t floor_gen;    /* conn_gen when the floor check in flight was sent */
@@ -152,12 +155,22 @@ struct daemon {
     uint64_t claim_sent;   /* uv_hrtime() when the claim in flight was sent */
     uint64_t last_rows_at; /* uv_hrtime() of the last claim that found rows */
     double rows_per_ms;    /* outbox rows found per ms lately (moving average) */
+    uint64_t rate_start;   /* loop time the current window of arrival_rate began */
+    uint64_t rate_rows;    /* rows claimed in it */
+    double rate;           /* rows claimed per ms in the last full window */
+    int64_t hinted[HINTS_KEPT]; /* outbox ids of recent hints (a ring) */
+    size_t nhinted;
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
-    bool busy_since_idle;  /* rows found since the idle flag was last set */
-    bool idle;             /* the flag is set and the last claim found nothing */
+    bool armed;            /* we set the idle flag, and no doorbell rang since */
+    bool idle;             /* armed and every row there was is in hand: no claim until a doorbell
+                            * rings or a timer (safety poll, horizon) says to look */
+    int64_t horizon;       /* xmax of the arming claim's snapshot while transactions it saw in
+                            * flight may not have ended (0: none) */
+    uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
     bool want_idle;        /* the next claim sets the idle flag first */
     bool claim_sets_idle;  /* the claim in flight set it */
+    bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
     bool want_drain;       /* a doorbell arrived while a claim was running */
     bool watched_loaded;
     evd_set_t watched;     /* "schema.table" of evictd.watches */
@@ -176,6 +189,7 @@ struct daemon {
     uint64_t n_changes, n_keys, n_patterns, n_dead, n_unmatched, n_bad;
     uint64_t t_changes, t_dead;
     uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
+    uint64_t t_hints;                  /* hints applied */
     uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
     double lags[LAG_SAMPLES];
     size_t nlags;
@@ -203,6 +217,7 @@ void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
 void claimer_lost(claimer_t *cl);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
+void outbox_rung(daemon_t *d, bool hint);
 void release_claim(unit_t *u);
 void unit_send_ack(unit_t *u);
 

@@ -15,6 +15,8 @@
 #define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
 #define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
 #define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
+#define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once */
+#define RATE_WINDOW_MS 100 /* arrival_rate's window */
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
 static const char SQL_COMMIT[] = "COMMIT";
@@ -27,6 +29,12 @@ static const char SQL_CLAIM_SETUP[] =
     "PREPARE evictd_claim(bigint, bigint[], int) AS "
     "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) "
     "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED; "
+    "PREPARE evictd_claim_snap(bigint, bigint[], int, bool) AS "
+    "SELECT c.id, c.payload, pg_catalog.txid_snapshot_xmin(s.snap), pg_catalog.txid_snapshot_xmax(s.snap), "
+    "CASE WHEN $4 THEN pg_catalog.txid_current() END "
+    "FROM (SELECT pg_catalog.txid_current_snapshot() AS snap) AS s LEFT JOIN LATERAL ("
+    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) "
+    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) AS c ON true ORDER BY c.id; "
     "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
 static const char SQL_PEEK[] =
     "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
@@ -193,9 +201,15 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         evd_buf_t q = {0};
         d->claim_sets_idle = d->want_idle;
         d->want_idle = false;
-        rc = evd_buf_printf(&q, "%sBEGIN; EXECUTE evictd_claim(%s, '", d->claim_sets_idle ? SQL_IDLE : "", cursor);
+        /* A claim that arms the flag, or looks while transactions that may not have rung are
+         * in flight, returns its snapshot too (claim_snapshot). */
+        d->claim_snap = d->claim_sets_idle || d->horizon;
+        rc = evd_buf_printf(&q, "%sBEGIN; EXECUTE evictd_claim%s(%s, '", d->claim_sets_idle ? SQL_IDLE : "",
+                            d->claim_snap ? "_snap" : "", cursor);
         held_ids(d, &q);
-        rc = rc == 0 ? evd_buf_printf(&q, "', %s)", limit) : rc;
+        rc = rc == 0 ? evd_buf_printf(&q, "', %s%s)", limit,
+                                      d->claim_snap ? (d->claim_sets_idle ? ", true" : ", false") : "")
+                     : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
         evd_buf_free(&q);
     }
@@ -217,6 +231,9 @@ void maybe_drain(daemon_t *d)
     floor_try(d);
     /* Lookups need their connection: draining without it would widen every lookup. */
     if (d->stopping || d->claim_cl || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
+        return;
+    /* Idle: the flag is set, so the next write rings; until then only the safety poll claims. */
+    if (d->idle && !d->want_drain)
         return;
     /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
      * waits for its round trip. */
@@ -253,6 +270,38 @@ static void on_poll_timer(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
     trim_heap(d);
+    d->want_drain = true;
+    maybe_drain(d);
+}
+
+/* Outbox rows claimed per ms over the last full window of RATE_WINDOW_MS (rows: found now). */
+static double arrival_rate(daemon_t *d, size_t rows)
+{
+    uint64_t now = uv_now(d->loop);
+    d->rate_rows += rows;
+    if (now - d->rate_start >= RATE_WINDOW_MS) {
+        d->rate = (double)d->rate_rows / (double)(now - d->rate_start);
+        d->rate_rows = 0;
+        d->rate_start = now;
+    }
+    return d->rate;
+}
+
+/* A doorbell rang (hint: it carried its change, applied already). Under light load the claim
+ * that picks the row up sets the idle flag first, so the next write rings with its change too
+ * and is applied without waiting for a claim; under heavier load the claims go on until the
+ * outbox is drained, without being rung (every ring costs a writer a NOTIFY). */
+void outbox_rung(daemon_t *d, bool hint)
+{
+    d->t_doorbells++;
+    d->want_drain = true;
+    d->idle = false;
+    d->armed = false; /* the writer that rang cleared the flag */
+    uv_timer_stop(&d->poll_timer);
+    if (hint && !d->opts.dry_run && !d->want_idle && arrival_rate(d, 0) < LIGHT_ROWS_PER_MS) {
+        d->want_idle = true;
+        d->t_idle_sets++;
+    }
     maybe_drain(d);
 }
 
@@ -269,16 +318,17 @@ static void restart_pass(daemon_t *d)
 /* Where the floor check starts scanning. A pass of claims leaves deleted rows behind in the
  * index until VACUUM; a check from id 0 after a million-row drain walked them all every poll
  * interval (seconds each, and claims stalled behind it). Ids are taken by the capture after its
- * transaction has an xid, so when a check with snapshot xmax X saw that every id up to M had
- * been claimed or was visible, every transaction that took an id <= M has an xid below X; once
- * a later check's xmin reaches X they have all ended, and rows <= M that are not visible then
- * never will be. The floor then rises to just above M (or to the lowest row found, if lower). */
+ * transaction has an xid, so when a check that took xid X (txid_current; not its snapshot's xmax,
+ * which running transactions may have passed) saw that every id up to M had been claimed or was
+ * visible, every transaction that took an id <= M has an xid below X; once a later check's xmin
+ * reaches X they have all ended, and rows <= M that are not visible then never will be. The
+ * floor then rises to just above M (or to the lowest row found, if lower). */
 static void floor_raise(daemon_t *d, const PGresult *res, int64_t low)
 {
     if (PQgetisnull(res, 0, 1) || PQgetisnull(res, 0, 2))
         return;
     int64_t xmin = strtoll(PQgetvalue(res, 0, 1), NULL, 10);
-    int64_t xmax = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+    int64_t xid = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
     if (d->floor_pend_m >= 0 && xmin >= d->floor_pend_xmax) {
         int64_t to = d->floor_pend_m < d->floor_sent_cursor ? d->floor_pend_m : d->floor_sent_cursor;
         if (low >= 0 && low < to)
@@ -289,7 +339,7 @@ static void floor_raise(daemon_t *d, const PGresult *res, int64_t low)
     }
     if (d->floor_pend_m < 0) {
         d->floor_pend_m = d->floor_sent_max;
-        d->floor_pend_xmax = xmax;
+        d->floor_pend_xmax = xid;
     }
 }
 
@@ -339,7 +389,7 @@ static void floor_try(daemon_t *d)
                             d->floor_from, d->cursor);
     held_ids(d, &q);
     rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])), pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), "
-                                    "pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot())")
+                                    "pg_catalog.txid_current()")
                  : rc;
     if (rc == 0 && evd_pg_query(pg, q.data, 0, NULL, false, floor_done, d) == 0) {
         d->floor_due = false;
@@ -358,16 +408,63 @@ void floor_check(uv_timer_t *t)
     floor_try(d);
 }
 
+/* Nothing to claim until a doorbell rings: the idle flag is set (armed). Transactions that were
+ * in flight when it was set may have read it unset and commit rows that ring no doorbell; while
+ * the snapshot of a later claim does not show them all ended (horizon), look again at once, then
+ * after 1, 2, 4 ... ms, up to the poll interval. Else only the safety poll looks. */
+static void settle_idle(daemon_t *d)
+{
+    d->idle = true;
+    d->lingered = false;
+    trim_heap(d);
+    uint64_t poll = (uint64_t)d->cfg->cfg->poll_interval_ms;
+    uint64_t delay = poll;
+    if (d->horizon) {
+        delay = d->horizon_delay < poll ? d->horizon_delay : poll;
+        d->horizon_delay = d->horizon_delay ? d->horizon_delay * 2 : 1;
+        if (delay == 0)
+            d->want_drain = true;
+    }
+    if (d->want_drain)
+        maybe_drain(d);
+    else
+        uv_timer_start(&d->poll_timer, on_poll_timer, delay, 0);
+}
+
+/* The snapshot columns of a claim with them (evictd_claim_snap): moves the horizon. A writer
+ * that read the flag before this claim set it got its xid before, so below the xid X this claim
+ * takes (txid_current); it has ended once a later snapshot's xmin reaches X. (A snapshot's xmax
+ * is not a bound: it is the last completed xid + 1, and transactions that got an xid after that
+ * one may be running without showing in the snapshot.) Nothing can be in flight when this
+ * snapshot showed no running xid and X is the next one after its xmax. */
+static void claim_snapshot(daemon_t *d, const PGresult *res, bool set_idle)
+{
+    if (PQntuples(res) < 1 || PQnfields(res) < 5 || PQgetisnull(res, 0, 2) || PQgetisnull(res, 0, 3))
+        return;
+    int64_t xmin = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
+    int64_t xmax = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
+    if (set_idle) {
+        /* Armed now: wait for what was in flight, if anything may have been. */
+        int64_t x = PQgetisnull(res, 0, 4) ? -1 : strtoll(PQgetvalue(res, 0, 4), NULL, 10);
+        d->horizon = x < 0 ? xmax + 1 : (xmin == xmax && x == xmax) ? 0 : x;
+        d->horizon_delay = 0;
+    } else if (d->horizon && xmin >= d->horizon) {
+        d->horizon = 0;
+    }
+}
+
 static void claim_done(const PGresult *res, const char *err, void *arg)
 {
     claimer_t *cl = arg;
     daemon_t *d = cl->d;
     d->claim_cl = NULL;
     bool set_idle = d->claim_sets_idle;
+    bool snap = d->claim_snap;
     d->claim_sets_idle = false;
+    d->claim_snap = false;
     if (!res) {
         if (set_idle) /* the flag may not be set: the next empty claim sets it */
-            d->busy_since_idle = true;
+            d->armed = false;
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
@@ -378,6 +475,15 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         return;
     }
     int n = PQntuples(res);
+    if (set_idle)
+        d->armed = true;
+    if (snap) {
+        claim_snapshot(d, res, set_idle);
+        if (n == 1 && PQgetisnull(res, 0, 0)) /* the snapshot row alone: no outbox row */
+            n = 0;
+    }
+    EVD_LOG(EVD_LOG_DEBUG, "claimed", F_INT("rows", n), F_BOOL("set_idle", set_idle), F_BOOL("snapshot", snap),
+            F_INT("horizon", d->horizon), F_INT("cursor", d->claim_from));
     if (n == 0) {
         if (!d->opts.dry_run)
             if (evd_pg_query(cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
@@ -389,15 +495,23 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             int64_t from = d->claim_from;
             restart_pass(d);
             if (d->cursor < from) {
+                d->want_drain = true; /* look from there even when idle */
                 maybe_drain(d);
                 return;
             }
         }
-        if (set_idle)
-            d->idle = true;
-        if (d->opts.dry_run || d->idle)
-            goto idle;
-        if (d->busy_since_idle && !d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
+        if (d->opts.dry_run) {
+            if (d->want_drain)
+                maybe_drain(d);
+            else
+                uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+            return;
+        }
+        if (d->armed) {
+            settle_idle(d);
+            return;
+        }
+        if (!d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
             /* Under heavy load, look once more after a moment before saying we are idle: a row
              * arrives within it, and every doorbell rung costs the writers a NOTIFY
              * (PostgreSQL serialises the commits of notifying transactions). Under light load
@@ -406,35 +520,27 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             uv_timer_start(&d->poll_timer, on_poll_timer, LINGER_MS, 0);
             return;
         }
-        if (d->busy_since_idle) {
-            /* Say we are idle and look once more (one round trip), so nothing slips between. */
-            d->busy_since_idle = false;
-            d->lingered = false;
-            d->want_idle = true;
-            d->t_idle_sets++;
-            maybe_drain(d);
-            return;
-        }
-        d->idle = true;
-        trim_heap(d);
-    idle:
-        if (d->want_drain) {
-            maybe_drain(d);
-            return;
-        }
-        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        /* Say we are idle and look once more (one round trip), so nothing slips between. */
+        d->lingered = false;
+        d->want_idle = true;
+        d->t_idle_sets++;
+        maybe_drain(d);
         return;
     }
-    d->idle = false;
+    /* Armed, with every row there was in hand: idle once this batch is acknowledged. */
+    bool now_idle = d->armed && !d->opts.dry_run && (size_t)n < d->claim_limit;
+    d->idle = now_idle;
+    (void)arrival_rate(d, (size_t)n);
     /* Rows per ms since the previous claim that found rows (or since this one was sent). */
     uint64_t now = uv_hrtime();
-    uint64_t since = d->busy_since_idle && d->last_rows_at ? d->last_rows_at : d->claim_sent;
+    uint64_t since = !d->armed && d->last_rows_at ? d->last_rows_at : d->claim_sent;
     double ms = (double)(now - since) / 1e6;
     d->rows_per_ms = 0.5 * d->rows_per_ms + 0.5 * (double)n / (ms > 0.05 ? ms : 0.05);
     d->t_claims++;
     d->t_claimed += (uint64_t)n;
     d->last_rows_at = now;
-    d->busy_since_idle = true;
+    if (!now_idle)
+        d->armed = false;
     d->lingered = false;
     unit_t *u = unit_new(d, true);
     if (!u) {
@@ -472,6 +578,10 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         restart_pass(d);
     d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
     unit_start(u);
+    if (now_idle) {
+        settle_idle(d);
+        return;
+    }
     /* A full claim says more rows wait: the other connection claims them while this batch is
      * in flight. After a claim that reached the end, the next one goes when this batch is
      * acknowledged (or at once on a doorbell), which batches a steady stream of writes. */
@@ -506,7 +616,8 @@ void claim_connected(evd_pg_t *pg, void *ud)
     d->floor_from = 0;
     d->floor_pend_m = -1;
     d->conn_gen++;
-    d->busy_since_idle = true;
+    d->armed = false;
+    d->horizon = 0;
     d->idle = false;
     d->watched_loaded = false;
     /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not

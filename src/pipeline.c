@@ -261,6 +261,15 @@ static void record_lag(daemon_t *d, double ts)
         d->lags[(size_t)rand() % LAG_SAMPLES] = lag;
 }
 
+/* Was the outbox row id applied from its doorbell lately? (Its lag was recorded then.) */
+static bool hinted(const daemon_t *d, int64_t id)
+{
+    for (size_t i = 0; id >= 0 && i < HINTS_KEPT && i < d->nhinted; i++)
+        if (d->hinted[i] == id)
+            return true;
+    return false;
+}
+
 void job_done(evd_job_t *job, int status, const char *error, void *ud)
 {
     daemon_t *d = ud;
@@ -273,10 +282,12 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         return;
     }
     if (status == -EIO) {
-        dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
+        /* A hint's change is in the outbox: its claim applies it again. */
+        if (r->id != ID_HINT)
+            dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
     } else if (status == -ECANCELED) {
         /* Shutting down: notify-only changes cannot wait in the outbox. */
-        if (r->id < 0)
+        if (r->id == ID_NOTIFY)
             dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed",
                     job->attempts);
     } else {
@@ -284,7 +295,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         d->n_patterns += job->npatterns;
     }
     if (--r->outstanding == 0) {
-        if (status == 0)
+        if (status == 0 && !hinted(d, r->id))
             record_lag(d, r->ts);
         unit_finish_rec(u);
     }
@@ -359,7 +370,8 @@ static void lookup_done(const PGresult *res, const char *err, void *arg)
 
 typedef struct lookup_ctx {
     unit_t *u;
-    size_t calls; /* lookups the change needs */
+    size_t calls;    /* lookups the change needs */
+    bool count_only; /* only count them, send none */
 } lookup_ctx_t;
 
 typedef struct lookup_req {
@@ -382,6 +394,8 @@ static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const ch
     lookup_ctx_t *lc = ud;
     unit_t *u = lc->u;
     lc->calls++;
+    if (lc->count_only)
+        return 0;
     daemon_t *d = u->d;
     char *key = args_key(args, nargs);
     if (!key)
@@ -445,9 +459,13 @@ static void log_change_keys(rec_t *r)
         return; /* building the key lists costs more than the rest of the change */
     evd_buf_t b = {0};
     evd_buf_t p = {0};
+    /* A hint is logged with its outbox id (the newest in the ring: it is being submitted). */
+    const daemon_t *d = r->unit->d;
+    bool hint = r->id == ID_HINT;
+    int64_t id = hint ? d->hinted[(d->nhinted - 1) % HINTS_KEPT] : r->id;
     if ((keys_json(r, false, &b) | keys_json(r, true, &p)) == 0)
         EVD_LOG(dry ? EVD_LOG_INFO : EVD_LOG_DEBUG, dry ? "would_invalidate" : "change", F_STR("table", r->table),
-                F_STR("op", evd_op_name(r->op)), F_INT("id", r->id), F_RAW("keys", b.data),
+                F_STR("op", evd_op_name(r->op)), F_INT("id", id), F_BOOL("hint", hint), F_RAW("keys", b.data),
                 F_RAW("patterns", p.data));
     evd_buf_free(&b);
     evd_buf_free(&p);
@@ -532,11 +550,15 @@ static void submit_rec(unit_t *u, rec_t *r)
 {
     daemon_t *d = u->d;
     const evd_config_t *cfg = u->cfg->cfg;
-    d->n_changes++;
-    for (int b = 0; b < 4; b++)
-        if (r->op == (evd_op_t)(1 << b))
-            evd_metrics_change(&d->m, r->table, b);
-    d->t_changes++;
+    if (r->id == ID_HINT) {
+        d->t_hints++; /* counted as a change when its row is claimed */
+    } else {
+        d->n_changes++;
+        for (int b = 0; b < 4; b++)
+            if (r->op == (evd_op_t)(1 << b))
+                evd_metrics_change(&d->m, r->table, b);
+        d->t_changes++;
+    }
     log_change_keys(r);
     if (!r->njobs || d->opts.dry_run || d->ntargets != cfg->ntargets || cfg != d->cfg->cfg) {
         /* Nothing to delete, a dry run, or the config changed under us (resubmit below). */
@@ -583,7 +605,7 @@ static rec_t *rec_add_bare(unit_t *u, int64_t id, const char *table, const char 
 static void rec_finish(unit_t *u, rec_t *r, const char *reason, const char *err)
 {
     r->finished = true;
-    if (reason)
+    if (reason && r->id != ID_HINT)
         dl_line(u, r, reason, -1, err, 0);
     unit_finish_rec(u);
 }
@@ -667,9 +689,22 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
     size_t extra = c->nrows > 1 ? c->nrows - 1 : 0;
     size_t before = u->nrecs;
     const evd_config_t *cfg = u->cfg->cfg;
-    if (!u->claim && evd_set_has(&d->durable, table, strlen(table))) {
-        /* The capture of a durable table only ever rings an empty doorbell; a full change for
-         * it by NOTIFY came from elsewhere (any role may NOTIFY): refuse it. */
+    if (!u->claim && evd_set_has(&d->durable, table, strlen(table)) && c->id > 0 && !c->ref) {
+        /* A hint: the capture's doorbell carries the change of a one-row statement. Applied
+         * at once, and again when its outbox row is claimed (the row is the source of truth:
+         * a hint that fails, or that a role able to NOTIFY forged, loses nothing and hides
+         * nothing). One whose rules need lookups is only a doorbell. */
+        lookup_ctx_t lc = {.u = u, .count_only = true};
+        if (!d->opts.dry_run && evd_rules_watches(&cfg->rules, c->schema, c->table) &&
+            evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) == 0 && lc.calls == 0) {
+            d->hinted[d->nhinted++ % HINTS_KEPT] = c->id;
+            expand_and_submit(u, c, table, ID_HINT, NULL, 0, NULL, 0);
+        }
+        outbox_rung(d, true);
+    } else if (!u->claim && evd_set_has(&d->durable, table, strlen(table))) {
+        /* The capture of a durable table rings a doorbell, empty or with the change and its
+         * outbox id; a full change without one came from elsewhere (any role may NOTIFY):
+         * refuse it. */
         d->n_bad++;
         snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", table);
         evd_log_ratelimited("notify_for_durable", "bad_input",

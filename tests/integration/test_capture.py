@@ -396,7 +396,9 @@ class CaptureTest(unittest.TestCase):
             (_, p), = self.outbox()
             self.assertEqual((p["schema"], p["table"]), ("Odd Schema", "My Table"))
             self.assertEqual(p["rows"], [{"new": {"Key": 1, 'a "b"': "2.0"}}])
-            self.assertEqual([(n.channel, n.payload) for n in collect_notifies(lc, timeout=1)], [("Odd Channel", "")])
+            got = collect_notifies(lc, timeout=1)
+            self.assertEqual([n.channel for n in got], ["Odd Channel"])
+            self.assertEqual(json.loads(got[0].payload), p, "the doorbell carries the change")
         finally:
             self.q('DROP SCHEMA "Odd Schema" CASCADE')
 
@@ -494,11 +496,26 @@ class CaptureTest(unittest.TestCase):
         self.app_exec("INSERT INTO products (name) VALUES ('bell1')")
         self.app_exec("INSERT INTO shipments (product_id) VALUES (1)")
         got = collect_notifies(lc, timeout=1.5)
-        self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "exactly one empty doorbell")
+        # a one-row statement's doorbell carries its change: the outbox row's payload, byte for byte
+        self.assertEqual([n.channel for n in got], ["evictd"], "exactly one doorbell")
+        first = self.outbox()[0]
+        self.assertEqual(json.loads(got[0].payload), first[1])
+        self.assertEqual(first[1]["rows"][0]["new"]["name"], "bell1")
+        self.assertEqual(self.q("SELECT payload FROM evictd.outbox WHERE id = %s" % first[0]), [(got[0].payload,)])
         self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(0,)])
         self.app_exec("INSERT INTO products (name) VALUES ('bell2')")
         self.assertEqual(collect_notifies(lc, timeout=0.7), [], "flag 0: no doorbell")
         self.assertEqual(len(self.outbox()), 3)
+        # a statement of several rows rings empty (its chunks are read from the outbox)
+        self.q("SELECT setval('evictd.idle', 1)")
+        self.app_exec("INSERT INTO products (name) VALUES ('bell3'), ('bell4')")
+        got = collect_notifies(lc, timeout=1.5)
+        self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "one empty doorbell")
+        # a change of 8000 bytes or more rings empty too
+        self.q("SELECT setval('evictd.idle', 1)")
+        self.app_exec("INSERT INTO products (name) VALUES (repeat('z', 9000))")
+        got = collect_notifies(lc, timeout=1.5)
+        self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "oversize: empty doorbell")
 
     # -- watch()/unwatch() -------------------------------------------------
     def test_watch_validation(self):

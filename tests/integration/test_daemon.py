@@ -904,6 +904,99 @@ class DaemonTest(unittest.TestCase):
                          "each outbox row is reported once per run\n" + d.tail())
         self.assertEqual(d.count("invalidated"), 0, d.tail())
 
+    # -- 13b ---------------------------------------------------------------------------------
+    def test_13b_doorbell_carries_the_change(self):
+        """A one-row write that rings the doorbell carries its change: evictd applies it at once
+        (a hint), then claims, applies and acknowledges the outbox row as usual, and arms the
+        idle flag again. A forged hint (any role may NOTIFY) can only add deletions: nothing is
+        dead-lettered and the outbox stays the source of truth."""
+        cfg = self.config()
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1), PL])
+        since = d.mark()
+        oid = self.sql("UPDATE products SET stock = 7 WHERE id = 1", "SELECT max(id) FROM evictd.outbox")[0][0]
+        self.wait_gone([P(1), PL], d)
+        hint = d.wait_log("change", 5, since=since, where=lambda r: r.get("hint") is True)
+        self.assertEqual(hint["id"], oid, d.tail())
+        self.assertIn(P(1), hint["keys"])
+        # The outbox row is still claimed and applied (again), then acknowledged.
+        claimed = d.wait_log("change", 5, since=since, where=lambda r: r.get("hint") is False)
+        self.assertEqual(claimed["id"], oid)
+        self.wait_outbox_empty(d)
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") == 1, 5, "idle flag armed again", d)
+        # The next write rings with its change too.
+        since = d.mark()
+        self.fill([P(2)])
+        self.sql("UPDATE products SET stock = 8 WHERE id = 2")
+        self.wait_gone([P(2)], d)
+        d.wait_log("change", 5, since=since, where=lambda r: r.get("hint") is True and P(2) in r["keys"])
+        self.wait_outbox_empty(d)
+
+        # A forged hint: an id no outbox row has. Its keys go (like a notify-only change's
+        # would); nothing is dead-lettered, no bad input, the outbox is untouched.
+        self.fill([P(4), P(3)])
+        since = d.mark()
+        forged = ('{"v":1,"id":999999,"tx":1,"ts":1,"schema":"public","table":"products","op":"UPDATE",'
+                  '"rows":[{"old":{"id":4},"new":{"id":4}}]}')
+        conn = self.pg.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_notify('evictd', %s)", (forged,))
+        finally:
+            conn.close()
+        self.wait_gone([P(4)], d)
+        time.sleep(0.3)
+        self.assert_present([P(3)], d, " (forged hint)")
+        self.assertEqual(d.count("bad_input", since=since), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+        self.assertEqual(self.outbox_count(), 0)
+        # A hint while Redis is frozen fails on its own; the claimed row is retried and applied.
+        self.fill([P(3)])
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") == 1, 5, "idle flag armed again", d)
+        self.rd.sigstop()
+        try:
+            self.sql("UPDATE products SET stock = 9 WHERE id = 3")
+            time.sleep(0.5)
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(3)], d)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+        d.stop(timeout=10)
+        stopped = d.find("stopped")[-1]
+        self.assertGreaterEqual(stopped["hints"], 3, stopped)
+
+    def test_13c_writer_that_missed_the_flag_is_not_left_for_the_poll(self):
+        """A writer whose trigger ran while the idle flag was clear (another writer had just rung)
+        and that commits after evictd set it again rings no doorbell. evictd saw its transaction
+        in flight when it set the flag and looks again until it has ended: the change is applied
+        long before the safety poll (5 s here) would find it."""
+        cfg = self.config()
+        cfg["postgres"]["poll_interval_ms"] = 5000
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1), P(2)])
+        w1, w2 = self.pg.connect(), self.pg.connect()
+        try:
+            with w1.cursor() as c1, w2.cursor() as c2:
+                c1.execute("UPDATE products SET stock = 11 WHERE id = 1")  # flag 1 -> 0, rings at commit
+                c2.execute("UPDATE products SET stock = 12 WHERE id = 2")  # flag 0: no ring
+                self.assertEqual(self.q1("SELECT last_value FROM evictd.idle"), 0)
+            w1.commit()
+            self.wait_gone([P(1)], d, timeout=3)
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") == 1, 3, "flag set again", d)
+            time.sleep(0.5)
+            self.assertEqual(self.present([P(2)]), [P(2)], "deleted before it committed?")
+            committed = time.monotonic()
+            w2.commit()
+            self.wait_gone([P(2)], d, timeout=2.5)
+            self.assertLess(time.monotonic() - committed, 2.5)
+        finally:
+            w1.close()
+            w2.close()
+        self.wait_outbox_empty(d)
+
     # -- 14 ----------------------------------------------------------------------------------
     def test_14_passwords_never_logged(self):
         acl_pw, req_pw, pg_pw = "aclSecret9Z4q", "reqSecret5K8w", "pgSecret7Q2e"
