@@ -158,6 +158,7 @@ struct daemon {
     uint64_t rate_start;   /* loop time the current window of arrival_rate began */
     uint64_t rate_rows;    /* rows claimed in it */
     double rate;           /* rows claimed per ms in the last full window */
+    uint64_t pace_until;   /* loop time before which no claim goes (0: none); a doorbell clears it */
     int64_t hinted[HINTS_KEPT]; /* outbox ids of recent hints (a ring) */
     size_t nhinted;
     uint64_t changes_at_trim;

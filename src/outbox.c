@@ -17,6 +17,7 @@
 #define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
 #define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once */
 #define RATE_WINDOW_MS 100 /* arrival_rate's window */
+#define PACE_MS 4 /* above LIGHT_ROWS_PER_MS, the least time between claims that reach the end */
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
 static const char SQL_COMMIT[] = "COMMIT";
@@ -224,6 +225,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
 /* Claims the next chunk when there is room, nothing else is claiming and a claim connection
  * has no batch in flight. */
 static void floor_try(daemon_t *d);
+static void on_poll_timer(uv_timer_t *t);
 
 void maybe_drain(daemon_t *d)
 {
@@ -235,6 +237,12 @@ void maybe_drain(daemon_t *d)
     /* Idle: the flag is set, so the next write rings; until then only the safety poll claims. */
     if (d->idle && !d->want_drain)
         return;
+    /* Paced (claim_done): a claim goes every PACE_MS at most while rows trickle in fast. */
+    uint64_t now = uv_now(d->loop);
+    if (d->pace_until > now) {
+        uv_timer_start(&d->poll_timer, on_poll_timer, d->pace_until - now, 0);
+        return;
+    }
     /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
      * waits for its round trip. */
     for (int pass = 0; pass < 2; pass++)
@@ -295,6 +303,7 @@ void outbox_rung(daemon_t *d, bool hint)
 {
     d->t_doorbells++;
     d->want_drain = true;
+    d->pace_until = 0;
     d->idle = false;
     d->armed = false; /* the writer that rang cleared the flag */
     uv_timer_stop(&d->poll_timer);
@@ -582,6 +591,12 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         settle_idle(d);
         return;
     }
+    /* Rows arrive steadily and fast, and this claim took all there were: the next one waits a
+     * little, so that it carries tens of rows rather than a few. Each claim and its ack cost
+     * the database statements, a transaction and backend wake-ups on top of the per-row work,
+     * taken from the writers; a few ms more lag under load buys fewer of them. */
+    bool pace = !d->opts.dry_run && (size_t)n < d->claim_limit && d->rate >= LIGHT_ROWS_PER_MS;
+    d->pace_until = pace ? uv_now(d->loop) + PACE_MS : 0;
     /* A full claim says more rows wait: the other connection claims them while this batch is
      * in flight. After a claim that reached the end, the next one goes when this batch is
      * acknowledged (or at once on a doorbell), which batches a steady stream of writes. */
