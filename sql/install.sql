@@ -14,7 +14,8 @@
 --                             into the payload too
 --   idle                      sequence used as a flag (0/1): evictd sets it to 1 when it has
 --                             drained the outbox; the first write after that sets it to 0
---                             and rings the doorbell (an empty NOTIFY). Sequences are read
+--                             and rings the doorbell (a NOTIFY carrying the change of a one-row
+--                             statement under 8000 bytes, else empty). Sequences are read
 --                             and written outside transaction visibility, so the flag is
 --                             seen at once by every writer, whatever its isolation level.
 --   watches                   one row per watched table
@@ -73,7 +74,7 @@ COMMENT ON TABLE evictd.outbox IS 'evictd: durable change payloads (JSON text), 
 
 CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 MAXVALUE 1 START 0 NO CYCLE;
 COMMENT ON SEQUENCE evictd.idle IS
-    'evictd idle flag: evictd runs setval(''evictd.idle'', 1) when drained; the next write resets it to 0 and sends an empty NOTIFY';
+    'evictd idle flag: evictd runs setval(''evictd.idle'', 1) when drained; the next write resets it to 0 and rings (NOTIFY)';
 
 CREATE TABLE IF NOT EXISTS evictd.watches (
     tbl     regclass PRIMARY KEY,
