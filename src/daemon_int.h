@@ -171,6 +171,7 @@ struct daemon {
     uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
     bool want_idle;        /* the next claim sets the idle flag first */
     bool claim_sets_idle;  /* the claim in flight set it */
+    bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
     bool want_drain;       /* a doorbell arrived while a claim was running */
     bool watched_loaded;
