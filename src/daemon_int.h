@@ -23,7 +23,6 @@
 
 #define LAG_SAMPLES 8192 /* lag samples kept per stats interval */
 #define ID_NOTIFY (-1)   /* rec id of a notify-only change */
-#define ID_HINT (-2)     /* rec id of a hint: a durable change its doorbell carried (accept_payload) */
 #define HINTS_KEPT 64    /* outbox ids of recent hints, whose claims record no lag */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
@@ -64,10 +63,12 @@ typedef struct rec {
     const char *raw;       /* the payload text (dead letters re-parse it), or NULL */
     size_t rawlen;
     const char *table;     /* "schema.table", or NULL before it is known */
-    int64_t id;            /* outbox id, ID_NOTIFY or ID_HINT */
+    int64_t id;            /* outbox id or ID_NOTIFY */
     double ts;             /* the change's ts (epoch ms) or 0 */
     evd_op_t op;           /* 0 for bad input */
     bool finished;         /* bad input or unmatched: done before expansion */
+    bool hint;             /* a durable change its doorbell carried (accept_payload): its row is
+                            * claimed too, so it is never dead-lettered */
     int outstanding;       /* jobs not called back */
     size_t njobs;
     evd_job_t *jobs;       /* njobs entries */

@@ -452,14 +452,15 @@ static void settle_idle(daemon_t *d)
  * snapshot showed no running xid and X is the next one after its xmax. */
 static void claim_snapshot(daemon_t *d, const PGresult *res, bool set_idle)
 {
-    if (PQntuples(res) < 1 || PQnfields(res) < 5 || PQgetisnull(res, 0, 2) || PQgetisnull(res, 0, 3))
+    if (PQntuples(res) < 1 || PQnfields(res) < 5 || PQgetisnull(res, 0, 2) || PQgetisnull(res, 0, 3) ||
+        (set_idle && PQgetisnull(res, 0, 4)))
         return;
     int64_t xmin = strtoll(PQgetvalue(res, 0, 2), NULL, 10);
     int64_t xmax = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
     if (set_idle) {
         /* Armed now: wait for what was in flight, if anything may have been. */
-        int64_t x = PQgetisnull(res, 0, 4) ? -1 : strtoll(PQgetvalue(res, 0, 4), NULL, 10);
-        d->horizon = x < 0 ? xmax + 1 : (xmin == xmax && x == xmax) ? 0 : x;
+        int64_t x = strtoll(PQgetvalue(res, 0, 4), NULL, 10);
+        d->horizon = xmin == xmax && x == xmax ? 0 : x;
         d->horizon_delay = 0;
     } else if (d->horizon && xmin >= d->horizon) {
         d->horizon = 0;

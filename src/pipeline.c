@@ -283,7 +283,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     }
     if (status == -EIO) {
         /* A hint's change is in the outbox: its claim applies it again. */
-        if (r->id != ID_HINT)
+        if (!r->hint)
             dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
     } else if (status == -ECANCELED) {
         /* Shutting down: notify-only changes cannot wait in the outbox. */
@@ -295,7 +295,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         d->n_patterns += job->npatterns;
     }
     if (--r->outstanding == 0) {
-        if (status == 0 && !hinted(d, r->id))
+        if (status == 0 && (r->hint || !hinted(d, r->id)))
             record_lag(d, r->ts);
         unit_finish_rec(u);
     }
@@ -459,13 +459,9 @@ static void log_change_keys(rec_t *r)
         return; /* building the key lists costs more than the rest of the change */
     evd_buf_t b = {0};
     evd_buf_t p = {0};
-    /* A hint is logged with its outbox id (the newest in the ring: it is being submitted). */
-    const daemon_t *d = r->unit->d;
-    bool hint = r->id == ID_HINT;
-    int64_t id = hint ? d->hinted[(d->nhinted - 1) % HINTS_KEPT] : r->id;
     if ((keys_json(r, false, &b) | keys_json(r, true, &p)) == 0)
         EVD_LOG(dry ? EVD_LOG_INFO : EVD_LOG_DEBUG, dry ? "would_invalidate" : "change", F_STR("table", r->table),
-                F_STR("op", evd_op_name(r->op)), F_INT("id", id), F_BOOL("hint", hint), F_RAW("keys", b.data),
+                F_STR("op", evd_op_name(r->op)), F_INT("id", r->id), F_BOOL("hint", r->hint), F_RAW("keys", b.data),
                 F_RAW("patterns", p.data));
     evd_buf_free(&b);
     evd_buf_free(&p);
@@ -550,7 +546,7 @@ static void submit_rec(unit_t *u, rec_t *r)
 {
     daemon_t *d = u->d;
     const evd_config_t *cfg = u->cfg->cfg;
-    if (r->id == ID_HINT) {
+    if (r->hint) {
         d->t_hints++; /* counted as a change when its row is claimed */
     } else {
         d->n_changes++;
@@ -605,7 +601,7 @@ static rec_t *rec_add_bare(unit_t *u, int64_t id, const char *table, const char 
 static void rec_finish(unit_t *u, rec_t *r, const char *reason, const char *err)
 {
     r->finished = true;
-    if (reason && r->id != ID_HINT)
+    if (reason && !r->hint)
         dl_line(u, r, reason, -1, err, 0);
     unit_finish_rec(u);
 }
@@ -622,10 +618,11 @@ static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t o
     rec_finish(u, r, reason, err);
 }
 
-/* Expands c (parsed from raw) into a new rec of u and submits it; on failure dead-letters it.
- * When w is set, the new rec replaces w (a rec that waited for lookups) at index i. */
+/* Expands c (parsed from raw) into a new rec of u and submits it; on failure dead-letters it
+ * (a hint is dropped: its row is claimed). When w is set, the new rec replaces w (a rec that
+ * waited for lookups) at index i. */
 static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *table, int64_t id, const char *raw,
-                              size_t rawlen, rec_t *w, size_t i)
+                              size_t rawlen, rec_t *w, size_t i, bool hint)
 {
     daemon_t *d = u->d;
     int rc = expand_change(u, c, table, id);
@@ -637,7 +634,9 @@ static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *tabl
     }
     if (!r) {
         static const char why[] = "out of memory expanding the change";
-        if (w)
+        if (hint)
+            EVD_LOG(EVD_LOG_WARN, "bad_input", F_STR("error", why), F_INT("id", id));
+        else if (w)
             rec_finish(u, w, "bad_payload", why);
         else
             accept_finished(u, id, table, c->op, raw, rawlen, "bad_payload", why);
@@ -647,6 +646,7 @@ static void expand_and_submit(unit_t *u, const evd_change_t *c, const char *tabl
         u->recs[i] = r;
         rec_free(w);
     }
+    r->hint = hint;
     submit_rec(u, r);
 }
 
@@ -656,7 +656,7 @@ static void expand_unit(unit_t *u)
     for (size_t i = 0; i < u->nrecs; i++) {
         rec_t *w = u->recs[i];
         if (w->ch && !w->finished) /* waiting for lookups (the others are finished or submitted) */
-            expand_and_submit(u, w->ch, w->table, w->id, w->raw, w->rawlen, w, i);
+            expand_and_submit(u, w->ch, w->table, w->id, w->raw, w->rawlen, w, i, false);
     }
     lres_free_all(u);
     unit_finish_rec(u);
@@ -689,7 +689,8 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
     size_t extra = c->nrows > 1 ? c->nrows - 1 : 0;
     size_t before = u->nrecs;
     const evd_config_t *cfg = u->cfg->cfg;
-    if (!u->claim && evd_set_has(&d->durable, table, strlen(table)) && c->id > 0 && !c->ref) {
+    bool durable_by_notify = !u->claim && evd_set_has(&d->durable, table, strlen(table));
+    if (durable_by_notify && c->id > 0 && !c->ref) {
         /* A hint: the capture's doorbell carries the change of a one-row statement. Applied
          * at once, and again when its outbox row is claimed (the row is the source of truth:
          * a hint that fails, or that a role able to NOTIFY forged, loses nothing and hides
@@ -698,10 +699,10 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         if (!d->opts.dry_run && evd_rules_watches(&cfg->rules, c->schema, c->table) &&
             evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) == 0 && lc.calls == 0) {
             d->hinted[d->nhinted++ % HINTS_KEPT] = c->id;
-            expand_and_submit(u, c, table, ID_HINT, NULL, 0, NULL, 0);
+            expand_and_submit(u, c, table, c->id, NULL, 0, NULL, 0, true);
         }
         outbox_rung(d, true);
-    } else if (!u->claim && evd_set_has(&d->durable, table, strlen(table))) {
+    } else if (durable_by_notify) {
         /* The capture of a durable table rings a doorbell, empty or with the change and its
          * outbox id; a full change without one came from elsewhere (any role may NOTIFY):
          * refuse it. */
@@ -728,7 +729,7 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         if (evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) < 0)
             EVD_LOG(EVD_LOG_WARN, "lookup_failed", F_STR("error", "out of memory"));
         if (lc.calls == 0) {
-            expand_and_submit(u, c, table, id, payload, len, NULL, 0);
+            expand_and_submit(u, c, table, id, payload, len, NULL, 0, false);
         } else {
             /* Its parse waits for the unit's lookups (expand_unit). */
             evd_change_t *keep = malloc(sizeof(*keep));
