@@ -12,11 +12,14 @@
 --                             row once Redis confirmed the deletion or it was dead-lettered
 --   outbox_id_seq             outbox ids; the trigger takes nextval first and writes the id
 --                             into the payload too
---   idle                      sequence used as a flag (0/1): evictd sets it to 1 when it has
+--   idle                      sequence used as a flag (0/1/2): evictd sets it to 1 when it has
 --                             drained the outbox; the first write after that sets it to 0
 --                             and rings the doorbell (a NOTIFY carrying the change of a one-row
---                             statement under 8000 bytes, else empty). Sequences are read
---                             and written outside transaction visibility, so the flag is
+--                             statement under 8000 bytes, else empty). Under light load evictd
+--                             sets 2 instead: every write rings and leaves it set, except one
+--                             whose ring would wait for another ringing transaction's commit
+--                             (advisory lock 1702259043, 29796, held to commit). Sequences are
+--                             read and written outside transaction visibility, so the flag is
 --                             seen at once by every writer, whatever its isolation level.
 --   watches                   one row per watched table
 --   watch(tbl, columns, channel DEFAULT 'evictd', durable DEFAULT true)
@@ -72,9 +75,10 @@ ALTER TABLE evictd.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_va
                                autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 1000);
 COMMENT ON TABLE evictd.outbox IS 'evictd: durable change payloads (JSON text), deleted by evictd once applied';
 
-CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 MAXVALUE 1 START 0 NO CYCLE;
+CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 MAXVALUE 2 START 0 NO CYCLE;
+ALTER SEQUENCE evictd.idle MAXVALUE 2; -- an install from before flag 2
 COMMENT ON SEQUENCE evictd.idle IS
-    'evictd idle flag: evictd runs setval(''evictd.idle'', 1) when drained; the next write resets it to 0 and rings (NOTIFY)';
+    'evictd idle flag: 0 busy (no ring); 1 idle (the next write rings and sets 0); 2 light load (every write rings unless another ringing transaction is in flight)';
 
 CREATE TABLE IF NOT EXISTS evictd.watches (
     tbl     regclass PRIMARY KEY,
@@ -238,7 +242,7 @@ $$;
 CREATE OR REPLACE FUNCTION evictd._chunk_sql(op text, chunk_rows int, chunk_bytes int, query text) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format($f$
-        IF FOUND AND pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) IS DISTINCT FROM 1 THEN
+        IF FOUND AND COALESCE(pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass), 0) = 0 THEN
             RETURN NULL;
         END IF;
         IF NOT FOUND THEN
@@ -317,6 +321,10 @@ DECLARE
     c_chunk_bytes CONSTANT int := 1048576;
     -- NOTIFY payloads must stay below 8000 bytes.
     c_notify_max  CONSTANT int := 8000;
+    -- The advisory lock (two int4 keys: 'evic', 'td') a writer takes to ring while the idle
+    -- flag is 2; evictd never takes it.
+    c_ring_lock1  CONSTANT int := 1702259043;
+    c_ring_lock2  CONSTANT int := 29796;
     w          evictd.watches%ROWTYPE;
     v_cols     text[];
     v_gone     text[];
@@ -455,6 +463,7 @@ DECLARE
     v_img pg_catalog.text;
     v_id  pg_catalog.int8;
     v_p   pg_catalog.text;        -- the one-row path's payload: the doorbell carries it
+    v_f   pg_catalog.int8;        -- the idle flag
 BEGIN
     IF TG_OP = 'UPDATE' THEN%1$s
     ELSIF TG_OP = 'INSERT' THEN%2$s
@@ -470,8 +479,15 @@ BEGIN
     -- Doorbell: evictd is idle (drained the outbox and waits); wake it once. A one-row
     -- statement's doorbell carries its change (evictd applies it at once, and again when it
     -- claims the row); any other rings empty.
-    IF pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) = 1 THEN
+    -- Flag 1 (idle): ring once, clearing it. Flag 2 (light load): ring, leaving it set, unless
+    -- a transaction that rang has not ended yet (the advisory lock, held to commit): then at
+    -- most one ringing transaction is ever in flight, and PostgreSQL, which serialises the
+    -- commits of notifying transactions, never makes a writer wait for another's.
+    v_f := pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass);
+    IF v_f = 1 THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);
+        PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
+    ELSIF v_f = 2 AND pg_catalog.pg_try_advisory_xact_lock(%8$s, %9$s) THEN
         PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
     END IF;
     RETURN NULL;
@@ -480,7 +496,7 @@ $b$,
             v_upd, v_ins, v_del,
             '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "TRUNCATE"}',
             'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)',
-            w.channel, c_notify_max);
+            w.channel, c_notify_max, c_ring_lock1, c_ring_lock2);
     ELSE
         v_body := format($b$
 DECLARE

@@ -337,6 +337,7 @@ static void on_sighup(uv_signal_t *h, int sig)
     ref->refs = 1;
     cfg_put(d->cfg);
     d->cfg = ref;
+    hints_forget(d);
     apply_log(d, cfg);
     if (evd_dl_reopen(d->dl, cfg->dl_path, cfg->dl_max_bytes) < 0)
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "cannot reopen"), F_STR("path", cfg->dl_path));
@@ -370,7 +371,7 @@ static void on_shutdown_timer(uv_timer_t *t)
 static void shutdown_poll(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
-    if (!d->units)
+    if (!d->units && !d->clearing_flag)
         close_all(d);
 }
 
@@ -384,6 +385,7 @@ static void on_sigterm(uv_signal_t *h, int sig)
             F_INT("pending", (int64_t)d->pending));
     process_incoming(d);
     update_pause(d);
+    outbox_stop(d);
     uv_timer_start(&d->shutdown_timer, on_shutdown_timer, (uint64_t)d->cfg->cfg->shutdown_timeout_ms, 0);
     uv_timer_stop(&d->poll_timer);
     uv_timer_start(&d->poll_timer, shutdown_poll, 0, 10);
@@ -544,6 +546,8 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     static daemon_t dd;
     daemon_t *d = &dd;
     memset(d, 0, sizeof(*d));
+    d->claim_flag = -1;
+    d->flag = -1;
     d->opts = *opts;
     d->loop = uv_default_loop();
     d->cfg = calloc(1, sizeof(*d->cfg));

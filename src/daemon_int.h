@@ -23,7 +23,9 @@
 
 #define LAG_SAMPLES 8192 /* lag samples kept per stats interval */
 #define ID_NOTIFY (-1)   /* rec id of a notify-only change */
-#define HINTS_KEPT 64    /* outbox ids of recent hints, whose claims record no lag */
+#define HINTS_KEPT 64    /* recent hints, whose claims record no lag ... */
+#define HINT_BYTES 512   /* ... and whose rows are acknowledged without being applied again once
+                          * Redis confirmed the hint, when the row's payload is the same bytes */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
 static const char SQL_WATCHES[] =
@@ -70,6 +72,7 @@ typedef struct rec {
     bool hint;             /* a durable change its doorbell carried (accept_payload): its row is
                             * claimed too, so it is never dead-lettered */
     int outstanding;       /* jobs not called back */
+    bool failed;           /* a job failed */
     size_t njobs;
     evd_job_t *jobs;       /* njobs entries */
     int *job_target;       /* target index per job */
@@ -160,8 +163,14 @@ struct daemon {
     uint64_t rate_rows;    /* rows claimed in it */
     double rate;           /* rows claimed per ms in the last full window */
     uint64_t pace_until;   /* loop time before which no claim goes (0: none); a doorbell clears it */
-    int64_t hinted[HINTS_KEPT]; /* outbox ids of recent hints (a ring) */
+    struct hint_slot {
+        int64_t id;        /* outbox id */
+        bool confirmed;    /* Redis confirmed every deletion of the hint */
+        uint16_t len;      /* payload bytes (0: longer than HINT_BYTES, never skipped) */
+        char payload[HINT_BYTES];
+    } hints[HINTS_KEPT];   /* recent hints (a ring) */
     size_t nhinted;
+    int64_t max_hint_id;   /* the highest outbox id a hint carried */
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool armed;            /* we set the idle flag, and no doorbell rang since */
@@ -170,8 +179,14 @@ struct daemon {
     int64_t horizon;       /* xmax of the arming claim's snapshot while transactions it saw in
                             * flight may not have ended (0: none) */
     uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
-    bool want_idle;        /* the next claim sets the idle flag first */
-    bool claim_sets_idle;  /* the claim in flight set it */
+    bool want_idle;        /* the next claim sets the idle flag first (2 under light load, else 1) */
+    bool want_clear;       /* the next claim sets it to 0 (it may be 2 and the load is not light) */
+    bool claim_sets_idle;  /* the claim in flight set it ... */
+    int claim_flag;        /* ... to this (-1: it does not set it) */
+    int flag;              /* what evictd last set it to (-1: unknown); 2 stays until evictd changes it */
+    uint64_t flag_set_at;  /* loop time of the last setval sent */
+    uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (flag 2) */
+    bool clearing_flag;    /* stopping: a setval to 0 is in flight */
     bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
     bool want_drain;       /* a doorbell arrived while a claim was running */
@@ -221,6 +236,9 @@ void claimer_lost(claimer_t *cl);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
+bool hinted(const daemon_t *d, int64_t id);
+void hints_forget(daemon_t *d);
+void outbox_stop(daemon_t *d);
 void release_claim(unit_t *u);
 void unit_send_ack(unit_t *u);
 

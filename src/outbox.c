@@ -15,8 +15,12 @@
 #define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
 #define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
 #define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
-#define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once */
+#define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once, to 2 ... */
+#define HEAVY_ROWS_PER_MS 4.0 /* ... and from this one a flag at 2 goes back to 0 */
 #define RATE_WINDOW_MS 100 /* arrival_rate's window */
+#define HINT_LINGER_MS 4 /* flag 2: the claim that acknowledges rows applied from their doorbell waits this long ... */
+#define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
+#define FLAG_FRESH_MS 100 /* a claim that sets the flag to 2 skips the setval when one did lately */
 #define PACE_MS 4 /* the least time between claims that reach the end ... */
 #define PACE_ROWS_PER_MS 4.0 /* ... while rows arrive this fast (a burst after a writer's stall
                               * at 2,000/s paced at 2.5 and cost the latency benchmark's p99) */
@@ -45,12 +49,14 @@ static const char SQL_PEEK[] =
 static const char SQL_ACK_RELEASED[] =
     "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
     "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
-/* Sets the idle flag in the same round trip as the claim that looks once more after it. */
-static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', 1); ";
+/* Sets the idle flag (to the %d) in the same round trip as the claim that looks once more after it. */
+static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', %d); ";
 
 /* ---------------------------------------------------------------- acks and unit completion */
 
 static void begin_done(const PGresult *res, const char *err, void *arg);
+static double arrival_rate(daemon_t *d, size_t rows);
+static bool light_load(daemon_t *d);
 
 static void after_ack(const PGresult *res, const char *err, void *arg)
 {
@@ -203,13 +209,24 @@ static void send_claim(daemon_t *d, claimer_t *cl)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
         evd_buf_t q = {0};
         d->claim_sets_idle = d->want_idle;
+        /* Under light load every write may ring (2): applied from its doorbell, one hop. Else
+         * only the first one after evictd is idle rings (1), or none (0). */
+        d->claim_flag = d->want_idle ? (light_load(d) ? 2 : 1) : d->want_clear ? 0 : -1;
         d->want_idle = false;
+        d->want_clear = false;
         d->rung_in_claim = false;
         /* A claim that arms the flag, or looks while transactions that may not have rung are
          * in flight, returns its snapshot too (claim_snapshot). */
         d->claim_snap = d->claim_sets_idle || d->horizon;
-        rc = evd_buf_printf(&q, "%sBEGIN; EXECUTE evictd_claim%s(%s, '", d->claim_sets_idle ? SQL_IDLE : "",
-                            d->claim_snap ? "_snap" : "", cursor);
+        /* Under light load every claim sets 2 again; a setval is a WAL record, so one that set
+         * it lately stands for it (the safety poll sets it anyway). */
+        uint64_t now = uv_now(d->loop);
+        bool fresh = d->claim_flag == 2 && d->flag == 2 && now - d->flag_set_at < FLAG_FRESH_MS;
+        rc = d->claim_flag >= 0 && !fresh ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag) : 0;
+        if (d->claim_flag >= 0 && !fresh)
+            d->flag_set_at = now;
+        rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '", d->claim_snap ? "_snap" : "", cursor)
+                     : rc;
         held_ids(d, &q);
         rc = rc == 0 ? evd_buf_printf(&q, "', %s%s)", limit,
                                       d->claim_snap ? (d->claim_sets_idle ? ", true" : ", false") : "")
@@ -282,6 +299,12 @@ static void on_poll_timer(uv_timer_t *t)
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
     trim_heap(d);
     d->want_drain = true;
+    /* Idle: set the flag again (to 2 if the load was heavier when it was set to 1, and in case
+     * another replica cleared it when it stopped). */
+    if (d->idle && !d->opts.dry_run) {
+        d->want_idle = true;
+        d->t_idle_sets++;
+    }
     maybe_drain(d);
 }
 
@@ -298,6 +321,14 @@ static double arrival_rate(daemon_t *d, size_t rows)
     return d->rate;
 }
 
+/* Light load: every write may ring (flag 2). Leaving it takes a rate well above the one that
+ * enters it, so that a writer's short burst does not switch rings off and on. */
+static bool light_load(daemon_t *d)
+{
+    double rate = arrival_rate(d, 0);
+    return rate < LIGHT_ROWS_PER_MS || (d->flag == 2 && rate < HEAVY_ROWS_PER_MS);
+}
+
 /* A doorbell rang (hint: it carried its change, applied already). Under light load the claim
  * that picks the row up sets the idle flag first, so the next write rings with its change too
  * and is applied without waiting for a claim; under heavier load the claims go on until the
@@ -306,16 +337,53 @@ void outbox_rung(daemon_t *d, bool hint)
 {
     d->t_doorbells++;
     d->want_drain = true;
-    d->pace_until = 0;
+    /* Flag 2 with every recent row rung: the claim only acknowledges rows applied from their
+     * doorbells already, so it waits a little and takes several (fewer claims for the database
+     * and fewer wake-ups next to the writers). A row that rang none (its writer found another
+     * ringing transaction in flight) makes claims go at once again for a while. */
+    uint64_t now = uv_now(d->loop);
+    bool linger = hint && d->flag == 2 && now - d->miss_at >= MISS_WINDOW_MS;
+    if (!linger)
+        d->pace_until = 0;
+    else if (d->pace_until <= now)
+        d->pace_until = now + HINT_LINGER_MS;
     d->idle = false;
-    d->armed = false; /* the writer that rang cleared the flag */
+    d->armed = false; /* the writer that rang cleared the flag (1), or another ring may be due (2) */
     d->rung_in_claim = true;
     uv_timer_stop(&d->poll_timer);
-    if (hint && !d->opts.dry_run && !d->want_idle && arrival_rate(d, 0) < LIGHT_ROWS_PER_MS) {
-        d->want_idle = true;
-        d->t_idle_sets++;
+    if (!d->opts.dry_run) {
+        bool light = light_load(d);
+        if (hint && !d->want_idle && light) {
+            d->want_idle = true;
+            d->t_idle_sets++;
+        } else if (!light && (d->flag == 2 || d->flag < 0)) {
+            d->want_clear = true; /* no longer light: stop the rings */
+        }
     }
     maybe_drain(d);
+}
+
+static void flag_cleared(const PGresult *res, const char *err, void *arg)
+{
+    daemon_t *d = arg;
+    d->clearing_flag = false;
+    if (res)
+        d->flag = 0;
+    else
+        EVD_LOG(EVD_LOG_WARN, "idle_flag_failed", F_STR("error", err));
+}
+
+/* Stopping: a flag at 2 would have every write ring for nobody until evictd is back. */
+void outbox_stop(daemon_t *d)
+{
+    static const char sql[] = "SELECT pg_catalog.setval('evictd.idle', 0)";
+    if (d->opts.dry_run || d->flag == 0)
+        return;
+    for (size_t k = 0; k < NCLAIMERS; k++)
+        if (d->cl[k].pg && evd_pg_ready(d->cl[k].pg)) {
+            d->clearing_flag = evd_pg_query(d->cl[k].pg, sql, 0, NULL, false, flag_cleared, d) == 0;
+            return;
+        }
 }
 
 /* Where the next pass starts: RESTART_BACK ids below the lowest id a pass found lately (rows of
@@ -474,8 +542,14 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     d->claim_cl = NULL;
     bool set_idle = d->claim_sets_idle;
     bool snap = d->claim_snap;
+    int flag = d->claim_flag;
     d->claim_sets_idle = false;
     d->claim_snap = false;
+    d->claim_flag = -1;
+    if (flag >= 0)
+        d->flag = res ? flag : -1; /* failed: it may be set or not */
+    if (flag >= 0 && !set_idle)
+        d->armed = false; /* cleared: no writer rings until a claim sets it again */
     if (!res) {
         if (set_idle) /* the flag may not be set: the next empty claim sets it */
             d->armed = false;
@@ -493,7 +567,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * this claim set: then it is clear again, and only another claim that sets it arms evictd
      * (else evictd would sleep with the flag clear until the safety poll: in a benchmark run
      * right after big drains, half the changes at 2,000/s waited for it). */
-    if (set_idle && !d->rung_in_claim)
+    if (set_idle && (!d->rung_in_claim || flag == 2)) /* a ring leaves flag 2 set */
         d->armed = true;
     if (snap) {
         claim_snapshot(d, res, set_idle);
@@ -586,6 +660,9 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             d->cursor = id;
         if (id > d->max_claimed)
             d->max_claimed = id;
+        /* (A row above the newest hint may have one on its way.) */
+        if (d->flag == 2 && id < d->max_hint_id && !hinted(d, id))
+            d->miss_at = uv_now(d->loop);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
     /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
@@ -643,6 +720,7 @@ void claim_connected(evd_pg_t *pg, void *ud)
     d->armed = false;
     d->horizon = 0;
     d->idle = false;
+    d->flag = -1;
     d->watched_loaded = false;
     /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not
      * arrive as 1000 rows at once. The average adapts within a few claims. */

@@ -262,12 +262,45 @@ static void record_lag(daemon_t *d, double ts)
 }
 
 /* Was the outbox row id applied from its doorbell lately? (Its lag was recorded then.) */
-static bool hinted(const daemon_t *d, int64_t id)
+/* The slot of the recent hint of outbox row id, or -1. */
+static int hint_find(const daemon_t *d, int64_t id)
 {
     for (size_t i = 0; id >= 0 && i < HINTS_KEPT && i < d->nhinted; i++)
-        if (d->hinted[i] == id)
-            return true;
-    return false;
+        if (d->hints[i].id == id)
+            return (int)i;
+    return -1;
+}
+
+bool hinted(const daemon_t *d, int64_t id)
+{
+    return hint_find(d, id) >= 0;
+}
+
+static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
+{
+    struct hint_slot *h = &d->hints[d->nhinted++ % HINTS_KEPT];
+    h->id = id;
+    h->confirmed = false;
+    h->len = len <= HINT_BYTES ? (uint16_t)len : 0;
+    memcpy(h->payload, payload, h->len);
+    if (id > d->max_hint_id)
+        d->max_hint_id = id;
+}
+
+/* A claimed row whose hint Redis confirmed, carrying the same bytes, is applied already (the
+ * doorbell rang after its commit). A forged hint never matches a row it could hide. */
+static bool hint_applied(const daemon_t *d, int64_t id, const char *payload, size_t len)
+{
+    int i = hint_find(d, id);
+    const struct hint_slot *h = i >= 0 ? &d->hints[i] : NULL;
+    return h && h->confirmed && h->len && h->len == len && memcmp(h->payload, payload, len) == 0;
+}
+
+/* Forgets what hints were applied with: a reload may change the rules. */
+void hints_forget(daemon_t *d)
+{
+    for (size_t i = 0; i < HINTS_KEPT; i++)
+        d->hints[i].confirmed = false;
 }
 
 void job_done(evd_job_t *job, int status, const char *error, void *ud)
@@ -294,9 +327,14 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         d->n_keys += job->nkeys;
         d->n_patterns += job->npatterns;
     }
+    if (status != 0)
+        r->failed = true;
     if (--r->outstanding == 0) {
-        if (status == 0 && (r->hint || !hinted(d, r->id)))
+        if (!r->failed && (r->hint || !hinted(d, r->id)))
             record_lag(d, r->ts);
+        int h = r->hint && !r->failed && u->cfg == d->cfg ? hint_find(d, r->id) : -1;
+        if (h >= 0)
+            d->hints[h].confirmed = true;
         unit_finish_rec(u);
     }
 }
@@ -541,20 +579,24 @@ static rec_t *rec_from_expansion(unit_t *u, int64_t id, const char *table, const
     return r;
 }
 
+static void count_change(daemon_t *d, const char *table, evd_op_t op)
+{
+    d->n_changes++;
+    for (int b = 0; b < 4; b++)
+        if (op == (evd_op_t)(1 << b))
+            evd_metrics_change(&d->m, table, b);
+    d->t_changes++;
+}
+
 /* Counts the change and hands its jobs to the targets (r is in its unit already). */
 static void submit_rec(unit_t *u, rec_t *r)
 {
     daemon_t *d = u->d;
     const evd_config_t *cfg = u->cfg->cfg;
-    if (r->hint) {
+    if (r->hint)
         d->t_hints++; /* counted as a change when its row is claimed */
-    } else {
-        d->n_changes++;
-        for (int b = 0; b < 4; b++)
-            if (r->op == (evd_op_t)(1 << b))
-                evd_metrics_change(&d->m, r->table, b);
-        d->t_changes++;
-    }
+    else
+        count_change(d, r->table, r->op);
     log_change_keys(r);
     if (!r->njobs || d->opts.dry_run || d->ntargets != cfg->ntargets || cfg != d->cfg->cfg) {
         /* Nothing to delete, a dry run, or the config changed under us (resubmit below). */
@@ -698,7 +740,7 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         lookup_ctx_t lc = {.u = u, .count_only = true};
         if (!d->opts.dry_run && evd_rules_watches(&cfg->rules, c->schema, c->table) &&
             evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) == 0 && lc.calls == 0) {
-            d->hinted[d->nhinted++ % HINTS_KEPT] = c->id;
+            hint_keep(d, c->id, payload, len);
             expand_and_submit(u, c, table, c->id, NULL, 0, NULL, 0, true);
         }
         outbox_rung(d, true);
@@ -712,6 +754,9 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
                             (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
                                                   F_STR("error", err), {0}});
         accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
+    } else if (u->claim && u->cfg == d->cfg && hint_applied(d, id, payload, len)) {
+        count_change(d, table, c->op);
+        accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
     } else if (!evd_rules_watches(&cfg->rules, c->schema, c->table)) {
         if (evd_set_has(&d->watched, table, strlen(table))) {
             d->n_unmatched++;

@@ -517,6 +517,48 @@ class CaptureTest(unittest.TestCase):
         got = collect_notifies(lc, timeout=1.5)
         self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "oversize: empty doorbell")
 
+    def test_idle_flag_light_rings_every_write(self):
+        """Flag 2 (light load): every write rings with its change and leaves the flag set, except
+        one whose ring would wait for another ringing transaction still in flight."""
+        lc = self.listen("evictd")
+        self.q("SELECT setval('evictd.idle', 2)")
+        self.app_exec("UPDATE products SET stock = 1 WHERE false")  # touches 0 rows: no ring
+        for name in ("light1", "light2", "light3"):
+            self.app_exec("INSERT INTO products (name) VALUES ('%s')" % name)
+        got = collect_notifies(lc, timeout=1.5)
+        rows = self.outbox()
+        self.assertEqual(len(rows), 3)
+        self.assertEqual([json.loads(n.payload) for n in got], [p for _, p in rows], "one ring per write")
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(2,)])
+        # Two writers in flight: the first to reach its trigger rings, the second does not.
+        other = self.pg.connect(user="app")
+        try:
+            with self.app.cursor() as c1, other.cursor() as c2:
+                c1.execute("INSERT INTO products (name) VALUES ('first')")
+                c2.execute("INSERT INTO products (name) VALUES ('second')")
+                other.commit()
+                self.assertEqual(collect_notifies(lc, timeout=0.7), [], "the second must not ring")
+            self.app.commit()
+            got = collect_notifies(lc, timeout=1.5)
+            self.assertEqual([json.loads(n.payload)["rows"][0]["new"]["name"] for n in got], ["first"])
+            self.assertEqual(len(self.outbox()), 5, "both rows are in the outbox")
+            # the lock went with the first's commit: the next write rings again
+            with other.cursor() as c2:
+                c2.execute("INSERT INTO products (name) VALUES ('third')")
+            other.commit()
+            got = collect_notifies(lc, timeout=1.5)
+            self.assertEqual([json.loads(n.payload)["rows"][0]["new"]["name"] for n in got], ["third"])
+        finally:
+            other.close()
+        # a statement of several rows rings empty, and leaves the flag at 2 too
+        self.app_exec("INSERT INTO products (name) VALUES ('light4'), ('light5')")
+        self.assertEqual([(n.channel, n.payload) for n in collect_notifies(lc, timeout=1.5)], [("evictd", "")])
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(2,)])
+        # flag 0 again: nothing rings
+        self.q("SELECT setval('evictd.idle', 0)")
+        self.app_exec("INSERT INTO products (name) VALUES ('quiet')")
+        self.assertEqual(collect_notifies(lc, timeout=0.7), [])
+
     # -- watch()/unwatch() -------------------------------------------------
     def test_watch_validation(self):
         cases = [
@@ -609,6 +651,7 @@ class CaptureTest(unittest.TestCase):
                 self.assertEqual(len(ids), 2)
                 cur.execute("DELETE FROM evictd.outbox WHERE id = ANY(%s)", (ids,))
                 self.assertEqual(cur.rowcount, 2)
+                cur.execute("SELECT setval('evictd.idle', 2)")
                 cur.execute("SELECT setval('evictd.idle', 1)")
                 cur.execute("SELECT last_value FROM evictd.idle")
                 self.assertEqual(cur.fetchone()[0], 1)
