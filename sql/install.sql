@@ -12,15 +12,17 @@
 --                             row once Redis confirmed the deletion or it was dead-lettered
 --   outbox_id_seq             outbox ids; the trigger takes nextval first and writes the id
 --                             into the payload too
---   idle                      sequence used as a flag (0/1/2): evictd sets it to 1 when it has
+--   idle                      sequence used as a flag: evictd sets it to 1 when it has
 --                             drained the outbox; the first write after that sets it to 0
 --                             and rings the doorbell (a NOTIFY carrying the change of a one-row
 --                             statement under 8000 bytes, else empty). Under light load evictd
---                             sets 2 instead: every write rings and leaves it set, except one
---                             whose ring would wait for another ringing transaction's commit
---                             (advisory lock 1702259043, 29796, held to commit). Sequences are
---                             read and written outside transaction visibility, so the flag is
---                             seen at once by every writer, whatever its isolation level.
+--                             sets a lease instead, the server's epoch ms a second ahead, and
+--                             renews it: until then every write rings and leaves it set, except
+--                             one whose ring would wait for another ringing transaction's
+--                             commit (advisory lock 1702259043, 29796, held to commit); past it
+--                             (evictd stopped reading), it acts as 1. Sequences are read and
+--                             written outside transaction visibility, so the flag is seen at
+--                             once by every writer, whatever its isolation level.
 --   watches                   one row per watched table
 --   watch(tbl, columns, channel DEFAULT 'evictd', durable DEFAULT true)
 --   unwatch(tbl)
@@ -75,10 +77,10 @@ ALTER TABLE evictd.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_va
                                autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 1000);
 COMMENT ON TABLE evictd.outbox IS 'evictd: durable change payloads (JSON text), deleted by evictd once applied';
 
-CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 MAXVALUE 2 START 0 NO CYCLE;
-ALTER SEQUENCE evictd.idle MAXVALUE 2; -- an install from before flag 2
+CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 NO MAXVALUE START 0 NO CYCLE;
+ALTER SEQUENCE evictd.idle NO MAXVALUE; -- an install from before the light-load lease (MAXVALUE 1)
 COMMENT ON SEQUENCE evictd.idle IS
-    'evictd idle flag: 0 busy (no ring); 1 idle (the next write rings and sets 0); 2 light load (every write rings unless another ringing transaction is in flight)';
+    'evictd idle flag: 0 busy (no ring); 1 idle (the next write rings and sets 0); > 1 light load until that epoch ms (every write rings unless another ringing transaction is in flight; past it, as 1)';
 
 CREATE TABLE IF NOT EXISTS evictd.watches (
     tbl     regclass PRIMARY KEY,
@@ -479,15 +481,16 @@ BEGIN
     -- Doorbell: evictd is idle (drained the outbox and waits); wake it once. A one-row
     -- statement's doorbell carries its change (evictd applies it at once, and again when it
     -- claims the row); any other rings empty.
-    -- Flag 1 (idle): ring once, clearing it. Flag 2 (light load): ring, leaving it set, unless
-    -- a transaction that rang has not ended yet (the advisory lock, held to commit): then at
-    -- most one ringing transaction is ever in flight, and PostgreSQL, which serialises the
-    -- commits of notifying transactions, never makes a writer wait for another's.
+    -- Flag 1 (idle): ring once, clearing it. Flag > 1 (light load; evictd renews it): until
+    -- that epoch ms, ring, leaving it set, unless a transaction that rang has not ended yet
+    -- (the advisory lock, held to commit): then at most one ringing transaction is ever in
+    -- flight, and PostgreSQL, which serialises the commits of notifying transactions, never
+    -- makes a writer wait for another's. Past it (evictd stopped reading), as flag 1.
     v_f := pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass);
-    IF v_f = 1 THEN
+    IF v_f = 1 OR (v_f > 1 AND v_f <= pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000) THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);
         PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
-    ELSIF v_f = 2 AND pg_catalog.pg_try_advisory_xact_lock(%8$s, %9$s) THEN
+    ELSIF v_f > 1 AND pg_catalog.pg_try_advisory_xact_lock(%8$s, %9$s) THEN
         PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
     END IF;
     RETURN NULL;

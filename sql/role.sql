@@ -13,7 +13,7 @@
 --     SELECT ... FOR UPDATE SKIP LOCKED (needs UPDATE), delete them once applied;
 --   - SELECT on evictd.watches: `evictd check --connect` compares the capture with the rules;
 --   - SELECT, UPDATE, USAGE on sequence evictd.idle: read it, and
---     setval('evictd.idle', 1) when idle (setval needs UPDATE).
+--     setval('evictd.idle', 0|1|2) as the load changes (setval needs UPDATE).
 --   LISTEN needs no grant: any role may LISTEN on any channel.
 --   No privilege on application tables, except SELECT on the tables rule
 --   lookups read (e.g. "SELECT user_id FROM drivers WHERE id = $1"); grant those

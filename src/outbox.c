@@ -20,7 +20,8 @@
 #define RATE_WINDOW_MS 100 /* arrival_rate's window */
 #define HINT_LINGER_MS 4 /* flag 2: the claim that acknowledges rows applied from their doorbell waits this long ... */
 #define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
-#define FLAG_FRESH_MS 100 /* a claim that sets the flag to 2 skips the setval when one did lately */
+#define LEASE_MS 1000 /* light load: writes ring until this long after the last claim that set the flag (then once) */
+#define FLAG_FRESH_MS 100 /* a claim that would set the lease skips the setval when one did lately */
 #define PACE_MS 4 /* the least time between claims that reach the end ... */
 #define PACE_ROWS_PER_MS 4.0 /* ... while rows arrive this fast (a burst after a writer's stall
                               * at 2,000/s paced at 2.5 and cost the latency benchmark's p99) */
@@ -49,8 +50,12 @@ static const char SQL_PEEK[] =
 static const char SQL_ACK_RELEASED[] =
     "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
     "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
-/* Sets the idle flag (to the %d) in the same round trip as the claim that looks once more after it. */
+/* Sets the idle flag (0 or 1) in the same round trip as the claim that looks once more after it;
+ * under light load, to a lease: the server's epoch ms LEASE_MS ahead. */
 static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', %d); ";
+static const char SQL_LEASE[] =
+    "SELECT pg_catalog.setval('evictd.idle', (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) "
+    "* 1000)::int8 + %d); ";
 
 /* ---------------------------------------------------------------- acks and unit completion */
 
@@ -222,7 +227,9 @@ static void send_claim(daemon_t *d, claimer_t *cl)
          * it lately stands for it (the safety poll sets it anyway). */
         uint64_t now = uv_now(d->loop);
         bool fresh = d->claim_flag == 2 && d->flag == 2 && now - d->flag_set_at < FLAG_FRESH_MS;
-        rc = d->claim_flag >= 0 && !fresh ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag) : 0;
+        rc = d->claim_flag == 2 && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
+             : d->claim_flag >= 0 && !fresh ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag)
+                                            : 0;
         if (d->claim_flag >= 0 && !fresh)
             d->flag_set_at = now;
         rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '", d->claim_snap ? "_snap" : "", cursor)

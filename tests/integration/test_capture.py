@@ -517,11 +517,15 @@ class CaptureTest(unittest.TestCase):
         got = collect_notifies(lc, timeout=1.5)
         self.assertEqual([(n.channel, n.payload) for n in got], [("evictd", "")], "oversize: empty doorbell")
 
+    LEASE = "SELECT setval('evictd.idle', (date_part('epoch', clock_timestamp()) * 1000)::int8 + %d)"
+
     def test_idle_flag_light_rings_every_write(self):
-        """Flag 2 (light load): every write rings with its change and leaves the flag set, except
-        one whose ring would wait for another ringing transaction still in flight."""
+        """A lease (light load, the flag > 1: an epoch ms ahead): every write rings with its
+        change and leaves the flag set, except one whose ring would wait for another ringing
+        transaction still in flight; past the lease, a write rings once and clears the flag."""
         lc = self.listen("evictd")
-        self.q("SELECT setval('evictd.idle', 2)")
+        self.q(self.LEASE % 60000)
+        lease = self.q("SELECT last_value FROM evictd.idle")
         self.app_exec("UPDATE products SET stock = 1 WHERE false")  # touches 0 rows: no ring
         for name in ("light1", "light2", "light3"):
             self.app_exec("INSERT INTO products (name) VALUES ('%s')" % name)
@@ -529,7 +533,7 @@ class CaptureTest(unittest.TestCase):
         rows = self.outbox()
         self.assertEqual(len(rows), 3)
         self.assertEqual([json.loads(n.payload) for n in got], [p for _, p in rows], "one ring per write")
-        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(2,)])
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), lease)
         # Two writers in flight: the first to reach its trigger rings, the second does not.
         other = self.pg.connect(user="app")
         try:
@@ -553,7 +557,14 @@ class CaptureTest(unittest.TestCase):
         # a statement of several rows rings empty, and leaves the flag at 2 too
         self.app_exec("INSERT INTO products (name) VALUES ('light4'), ('light5')")
         self.assertEqual([(n.channel, n.payload) for n in collect_notifies(lc, timeout=1.5)], [("evictd", "")])
-        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(2,)])
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), lease)
+        # past the lease (evictd stopped renewing it): the next write rings once and clears it
+        self.q(self.LEASE % -1)
+        self.app_exec("INSERT INTO products (name) VALUES ('late1')")
+        self.app_exec("INSERT INTO products (name) VALUES ('late2')")
+        got = collect_notifies(lc, timeout=1.5)
+        self.assertEqual([json.loads(n.payload)["rows"][0]["new"]["name"] for n in got], ["late1"])
+        self.assertEqual(self.q("SELECT last_value FROM evictd.idle"), [(0,)])
         # flag 0 again: nothing rings
         self.q("SELECT setval('evictd.idle', 0)")
         self.app_exec("INSERT INTO products (name) VALUES ('quiet')")
@@ -651,7 +662,7 @@ class CaptureTest(unittest.TestCase):
                 self.assertEqual(len(ids), 2)
                 cur.execute("DELETE FROM evictd.outbox WHERE id = ANY(%s)", (ids,))
                 self.assertEqual(cur.rowcount, 2)
-                cur.execute("SELECT setval('evictd.idle', 2)")
+                cur.execute(self.LEASE % 1000)
                 cur.execute("SELECT setval('evictd.idle', 1)")
                 cur.execute("SELECT last_value FROM evictd.idle")
                 self.assertEqual(cur.fetchone()[0], 1)

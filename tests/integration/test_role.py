@@ -377,7 +377,7 @@ class RoleTest(unittest.TestCase):
             for conn in ("listen", "outbox"):
                 self.wait(lambda: any(r.get("msg") == "connected" and r.get("conn") == conn for r in self.records()),
                           20, "connected conn=%s" % conn)
-            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") in (1, 2), 20, "evictd's idle flag")
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") >= 1, 20, "evictd's idle flag")
             # It is connected as evictd, not as anyone else.
             self.assertEqual(self.q1("SELECT count(*) FROM pg_stat_activity WHERE usename = 'evictd'") >= 2, True)
 
