@@ -21,6 +21,7 @@
 #define HINT_LINGER_MS 4 /* flag 2: the claim that acknowledges rows applied from their doorbell waits this long ... */
 #define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
 #define LEASE_MS 1000 /* light load: writes ring until this long after the last claim that set the flag (then once) */
+#define LEASE_BAN_MS 1000 /* no lease for this long after a window in which most claimed rows rang none */
 #define FLAG_FRESH_MS 100 /* a claim that would set the lease skips the setval when one did lately */
 #define PACE_MS 4 /* the least time between claims that reach the end ... */
 #define PACE_ROWS_PER_MS 4.0 /* ... while rows arrive this fast (a burst after a writer's stall
@@ -324,15 +325,24 @@ static double arrival_rate(daemon_t *d, size_t rows)
         d->rate = (double)d->rate_rows / (double)(now - d->rate_start);
         d->rate_rows = 0;
         d->rate_start = now;
+        /* Under a lease, three rows in four rang none: concurrent writers whose commits
+         * overlap, each finding the ring lock taken. The rings then save little and the
+         * claims go at once (misses): back to ringing once for a while. */
+        if (d->flag == 2 && d->win_rows > 3 * d->win_hints + 16)
+            d->lease_ban_until = now + LEASE_BAN_MS;
+        d->win_rows = d->win_hints = 0;
     }
     return d->rate;
 }
 
-/* Light load: every write may ring (flag 2). Leaving it takes a rate well above the one that
- * enters it, so that a writer's short burst does not switch rings off and on. */
+/* Light load: every write may ring (a lease). Leaving it takes a rate well above the one that
+ * enters it, so that a writer's short burst does not switch rings off and on; and not while
+ * most rows would not ring anyway. */
 static bool light_load(daemon_t *d)
 {
     double rate = arrival_rate(d, 0);
+    if (uv_now(d->loop) < d->lease_ban_until)
+        return false;
     return rate < LIGHT_ROWS_PER_MS || (d->flag == 2 && rate < HEAVY_ROWS_PER_MS);
 }
 
@@ -344,6 +354,8 @@ void outbox_rung(daemon_t *d, bool hint)
 {
     d->t_doorbells++;
     d->want_drain = true;
+    if (hint && d->flag == 2)
+        d->win_hints++;
     /* Flag 2 with every recent row rung: the claim only acknowledges rows applied from their
      * doorbells already, so it waits a little and takes several (fewer claims for the database
      * and fewer wake-ups next to the writers). A row that rang none (its writer found another
@@ -359,11 +371,11 @@ void outbox_rung(daemon_t *d, bool hint)
     d->rung_in_claim = true;
     uv_timer_stop(&d->poll_timer);
     if (!d->opts.dry_run) {
-        bool light = light_load(d);
-        if (hint && !d->want_idle && light) {
-            d->want_idle = true;
+        bool lease = light_load(d);
+        if (hint && !d->want_idle && (lease || d->rate < LIGHT_ROWS_PER_MS)) {
+            d->want_idle = true; /* to a lease, or to 1 while leases are off */
             d->t_idle_sets++;
-        } else if (!light && (d->flag == 2 || d->flag < 0)) {
+        } else if (!lease && (d->flag == 2 || d->flag < 0)) {
             d->want_clear = true; /* no longer light: stop the rings */
         }
     }
@@ -630,6 +642,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     bool now_idle = d->armed && !d->opts.dry_run && (size_t)n < d->claim_limit;
     d->idle = now_idle;
     (void)arrival_rate(d, (size_t)n);
+    if (d->flag == 2)
+        d->win_rows += (uint64_t)n;
     /* Rows per ms since the previous claim that found rows (or since this one was sent). */
     uint64_t now = uv_hrtime();
     uint64_t since = !d->armed && d->last_rows_at ? d->last_rows_at : d->claim_sent;

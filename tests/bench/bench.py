@@ -551,6 +551,8 @@ class Bench:
         m = int(rate * seconds)
         first = 1 + (rep * m) % max(1, self.products_rows - m)
         ids = range(first, first + m)
+        # Like every other phase, from a vacuumed outbox (not a million dead rows of the drains).
+        self.clear_outbox()
         proc = self.start_worker(kind)
         probe = None
         try:
