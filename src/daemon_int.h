@@ -186,6 +186,7 @@ struct daemon {
     int flag;              /* what evictd last set it to (-1: unknown); 2 stays until evictd changes it */
     uint64_t flag_set_at;  /* loop time of the last setval sent */
     uint64_t lease_ban_until; /* loop time before which evictd sets no lease */
+    uint64_t lease_since;  /* loop time the flag became a lease */
     uint64_t win_rows, win_hints; /* under a lease: rows claimed, hints heard, in arrival_rate's window */
     uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (flag 2) */
     bool clearing_flag;    /* stopping: a setval to 0 is in flight */

@@ -323,12 +323,13 @@ static double arrival_rate(daemon_t *d, size_t rows)
     d->rate_rows += rows;
     if (now - d->rate_start >= RATE_WINDOW_MS) {
         d->rate = (double)d->rate_rows / (double)(now - d->rate_start);
+        bool leased = d->flag == 2 && d->lease_since <= d->rate_start; /* the whole window */
         d->rate_rows = 0;
         d->rate_start = now;
         /* Under a lease, three rows in four rang none: concurrent writers whose commits
          * overlap, each finding the ring lock taken. The rings then save little and the
          * claims go at once (misses): back to ringing once for a while. */
-        if (d->flag == 2 && d->win_rows > 3 * d->win_hints + 16)
+        if (leased && d->win_rows > 3 * d->win_hints + 16)
             d->lease_ban_until = now + LEASE_BAN_MS;
         d->win_rows = d->win_hints = 0;
     }
@@ -372,8 +373,8 @@ void outbox_rung(daemon_t *d, bool hint)
     uv_timer_stop(&d->poll_timer);
     if (!d->opts.dry_run) {
         bool lease = light_load(d);
-        if (hint && !d->want_idle && (lease || d->rate < LIGHT_ROWS_PER_MS)) {
-            d->want_idle = true; /* to a lease, or to 1 while leases are off */
+        if (hint && !d->want_idle && lease) {
+            d->want_idle = true;
             d->t_idle_sets++;
         } else if (!lease && (d->flag == 2 || d->flag < 0)) {
             d->want_clear = true; /* no longer light: stop the rings */
@@ -565,6 +566,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     d->claim_sets_idle = false;
     d->claim_snap = false;
     d->claim_flag = -1;
+    if (flag == 2 && res && d->flag != 2)
+        d->lease_since = uv_now(d->loop);
     if (flag >= 0)
         d->flag = res ? flag : -1; /* failed: it may be set or not */
     if (flag >= 0 && !set_idle)
@@ -622,11 +625,13 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             settle_idle(d);
             return;
         }
-        if (!d->lingered && d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS) {
+        bool banned = uv_now(d->loop) < d->lease_ban_until;
+        if (!d->lingered && (banned || d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS)) {
             /* Under heavy load, look once more after a moment before saying we are idle: a row
              * arrives within it, and every doorbell rung costs the writers a NOTIFY
-             * (PostgreSQL serialises the commits of notifying transactions). Under light load
-             * say so at once: the next write rings, and is seen without waiting for a poll. */
+             * (PostgreSQL serialises the commits of notifying transactions); so too while
+             * concurrent writers keep leases off. Under light load say so at once: the next
+             * write rings, and is seen without waiting for a poll. */
             d->lingered = true;
             uv_timer_start(&d->poll_timer, on_poll_timer, LINGER_MS, 0);
             return;
