@@ -179,16 +179,16 @@ struct daemon {
     int64_t horizon;       /* xmax of the arming claim's snapshot while transactions it saw in
                             * flight may not have ended (0: none) */
     uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
-    bool want_idle;        /* the next claim sets the idle flag first (2 under light load, else 1) */
-    bool want_clear;       /* the next claim sets it to 0 (it may be 2 and the load is not light) */
+    bool want_idle;        /* the next claim sets the idle flag first (a lease under light load, else 1) */
+    bool want_clear;       /* the next claim sets it to 0 (it may be a lease and the load is not light) */
     bool claim_sets_idle;  /* the claim in flight set it ... */
-    int claim_flag;        /* ... to this (-1: it does not set it) */
-    int flag;              /* what evictd last set it to (-1: unknown); 2 stays until evictd changes it */
+    int claim_flag;        /* ... to this: 0, 1, 2 for a lease (-1: it does not set it) */
+    int flag;              /* what evictd last set it to, as claim_flag (-1: unknown) */
     uint64_t flag_set_at;  /* loop time of the last setval sent */
     uint64_t lease_ban_until; /* loop time before which evictd sets no lease */
     uint64_t lease_since;  /* loop time the flag became a lease */
     uint64_t win_rows, win_hints; /* under a lease: rows claimed, hints heard, in arrival_rate's window */
-    uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (flag 2) */
+    uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (under a lease) */
     bool clearing_flag;    /* stopping: a setval to 0 is in flight */
     bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */

@@ -15,10 +15,11 @@
 #define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
 #define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
 #define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
-#define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once, to 2 ... */
-#define HEAVY_ROWS_PER_MS 4.0 /* ... and from this one a flag at 2 goes back to 0 */
+#define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once, to a lease ... */
+#define HEAVY_ROWS_PER_MS 4.0 /* ... and from this one a lease goes back to 0 */
 #define RATE_WINDOW_MS 100 /* arrival_rate's window */
-#define HINT_LINGER_MS 4 /* flag 2: the claim that acknowledges rows applied from their doorbell waits this long ... */
+#define FLAG_LEASE 2 /* claim_flag / flag: a lease (the flag holds its end, epoch ms) */
+#define HINT_LINGER_MS 4 /* under a lease: the claim that acknowledges rows applied from their doorbell waits this long ... */
 #define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
 #define LEASE_MS 1000 /* light load: writes ring until this long after the last claim that set the flag (then once) */
 #define LEASE_BAN_MS 1000 /* no lease for this long after a window in which most claimed rows rang none */
@@ -215,20 +216,20 @@ static void send_claim(daemon_t *d, claimer_t *cl)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
         evd_buf_t q = {0};
         d->claim_sets_idle = d->want_idle;
-        /* Under light load every write may ring (2): applied from its doorbell, one hop. Else
+        /* Under light load every write may ring (a lease): applied from its doorbell, one hop. Else
          * only the first one after evictd is idle rings (1), or none (0). */
-        d->claim_flag = d->want_idle ? (light_load(d) ? 2 : 1) : d->want_clear ? 0 : -1;
+        d->claim_flag = d->want_idle ? (light_load(d) ? FLAG_LEASE : 1) : d->want_clear ? 0 : -1;
         d->want_idle = false;
         d->want_clear = false;
         d->rung_in_claim = false;
         /* A claim that arms the flag, or looks while transactions that may not have rung are
          * in flight, returns its snapshot too (claim_snapshot). */
         d->claim_snap = d->claim_sets_idle || d->horizon;
-        /* Under light load every claim sets 2 again; a setval is a WAL record, so one that set
+        /* Under light load every claim renews the lease; a setval is a WAL record, so one that set
          * it lately stands for it (the safety poll sets it anyway). */
         uint64_t now = uv_now(d->loop);
-        bool fresh = d->claim_flag == 2 && d->flag == 2 && now - d->flag_set_at < FLAG_FRESH_MS;
-        rc = d->claim_flag == 2 && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
+        bool fresh = d->claim_flag == FLAG_LEASE && d->flag == FLAG_LEASE && now - d->flag_set_at < FLAG_FRESH_MS;
+        rc = d->claim_flag == FLAG_LEASE && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
              : d->claim_flag >= 0 && !fresh ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag)
                                             : 0;
         if (d->claim_flag >= 0 && !fresh)
@@ -307,7 +308,7 @@ static void on_poll_timer(uv_timer_t *t)
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
     trim_heap(d);
     d->want_drain = true;
-    /* Idle: set the flag again (to 2 if the load was heavier when it was set to 1, and in case
+    /* Idle: set the flag again (to a lease if the load was heavier when it was set to 1, and in case
      * another replica cleared it when it stopped). */
     if (d->idle && !d->opts.dry_run) {
         d->want_idle = true;
@@ -323,7 +324,7 @@ static double arrival_rate(daemon_t *d, size_t rows)
     d->rate_rows += rows;
     if (now - d->rate_start >= RATE_WINDOW_MS) {
         d->rate = (double)d->rate_rows / (double)(now - d->rate_start);
-        bool leased = d->flag == 2 && d->lease_since <= d->rate_start; /* the whole window */
+        bool leased = d->flag == FLAG_LEASE && d->lease_since <= d->rate_start; /* the whole window */
         d->rate_rows = 0;
         d->rate_start = now;
         /* Under a lease, three rows in four rang none: concurrent writers whose commits
@@ -344,7 +345,7 @@ static bool light_load(daemon_t *d)
     double rate = arrival_rate(d, 0);
     if (uv_now(d->loop) < d->lease_ban_until)
         return false;
-    return rate < LIGHT_ROWS_PER_MS || (d->flag == 2 && rate < HEAVY_ROWS_PER_MS);
+    return rate < LIGHT_ROWS_PER_MS || (d->flag == FLAG_LEASE && rate < HEAVY_ROWS_PER_MS);
 }
 
 /* A doorbell rang (hint: it carried its change, applied already). Under light load the claim
@@ -355,20 +356,20 @@ void outbox_rung(daemon_t *d, bool hint)
 {
     d->t_doorbells++;
     d->want_drain = true;
-    if (hint && d->flag == 2)
+    if (hint && d->flag == FLAG_LEASE)
         d->win_hints++;
     /* Flag 2 with every recent row rung: the claim only acknowledges rows applied from their
      * doorbells already, so it waits a little and takes several (fewer claims for the database
      * and fewer wake-ups next to the writers). A row that rang none (its writer found another
      * ringing transaction in flight) makes claims go at once again for a while. */
     uint64_t now = uv_now(d->loop);
-    bool linger = hint && d->flag == 2 && now - d->miss_at >= MISS_WINDOW_MS;
+    bool linger = hint && d->flag == FLAG_LEASE && now - d->miss_at >= MISS_WINDOW_MS;
     if (!linger)
         d->pace_until = 0;
     else if (d->pace_until <= now)
         d->pace_until = now + HINT_LINGER_MS;
     d->idle = false;
-    d->armed = false; /* the writer that rang cleared the flag (1), or another ring may be due (2) */
+    d->armed = false; /* the writer that rang cleared the flag (1), or another ring may be due (a lease) */
     d->rung_in_claim = true;
     uv_timer_stop(&d->poll_timer);
     if (!d->opts.dry_run) {
@@ -376,7 +377,7 @@ void outbox_rung(daemon_t *d, bool hint)
         if (hint && !d->want_idle && lease) {
             d->want_idle = true;
             d->t_idle_sets++;
-        } else if (!lease && (d->flag == 2 || d->flag < 0)) {
+        } else if (!lease && (d->flag == FLAG_LEASE || d->flag < 0)) {
             d->want_clear = true; /* no longer light: stop the rings */
         }
     }
@@ -393,7 +394,7 @@ static void flag_cleared(const PGresult *res, const char *err, void *arg)
         EVD_LOG(EVD_LOG_WARN, "idle_flag_failed", F_STR("error", err));
 }
 
-/* Stopping: a flag at 2 would have every write ring for nobody until evictd is back. */
+/* Stopping: a lease would have writes ring for nobody until it ends. */
 void outbox_stop(daemon_t *d)
 {
     static const char sql[] = "SELECT pg_catalog.setval('evictd.idle', 0)";
@@ -566,7 +567,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     d->claim_sets_idle = false;
     d->claim_snap = false;
     d->claim_flag = -1;
-    if (flag == 2 && res && d->flag != 2)
+    if (flag == FLAG_LEASE && res && d->flag != FLAG_LEASE)
         d->lease_since = uv_now(d->loop);
     if (flag >= 0)
         d->flag = res ? flag : -1; /* failed: it may be set or not */
@@ -589,7 +590,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * this claim set: then it is clear again, and only another claim that sets it arms evictd
      * (else evictd would sleep with the flag clear until the safety poll: in a benchmark run
      * right after big drains, half the changes at 2,000/s waited for it). */
-    if (set_idle && (!d->rung_in_claim || flag == 2)) /* a ring leaves flag 2 set */
+    if (set_idle && (!d->rung_in_claim || flag == FLAG_LEASE)) /* a ring leaves a lease set */
         d->armed = true;
     if (snap) {
         claim_snapshot(d, res, set_idle);
@@ -647,7 +648,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     bool now_idle = d->armed && !d->opts.dry_run && (size_t)n < d->claim_limit;
     d->idle = now_idle;
     (void)arrival_rate(d, (size_t)n);
-    if (d->flag == 2)
+    if (d->flag == FLAG_LEASE)
         d->win_rows += (uint64_t)n;
     /* Rows per ms since the previous claim that found rows (or since this one was sent). */
     uint64_t now = uv_hrtime();
@@ -687,7 +688,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         if (id > d->max_claimed)
             d->max_claimed = id;
         /* (A row above the newest hint may have one on its way.) */
-        if (d->flag == 2 && id < d->max_hint_id && !hinted(d, id))
+        if (d->flag == FLAG_LEASE && id < d->max_hint_id && !hinted(d, id))
             d->miss_at = uv_now(d->loop);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }

@@ -261,7 +261,6 @@ static void record_lag(daemon_t *d, double ts)
         d->lags[(size_t)rand() % LAG_SAMPLES] = lag;
 }
 
-/* Was the outbox row id applied from its doorbell lately? (Its lag was recorded then.) */
 /* The slot of the recent hint of outbox row id, or -1. */
 static int hint_find(const daemon_t *d, int64_t id)
 {
@@ -271,6 +270,7 @@ static int hint_find(const daemon_t *d, int64_t id)
     return -1;
 }
 
+/* Was the outbox row id applied from its doorbell lately? (Its lag was recorded then.) */
 bool hinted(const daemon_t *d, int64_t id)
 {
     return hint_find(d, id) >= 0;
@@ -296,7 +296,8 @@ static bool hint_applied(const daemon_t *d, int64_t id, const char *payload, siz
     return h && h->confirmed && h->len && h->len == len && memcmp(h->payload, payload, len) == 0;
 }
 
-/* Forgets what hints were applied with: a reload may change the rules. */
+/* Forgets what hints were applied with: a reload may change the rules (claims are accepted
+ * with the current config; a hint confirmed after a reload is not marked, job_done). */
 void hints_forget(daemon_t *d)
 {
     for (size_t i = 0; i < HINTS_KEPT; i++)
@@ -754,7 +755,7 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
                             (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
                                                   F_STR("error", err), {0}});
         accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
-    } else if (u->claim && u->cfg == d->cfg && hint_applied(d, id, payload, len)) {
+    } else if (u->claim && hint_applied(d, id, payload, len)) {
         count_change(d, table, c->op);
         accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
     } else if (!evd_rules_watches(&cfg->rules, c->schema, c->table)) {
