@@ -1066,6 +1066,55 @@ class DaemonTest(unittest.TestCase):
         self.assertLess(stopped["doorbells"], stopped["rows_claimed"] / 10, stopped)
         self.assertEqual(self.q1("SELECT last_value FROM evictd.idle"), 0, "a clean stop clears the flag")
 
+    def test_13f_claims_paced_without_a_lease(self):
+        """Writers whose transactions overlap keep leases off; while their rows keep coming (here
+        1.2 per ms), a claim that took every row waits 4 ms before the next one, so claims carry
+        several rows each and evictd seldom finds the outbox empty (each time it does, it sets
+        the flag and the next writer pays for a ring). Unpaced, claims follow their acks at
+        once, a row or two each, and every few claims one finds nothing and sets the flag."""
+        d = self.start_ready(self.daemon())
+        n_writers, seconds, per_s = 4, 3.0, 300
+        done = threading.Event()
+        errors = []
+        counts = [0] * n_writers
+
+        def writer(k):
+            conn = self.pg.connect(autocommit=True)
+            try:
+                with conn.cursor() as cur:
+                    t0 = time.monotonic()
+                    while not done.is_set() and counts[k] < seconds * per_s:
+                        # Commits 2 ms after the trigger ran, like a commit that waits for its WAL
+                        # flush: the writers' transactions overlap.
+                        cur.execute("UPDATE products SET stock = %d WHERE id = %d; SELECT pg_sleep(0.002)"
+                                    % (counts[k], 1 + k))
+                        counts[k] += 1
+                        ahead = t0 + counts[k] / per_s - time.monotonic()
+                        if ahead > 0:
+                            time.sleep(ahead)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(n_writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 30)
+        done.set()
+        self.assertEqual(errors, [])
+        self.wait_outbox_empty(d)
+        d.stop(timeout=10)
+        stopped = d.find("stopped")[-1]
+        rows = sum(counts)
+        print("13f: %d rows from %d writers in %.1f s: %s" % (rows, n_writers, seconds, stopped), file=sys.stderr)
+        self.assertGreaterEqual(stopped["rows_claimed"], rows, stopped)
+        self.assertGreater(rows, 1000, "the writers wrote too little to say anything")
+        # Paced: ~5 rows per claim and ~60 rings; unpaced: ~1.6 rows per claim and 500-750 rings.
+        self.assertGreaterEqual(stopped["rows_claimed"] / stopped["claims"], 3, stopped)
+        self.assertLess(stopped["doorbells"], rows / 20, stopped)
+
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
         SIGSTOP; a hung process or a dead connection alike) stops renewing it, and within a
