@@ -551,8 +551,10 @@ class Bench:
         m = int(rate * seconds)
         first = 1 + (rep * m) % max(1, self.products_rows - m)
         ids = range(first, first + m)
-        # Like every other phase, from a vacuumed outbox (not a million dead rows of the drains).
+        # Like every other phase, from a vacuumed outbox (not a million dead rows of the drains),
+        # and, like the write path, after a checkpoint (not while the drains' pages are written).
         self.clear_outbox()
+        self.sql("CHECKPOINT")
         proc = self.start_worker(kind)
         probe = None
         try:

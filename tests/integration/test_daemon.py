@@ -1111,9 +1111,10 @@ class DaemonTest(unittest.TestCase):
         print("13f: %d rows from %d writers in %.1f s: %s" % (rows, n_writers, seconds, stopped), file=sys.stderr)
         self.assertGreaterEqual(stopped["rows_claimed"], rows, stopped)
         self.assertGreater(rows, 1000, "the writers wrote too little to say anything")
-        # Paced: ~5 rows per claim and ~60 rings; unpaced: ~1.6 rows per claim and 500-750 rings.
+        # Paced: ~5 rows per claim and 60-125 rings (release, ASan); unpaced: ~1.6 rows per claim
+        # and 500-750 rings.
         self.assertGreaterEqual(stopped["rows_claimed"] / stopped["claims"], 3, stopped)
-        self.assertLess(stopped["doorbells"], rows / 20, stopped)
+        self.assertLess(stopped["doorbells"], rows / 10, stopped)
 
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
