@@ -715,6 +715,16 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * Under a lease each write rings with its change and claims only acknowledge. */
     bool pace = !d->opts.dry_run && (size_t)n < d->claim_limit &&
                 (d->flag != FLAG_LEASE || d->rate >= PACE_ROWS_PER_MS);
+    /* Light again without a lease (after a burst, or the ban is over): paced claims seldom find
+     * the outbox empty, which is when the flag was set again; the next claim sets the lease now,
+     * and goes at once. */
+    if (pace && d->flag != FLAG_LEASE && light_load(d)) {
+        pace = false;
+        if (!d->want_idle) {
+            d->want_idle = true;
+            d->t_idle_sets++;
+        }
+    }
     d->pace_until = pace ? uv_now(d->loop) + PACE_MS : 0;
     /* A full claim says more rows wait: the other connection claims them while this batch is
      * in flight. After a claim that reached the end, the next one goes when this batch is
