@@ -371,7 +371,7 @@ static void on_shutdown_timer(uv_timer_t *t)
 static void shutdown_poll(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
-    if (!d->units && !d->clearing_flag)
+    if (!d->units && !d->clearing_flag && !d->claim_cl)
         close_all(d);
 }
 

@@ -190,6 +190,7 @@ struct daemon {
     uint64_t win_rows, win_hints; /* under a lease: rows claimed, hints heard, in arrival_rate's window */
     uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (under a lease) */
     bool clearing_flag;    /* stopping: a setval to 0 is in flight */
+    bool last_claim;       /* stopping: one more claim takes the rows of hints applied but not claimed */
     bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
     bool want_drain;       /* a doorbell arrived while a claim was running */

@@ -18,6 +18,7 @@
 #define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once, to a lease ... */
 #define HEAVY_ROWS_PER_MS 4.0 /* ... and from this one a lease goes back to 0 */
 #define RATE_WINDOW_MS 100 /* arrival_rate's window */
+#define LIGHT_MAX_PENDING 256 /* no lease while more changes than this are held (evictd is behind) */
 #define FLAG_LEASE 2 /* claim_flag / flag: a lease (the flag holds its end, epoch ms) */
 #define HINT_LINGER_MS 4 /* under a lease: the claim that acknowledges rows applied from their doorbell waits this long ... */
 #define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
@@ -262,14 +263,15 @@ void maybe_drain(daemon_t *d)
     update_pause(d);
     floor_try(d);
     /* Lookups need their connection: draining without it would widen every lookup. */
-    if (d->stopping || d->claim_cl || d->paused || !d->watched_loaded || (d->lookupc && !evd_pg_ready(d->lookupc)))
+    if ((d->stopping ? !d->last_claim : d->paused) || d->claim_cl || !d->watched_loaded ||
+        (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
     /* Idle: the flag is set, so the next write rings; until then only the safety poll claims. */
     if (d->idle && !d->want_drain)
         return;
     /* Paced (claim_done): while rows keep coming, a claim goes every PACE_MS at most. */
     uint64_t now = uv_now(d->loop);
-    if (d->pace_until > now) {
+    if (d->pace_until > now && !d->stopping) {
         uv_timer_start(&d->poll_timer, on_poll_timer, d->pace_until - now, 0);
         return;
     }
@@ -283,6 +285,8 @@ void maybe_drain(daemon_t *d)
                 d->claim_turn = (size_t)(cl - d->cl) + 1;
                 d->want_drain = false;
                 send_claim(d, cl);
+                if (d->stopping)
+                    d->last_claim = false;
                 return;
             }
         }
@@ -344,7 +348,10 @@ static double arrival_rate(daemon_t *d, size_t rows)
 static bool light_load(daemon_t *d)
 {
     double rate = arrival_rate(d, 0);
-    if (uv_now(d->loop) < d->lease_ban_until)
+    /* The rate counts claimed rows: when evictd falls behind (every write ringing, each hint a
+     * Redis round trip, on a slow build or a busy machine) it understates the writes, and the
+     * lease would keep every writer ringing; a backlog in hand says the load is not light. */
+    if (uv_now(d->loop) < d->lease_ban_until || d->pending > LIGHT_MAX_PENDING)
         return false;
     return rate < LIGHT_ROWS_PER_MS || (d->flag == FLAG_LEASE && rate < HEAVY_ROWS_PER_MS);
 }
@@ -395,11 +402,23 @@ static void flag_cleared(const PGresult *res, const char *err, void *arg)
         EVD_LOG(EVD_LOG_WARN, "idle_flag_failed", F_STR("error", err));
 }
 
-/* Stopping: a lease would have writes ring for nobody until it ends. */
+/* Stopping: one last claim when hinted rows were not claimed yet, and the flag to 0 (a lease
+ * would have writes ring for nobody until it ends). */
 void outbox_stop(daemon_t *d)
 {
     static const char sql[] = "SELECT pg_catalog.setval('evictd.idle', 0)";
-    if (d->opts.dry_run || d->flag == 0)
+    if (d->opts.dry_run)
+        return;
+    /* Rows whose hints were applied (or are in flight) but that no claim took yet: one last
+     * claim takes them, so that changes evictd applied are acknowledged before it exits. */
+    if (d->max_hint_id > d->max_claimed && !d->claim_cl) {
+        d->last_claim = true;
+        d->want_drain = true;
+        d->want_idle = false;
+        d->want_clear = false;
+        maybe_drain(d);
+    }
+    if (d->flag == 0)
         return;
     for (size_t k = 0; k < NCLAIMERS; k++)
         if (d->cl[k].pg && evd_pg_ready(d->cl[k].pg)) {
