@@ -90,6 +90,13 @@ def DS(user):
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "SUMMARY: UndefinedBehavior")
 
 
+def keep_pace(t0, n, per_s):
+    """Sleeps until the n-th event of a steady pace of per_s a second, started at t0, is due."""
+    ahead = t0 + n / per_s - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 class Evictd:
     """One evictd daemon under test: its config file, its stderr file, its process."""
 
@@ -362,6 +369,20 @@ class DaemonTest(unittest.TestCase):
         for k in keys:
             p.exists(k)
         return [k for k, e in zip(keys, p.execute()) if e]
+
+    def writer_thread(self, body, errors):
+        """A thread that runs body(cursor) on a connection of its own (autocommit); what it
+        raises goes to errors."""
+        def run():
+            conn = self.pg.connect(autocommit=True)
+            try:
+                with conn.cursor() as cur:
+                    body(cur)
+            except Exception as e:  # noqa: BLE001 - the test checks errors
+                errors.append(e)
+            finally:
+                conn.close()
+        return threading.Thread(target=run)
 
     def wait(self, pred, timeout, what, d=None):
         try:
@@ -1078,26 +1099,17 @@ class DaemonTest(unittest.TestCase):
         errors = []
         counts = [0] * n_writers
 
-        def writer(k):
-            conn = self.pg.connect(autocommit=True)
-            try:
-                with conn.cursor() as cur:
-                    t0 = time.monotonic()
-                    while not done.is_set() and counts[k] < seconds * per_s:
-                        # Commits 2 ms after the trigger ran, like a commit that waits for its WAL
-                        # flush: the writers' transactions overlap.
-                        cur.execute("UPDATE products SET stock = %d WHERE id = %d; SELECT pg_sleep(0.002)"
-                                    % (counts[k], 1 + k))
-                        counts[k] += 1
-                        ahead = t0 + counts[k] / per_s - time.monotonic()
-                        if ahead > 0:
-                            time.sleep(ahead)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-            finally:
-                conn.close()
+        def writer(k, cur):
+            t0 = time.monotonic()
+            while not done.is_set() and counts[k] < seconds * per_s:
+                # Commits 2 ms after the trigger ran, like a commit that waits for its WAL
+                # flush: the writers' transactions overlap.
+                cur.execute("UPDATE products SET stock = %d WHERE id = %d; SELECT pg_sleep(0.002)"
+                            % (counts[k], 1 + k))
+                counts[k] += 1
+                keep_pace(t0, counts[k], per_s)
 
-        threads = [threading.Thread(target=writer, args=(k,)) for k in range(n_writers)]
+        threads = [self.writer_thread(lambda cur, k=k: writer(k, cur), errors) for k in range(n_writers)]
         for t in threads:
             t.start()
         for t in threads:
@@ -1129,29 +1141,20 @@ class DaemonTest(unittest.TestCase):
         phase = {"name": "burst"}
         seen = {"burst": set(), "light": []}
 
-        def writer():
-            conn = self.pg.connect(autocommit=True)
-            try:
-                with conn.cursor() as cur:
-                    # The burst: 10 rows per commit, as fast as it goes (well over 4 rows per ms).
-                    for i in range(500):
-                        cur.execute("UPDATE products SET stock = %d WHERE id = 1; " % i * 10)
-                    # Then 2 rows per ms, one per commit, for 2 s.
-                    phase["name"] = "light"
-                    t0 = time.monotonic()
-                    for i in range(4000):
-                        if done.is_set():
-                            return
-                        cur.execute("UPDATE products SET stock = %d WHERE id = 2" % i)
-                        ahead = t0 + (i + 1) / 2000.0 - time.monotonic()
-                        if ahead > 0:
-                            time.sleep(ahead)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-            finally:
-                conn.close()
+        def writer(cur):
+            # The burst: 10 rows per commit, as fast as it goes (well over 4 rows per ms).
+            for i in range(500):
+                cur.execute("UPDATE products SET stock = %d WHERE id = 1; " % i * 10)
+            # Then 2 rows per ms, one per commit, for 2 s.
+            phase["name"] = "light"
+            t0 = time.monotonic()
+            for i in range(4000):
+                if done.is_set():
+                    return
+                cur.execute("UPDATE products SET stock = %d WHERE id = 2" % i)
+                keep_pace(t0, i + 1, 2000.0)
 
-        t = threading.Thread(target=writer)
+        t = self.writer_thread(writer, errors)
         t0 = time.monotonic()
         t.start()
         try:
