@@ -308,6 +308,21 @@ static void trim_heap(daemon_t *d)
 #endif
 }
 
+/* The next claim sets the idle flag first (a lease under light load, else 1). */
+static void ask_idle(daemon_t *d)
+{
+    if (!d->want_idle) {
+        d->want_idle = true;
+        d->t_idle_sets++;
+    }
+}
+
+/* Concurrent writers kept most rows from ringing under a lease lately (arrival_rate). */
+static bool lease_banned(const daemon_t *d)
+{
+    return uv_now(d->loop) < d->lease_ban_until;
+}
+
 static void on_poll_timer(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
@@ -315,10 +330,8 @@ static void on_poll_timer(uv_timer_t *t)
     d->want_drain = true;
     /* Idle: set the flag again (to a lease if the load was heavier when it was set to 1, and in case
      * another replica cleared it when it stopped). */
-    if (d->idle && !d->opts.dry_run) {
-        d->want_idle = true;
-        d->t_idle_sets++;
-    }
+    if (d->idle && !d->opts.dry_run)
+        ask_idle(d);
     maybe_drain(d);
 }
 
@@ -351,7 +364,7 @@ static bool light_load(daemon_t *d)
     /* The rate counts claimed rows: when evictd falls behind (every write ringing, each hint a
      * Redis round trip, on a slow build or a busy machine) it understates the writes, and the
      * lease would keep every writer ringing; a backlog in hand says the load is not light. */
-    if (uv_now(d->loop) < d->lease_ban_until || d->pending > LIGHT_MAX_PENDING)
+    if (lease_banned(d) || d->pending > LIGHT_MAX_PENDING)
         return false;
     return rate < LIGHT_ROWS_PER_MS || (d->flag == FLAG_LEASE && rate < HEAVY_ROWS_PER_MS);
 }
@@ -366,7 +379,7 @@ void outbox_rung(daemon_t *d, bool hint)
     d->want_drain = true;
     if (hint && d->flag == FLAG_LEASE)
         d->win_hints++;
-    /* Flag 2 with every recent row rung: the claim only acknowledges rows applied from their
+    /* A lease with every recent row rung: the claim only acknowledges rows applied from their
      * doorbells already, so it waits a little and takes several (fewer claims for the database
      * and fewer wake-ups next to the writers). A row that rang none (its writer found another
      * ringing transaction in flight) makes claims go at once again for a while. */
@@ -382,12 +395,10 @@ void outbox_rung(daemon_t *d, bool hint)
     uv_timer_stop(&d->poll_timer);
     if (!d->opts.dry_run) {
         bool lease = light_load(d);
-        if (hint && !d->want_idle && lease) {
-            d->want_idle = true;
-            d->t_idle_sets++;
-        } else if (!lease && (d->flag == FLAG_LEASE || d->flag < 0)) {
+        if (hint && lease)
+            ask_idle(d);
+        else if (!lease && (d->flag == FLAG_LEASE || d->flag < 0))
             d->want_clear = true; /* no longer light: stop the rings */
-        }
     }
     maybe_drain(d);
 }
@@ -646,8 +657,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             settle_idle(d);
             return;
         }
-        bool banned = uv_now(d->loop) < d->lease_ban_until;
-        if (!d->lingered && (banned || d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS)) {
+        if (!d->lingered && (lease_banned(d) || d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS)) {
             /* Under heavy load, look once more after a moment before saying we are idle: a row
              * arrives within it, and every doorbell rung costs the writers a NOTIFY
              * (PostgreSQL serialises the commits of notifying transactions); so too while
@@ -659,8 +669,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         }
         /* Say we are idle and look once more (one round trip), so nothing slips between. */
         d->lingered = false;
-        d->want_idle = true;
-        d->t_idle_sets++;
+        ask_idle(d);
         maybe_drain(d);
         return;
     }
@@ -732,18 +741,15 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
      * outbox empty sets the flag, which costs the next writer a ring: under pgbench's 8
      * clients, unpaced, ~500 claims/s of ~7 rows and ~100 rings/s took a quarter of the TPS.
      * Under a lease each write rings with its change and claims only acknowledge. */
-    bool pace = !d->opts.dry_run && (size_t)n < d->claim_limit &&
-                (d->flag != FLAG_LEASE || d->rate >= PACE_ROWS_PER_MS);
-    /* Light again without a lease (after a burst, or the ban is over): paced claims seldom find
-     * the outbox empty, which is when the flag was set again; the next claim sets the lease now,
-     * and goes at once. */
-    if (pace && d->flag != FLAG_LEASE && light_load(d)) {
-        pace = false;
-        if (!d->want_idle) {
-            d->want_idle = true;
-            d->t_idle_sets++;
-        }
-    }
+    bool at_end = !d->opts.dry_run && (size_t)n < d->claim_limit;
+    bool pace = false;
+    if (at_end && d->flag == FLAG_LEASE)
+        pace = d->rate >= PACE_ROWS_PER_MS;
+    else if (at_end && light_load(d))
+        ask_idle(d); /* light again without a lease (a burst is over, or the ban): paced claims
+                      * seldom find the outbox empty, where the flag is set again; set it now */
+    else
+        pace = at_end;
     d->pace_until = pace ? uv_now(d->loop) + PACE_MS : 0;
     /* A full claim says more rows wait: the other connection claims them while this batch is
      * in flight. After a claim that reached the end, the next one goes when this batch is

@@ -1120,7 +1120,6 @@ class DaemonTest(unittest.TestCase):
         d.stop(timeout=10)
         stopped = d.find("stopped")[-1]
         rows = sum(counts)
-        print("13f: %d rows from %d writers in %.1f s: %s" % (rows, n_writers, seconds, stopped), file=sys.stderr)
         self.assertGreaterEqual(stopped["rows_claimed"], rows, stopped)
         self.assertGreater(rows, 1000, "the writers wrote too little to say anything")
         # Paced: ~5 rows per claim and 60-125 rings (release, ASan); unpaced: ~1.6 rows per claim
