@@ -86,6 +86,7 @@ struct unit {
     claimer_t *cl;         /* the connection that claimed them */
     bool in_tx;            /* the claim's transaction is still open */
     bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
+    size_t claimed;        /* outbox rows its claim deleted (in its open transaction) */
     rec_t **recs;
     size_t nrecs, cap;
     size_t weight;         /* row images held: what batch.max_pending counts */

@@ -718,6 +718,46 @@ class DaemonTest(unittest.TestCase):
         self.wait_gone([P(1), P(2), PL], d, timeout=10)
         self.wait_outbox_empty(d)
 
+    def test_08c_claim_deletes_its_rows_and_commits_after_redis(self):
+        """A claim deletes its rows in its open transaction (one row update and WAL record per
+        row, not a lock and then a delete): while the batch waits for Redis the row is still
+        there for every other session, taken by a delete, and it goes when Redis answers."""
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 200})
+        cfg["redis"]["default"]["timeout_ms"] = 5000
+        d = self.start_ready(self.daemon(cfg))
+        self.sql("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
+        self.fill([P(3), PL])
+        self.rd.sigstop()
+        try:
+            self.sql("UPDATE products SET stock = 3 WHERE id = 3")
+            first = self.q1("SELECT max(id) FROM evictd.outbox")
+            self.assertIsNotNone(first, "the write left no outbox row")
+            modes = []
+
+            self.wait(self._rowlocks(first, modes), 5, "outbox row %s claimed" % first, d)
+            self.assertEqual(modes, [["Update"]], "the claim holds the row %s by %s, not by a delete" % (first, modes))
+            self.assertEqual(self.q1("SELECT count(*) FROM evictd.outbox WHERE id = %d" % first), 1,
+                             "the row went before Redis confirmed")
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(3), PL], d, timeout=10)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+
+    def _rowlocks(self, oid, modes):
+        """A predicate: the lock modes pgrowlocks shows on outbox row oid, into modes."""
+        def pred():
+            conn = self.pg.connect(autocommit=True)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT modes::text[] FROM pgrowlocks('evictd.outbox') WHERE locked_row = "
+                                "(SELECT ctid FROM evictd.outbox WHERE id = %s)", (oid,))
+                    modes[:] = [list(r[0]) for r in cur.fetchall()]
+            finally:
+                conn.close()
+            return bool(modes)
+        return pred
+
     # -- 9 -----------------------------------------------------------------------------------
     def test_09_bad_input_warned_and_dead_lettered(self):
         d = self.start_ready(self.daemon())
