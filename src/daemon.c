@@ -611,7 +611,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
             F_INT("unacknowledged", (int64_t)d->pending), F_INT("doorbells", (int64_t)d->t_doorbells),
             F_INT("hints", (int64_t)d->t_hints), F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
-            F_INT("rows_claimed", (int64_t)d->t_claimed));
+            F_INT("rows_claimed", (int64_t)d->t_claimed), F_INT("unrung", (int64_t)d->t_unrung));
     evd_log_flush();
     while (d->units)
         unit_free(d->units);

@@ -163,6 +163,7 @@ struct daemon {
     uint64_t rate_start;   /* loop time the current window of arrival_rate began */
     uint64_t rate_rows;    /* rows claimed in it */
     double rate;           /* rows claimed per ms in the last full window */
+    double rate_prev;      /* ... and in the one before */
     uint64_t pace_until;   /* loop time before which no claim goes (0: none); a doorbell clears it */
     struct hint_slot {
         int64_t id;        /* outbox id */
@@ -214,6 +215,7 @@ struct daemon {
     uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
     uint64_t t_hints;                  /* hints applied */
     uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
+    uint64_t t_unrung;                 /* rows claimed under a lease that rang none (hint_missed) */
     double lags[LAG_SAMPLES];
     size_t nlags;
     uint64_t retries_seen;
@@ -242,6 +244,7 @@ void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
 bool hinted(const daemon_t *d, int64_t id);
+int hint_state(const daemon_t *d, int64_t id);
 void hints_forget(daemon_t *d);
 void outbox_stop(daemon_t *d);
 void release_claim(unit_t *u);

@@ -276,6 +276,25 @@ bool hinted(const daemon_t *d, int64_t id)
     return hint_find(d, id) >= 0;
 }
 
+/* Did outbox row id ring? 1: its hint is among the recent ones; 0: it rang none; -1: unknown.
+ * Known only up to the newest hint (a row above may have its hint on the way) and down to the
+ * oldest one kept (a claim that lags more than HINTS_KEPT hints behind finds rows whose hints
+ * left the ring). */
+int hint_state(const daemon_t *d, int64_t id)
+{
+    if (hinted(d, id))
+        return 1;
+    if (id >= d->max_hint_id)
+        return -1;
+    if (d->nhinted < HINTS_KEPT)
+        return 0;
+    int64_t oldest = INT64_MAX;
+    for (size_t i = 0; i < HINTS_KEPT; i++)
+        if (d->hints[i].id < oldest)
+            oldest = d->hints[i].id;
+    return id > oldest ? 0 : -1;
+}
+
 static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
 {
     struct hint_slot *h = &d->hints[d->nhinted++ % HINTS_KEPT];
