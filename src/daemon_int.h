@@ -86,7 +86,8 @@ struct unit {
     claimer_t *cl;         /* the connection that claimed them */
     bool in_tx;            /* the claim's transaction is still open */
     bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
-    size_t claimed;        /* outbox rows its claim deleted (in its open transaction) */
+    size_t claimed;        /* outbox rows its claim took */
+    bool deleted;          /* ... by deleting them in its open transaction (else by locking them) */
     rec_t **recs;
     size_t nrecs, cap;
     size_t weight;         /* row images held: what batch.max_pending counts */
@@ -195,6 +196,8 @@ struct daemon {
     bool last_claim;       /* stopping: one more claim takes the rows of hints applied but not claimed */
     bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
+    bool claim_locks;      /* the claim in flight locks its rows (evictd_claim_lock) */
+    bool claimed_full;     /* the last claim came back full: more rows wait */
     bool want_drain;       /* a doorbell arrived while a claim was running */
     bool watched_loaded;
     evd_set_t watched;     /* "schema.table" of evictd.watches */
@@ -215,7 +218,7 @@ struct daemon {
     uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
     uint64_t t_hints;                  /* hints applied */
     uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
-    uint64_t t_unrung;                 /* rows claimed under a lease that rang none (hint_missed) */
+    uint64_t t_unrung;                 /* rows claimed under a lease that rang none (hint_state) */
     double lags[LAG_SAMPLES];
     size_t nlags;
     uint64_t retries_seen;
