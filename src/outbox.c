@@ -46,8 +46,9 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * at 150k rows/s that way against 116k deleting at the claim. Commits do not wait for their
  * WAL flush: an ack lost in a crash only brings its rows back, and deleting their keys again
  * is harmless. */
-#define CLAIM_ROWS_SQL "SELECT id FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
-#define CLAIM_DELETE "DELETE FROM evictd.outbox WHERE id = ANY (ARRAY(" CLAIM_ROWS_SQL ")) RETURNING id, payload"
+#define CLAIM_SELECT(cols) \
+    "SELECT " cols " FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
+#define CLAIM_DELETE "DELETE FROM evictd.outbox WHERE id = ANY (ARRAY(" CLAIM_SELECT("id") ")) RETURNING id, payload"
 static const char SQL_CLAIM_SETUP[] =
     "SET synchronous_commit = off; "
     "PREPARE evictd_claim(bigint, bigint[], int) AS "
@@ -57,9 +58,7 @@ static const char SQL_CLAIM_SETUP[] =
     "SELECT c.id, c.payload, pg_catalog.txid_snapshot_xmin(s.snap), pg_catalog.txid_snapshot_xmax(s.snap), "
     "CASE WHEN $4 THEN pg_catalog.txid_current() END "
     "FROM (SELECT pg_catalog.txid_current_snapshot() AS snap) AS s LEFT JOIN c ON true ORDER BY c.id; "
-    "PREPARE evictd_claim_lock(bigint, bigint[], int) AS "
-    "SELECT id, payload FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) "
-    "ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED; "
+    "PREPARE evictd_claim_lock(bigint, bigint[], int) AS " CLAIM_SELECT("id, payload") "; "
     "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
 static const char SQL_PEEK[] =
     "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
