@@ -26,6 +26,7 @@
 #define HINTS_KEPT 64    /* recent hints, whose claims record no lag ... */
 #define HINT_BYTES 512   /* ... and whose rows are acknowledged without being applied again once
                           * Redis confirmed the hint, when the row's payload is the same bytes */
+#define HINT_WAIT_MS 100 /* a claim waits at most this long for hints heard before it (hint_wait) */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
 static const char SQL_WATCHES[] =
@@ -169,11 +170,16 @@ struct daemon {
     struct hint_slot {
         int64_t id;        /* outbox id */
         bool confirmed;    /* Redis confirmed every deletion of the hint */
+        bool in_flight;    /* its deletions were sent and Redis has not answered them all */
+        uint64_t seq;      /* hints heard before it and it (hint_seq then) */
         uint16_t len;      /* payload bytes (0: longer than HINT_BYTES, never skipped) */
         char payload[HINT_BYTES];
     } hints[HINTS_KEPT];   /* recent hints (a ring) */
     size_t nhinted;
+    uint64_t hint_seq;     /* hints heard */
     int64_t max_hint_id;   /* the highest outbox id a hint carried */
+    bool hint_waiting;     /* a claim is due and waits for hints (hint_wait) ... */
+    uint64_t hint_wait_since, hint_wait_seq; /* ... since then, for those up to this seq */
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool armed;            /* we set the idle flag, and no doorbell rang since */
@@ -248,6 +254,7 @@ void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
 bool hinted(const daemon_t *d, int64_t id);
 int hint_state(const daemon_t *d, int64_t id);
+uint64_t hint_wait(daemon_t *d, uint64_t now);
 void hints_forget(daemon_t *d);
 void outbox_stop(daemon_t *d);
 void release_claim(unit_t *u);

@@ -308,6 +308,11 @@ void maybe_drain(daemon_t *d)
         uv_timer_start(&d->poll_timer, on_poll_timer, d->pace_until - now, 0);
         return;
     }
+    uint64_t wait = d->stopping ? 0 : hint_wait(d, now);
+    if (wait) {
+        uv_timer_start(&d->poll_timer, on_poll_timer, wait, 0);
+        return;
+    }
     /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
      * waits for its round trip. */
     for (int pass = 0; pass < 2; pass++)

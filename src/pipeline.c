@@ -300,10 +300,39 @@ static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
     struct hint_slot *h = &d->hints[d->nhinted++ % HINTS_KEPT];
     h->id = id;
     h->confirmed = false;
+    h->in_flight = false;
+    h->seq = ++d->hint_seq;
     h->len = len <= HINT_BYTES ? (uint16_t)len : 0;
     memcpy(h->payload, payload, h->len);
     if (id > d->max_hint_id)
         d->max_hint_id = id;
+}
+
+/* A hint's deletions were sent (in) or answered (out). */
+static void hint_flight(daemon_t *d, const rec_t *r, bool in)
+{
+    int h = hint_find(d, r->id);
+    if (h >= 0)
+        d->hints[h].in_flight = in;
+}
+
+/* The ms a claim about to go should still wait (0: none): a hint heard before it whose
+ * deletions Redis has not answered yet would not count as applied (hint_applied), and the claim
+ * would apply its row again. It waits for those hints only, not for ones heard meanwhile, and
+ * HINT_WAIT_MS at most (Redis slow or stopped: the claim applies them again, harmless). */
+uint64_t hint_wait(daemon_t *d, uint64_t now)
+{
+    if (!d->hint_waiting) {
+        d->hint_waiting = true;
+        d->hint_wait_since = now;
+        d->hint_wait_seq = d->hint_seq;
+    }
+    uint64_t waited = now - d->hint_wait_since;
+    for (size_t i = 0; waited < HINT_WAIT_MS && i < HINTS_KEPT && i < d->nhinted; i++)
+        if (d->hints[i].in_flight && d->hints[i].seq <= d->hint_wait_seq)
+            return HINT_WAIT_MS - waited;
+    d->hint_waiting = false;
+    return 0;
 }
 
 /* A claimed row whose hint Redis confirmed, carrying the same bytes, is applied already (the
@@ -355,7 +384,14 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         int h = r->hint && !r->failed && u->cfg == d->cfg ? hint_find(d, r->id) : -1;
         if (h >= 0)
             d->hints[h].confirmed = true;
+        if (r->hint)
+            hint_flight(d, r, false);
         unit_finish_rec(u);
+        if (d->hint_waiting) {
+            maybe_drain(d); /* the claim that waited for it: its timer is not needed if it went */
+            if (!d->hint_waiting && d->claim_cl)
+                uv_timer_stop(&d->poll_timer);
+        }
     }
 }
 
@@ -642,6 +678,8 @@ static void submit_rec(unit_t *u, rec_t *r)
         return;
     }
     r->outstanding = (int)r->njobs;
+    if (r->hint)
+        hint_flight(d, r, true);
     for (size_t j = 0; j < r->njobs; j++)
         evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
 }

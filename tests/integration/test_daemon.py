@@ -1284,6 +1284,29 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(d.count("lease_off", since, where=lambda r: r.get("reason") == "banned"), 0,
                          "a single writer banned the lease")
 
+    def test_13i_claim_waits_for_the_hint_on_its_way(self):
+        """A claim that comes due while the hint of one of its rows is still on its way to Redis
+        (its linger is 4 ms; a hint with a cache_page scan, on a slow build, can take longer)
+        waits for that hint rather than applying the row again: here Redis is frozen for 30 ms
+        right after the write, and the row is applied once (its hint) and acknowledged."""
+        cfg = self.config()
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 5, "a lease (light load)", d)
+        self.fill([P(1), PL])
+        since = d.mark()
+        self.rd.sigstop()
+        try:
+            oid = self.sql("UPDATE products SET stock = 21 WHERE id = 1", "SELECT max(id) FROM evictd.outbox")[0][0]
+            time.sleep(0.03)  # the hint is out at once and its claim due 4 ms later; well below 100 ms
+        finally:
+            self.rd.sigcont()
+        d.wait_log("change", 5, since=since, where=lambda r: r.get("hint") is True and r.get("id") == oid)
+        self.wait_gone([P(1), PL], d)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.count("change", since=since, where=lambda r: r.get("id") == oid), 1, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
         SIGSTOP; a hung process or a dead connection alike) stops renewing it, and within a
