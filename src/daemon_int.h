@@ -166,7 +166,8 @@ struct daemon {
     uint64_t rate_rows;    /* rows claimed in it */
     double rate;           /* rows claimed per ms in the last full window */
     double rate_prev;      /* ... and in the one before */
-    uint64_t pace_until;   /* loop time before which no claim goes (0: none); a doorbell clears it */
+    uint64_t pace_until;   /* loop time before which no claim goes (0: none): PACE_MS after a claim that
+                            * reached the end, or a hint's linger (outbox_rung; other doorbells clear it) */
     struct hint_slot {
         int64_t id;        /* outbox id */
         bool confirmed;    /* Redis confirmed every deletion of the hint */
