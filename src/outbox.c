@@ -37,10 +37,11 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * (BEGIN + claim, COMMIT), sent as one simple query whose only parameters are ids and counts
  * that evictd prints itself. A claim deletes the rows it takes, in its transaction: the
  * deletion commits (the ack) only once their batch is confirmed or dead-lettered, and a
- * released or failed claim rolls back, which puts them back. That is one heap update and WAL
- * record per row, not two (a lock, then a delete with its own index scan), which the writers
- * feel under steady load. The ids come from an ARRAY() init plan so that the delete is an index
- * scan whatever the plan. While a backlog is drained (the last claim came back full) a claim
+ * released or failed claim rolls back, which puts them back. Each row is still locked (FOR
+ * UPDATE SKIP LOCKED in the ARRAY() init plan) and then deleted, a LOCK and a DELETE WAL record
+ * as before (pg_waldump), but in one statement: no ack statement with its own index scan, which
+ * the writers feel under steady load. The init plan makes the delete an index scan whatever
+ * the plan. While a backlog is drained (the last claim came back full) a claim
  * locks its rows instead and the ack deletes them: the delete then runs while the other
  * connection's batch is in flight rather than before this one's, and a million-row drain went
  * at 150k rows/s that way against 116k deleting at the claim. Commits do not wait for their
