@@ -390,11 +390,11 @@ static double arrival_rate(daemon_t *d, size_t rows)
          * overlap, each finding the ring lock taken. The rings then save little and the
          * claims go at once (misses): back to ringing once for a while. (At three in four,
          * writers that rang a quarter to a third of their rows, as 13f's four, sat at the edge
-         * and now and then kept the lease for seconds: every claim at once, a row or two each.) (This counts claimed
-         * rows against hints heard in the same window, so it needs claims that keep up: when
-         * the linger starved them, one late claim of hundreds of rows banned a single writer.
-         * Rows are not checked against the hints kept instead, hint_state: with concurrent
-         * writers most rows that rang none lie above the newest hint, unknown.) */
+         * and now and then kept the lease for seconds: every claim at once, a row or two each.
+         * This counts claimed rows against hints heard in the same window, so it needs claims
+         * that keep up: when the linger starved them, one late claim of hundreds of rows banned
+         * a single writer. Rows are not checked against the hints kept instead, hint_state:
+         * with concurrent writers most rows that rang none lie above the newest hint, unknown.) */
         if (leased && d->win_rows > 2 * d->win_hints + 16)
             d->lease_ban_until = now + LEASE_BAN_MS;
         d->win_rows = d->win_hints = 0;
