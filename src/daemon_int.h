@@ -172,15 +172,15 @@ struct daemon {
         int64_t id;        /* outbox id */
         bool confirmed;    /* Redis confirmed every deletion of the hint */
         bool in_flight;    /* its deletions were sent and Redis has not answered them all */
-        uint64_t seq;      /* hints heard before it and it (hint_seq then) */
+        size_t seq;        /* hints heard up to and with it (nhinted then) */
         uint16_t len;      /* payload bytes (0: longer than HINT_BYTES, never skipped) */
         char payload[HINT_BYTES];
     } hints[HINTS_KEPT];   /* recent hints (a ring) */
-    size_t nhinted;
-    uint64_t hint_seq;     /* hints heard */
+    size_t nhinted;        /* hints heard */
     int64_t max_hint_id;   /* the highest outbox id a hint carried */
     bool hint_waiting;     /* a claim is due and waits for hints (hint_wait) ... */
-    uint64_t hint_wait_since, hint_wait_seq; /* ... since then, for those up to this seq */
+    uint64_t hint_wait_since; /* ... since then ... */
+    size_t hint_wait_seq;  /* ... for those up to this seq */
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool armed;            /* we set the idle flag, and no doorbell rang since */

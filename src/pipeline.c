@@ -301,19 +301,11 @@ static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
     h->id = id;
     h->confirmed = false;
     h->in_flight = false;
-    h->seq = ++d->hint_seq;
+    h->seq = d->nhinted;
     h->len = len <= HINT_BYTES ? (uint16_t)len : 0;
     memcpy(h->payload, payload, h->len);
     if (id > d->max_hint_id)
         d->max_hint_id = id;
-}
-
-/* A hint's deletions were sent (in) or answered (out). */
-static void hint_flight(daemon_t *d, const rec_t *r, bool in)
-{
-    int h = hint_find(d, r->id);
-    if (h >= 0)
-        d->hints[h].in_flight = in;
 }
 
 /* The ms a claim about to go should still wait (0: none): a hint heard before it whose
@@ -325,7 +317,7 @@ uint64_t hint_wait(daemon_t *d, uint64_t now)
     if (!d->hint_waiting) {
         d->hint_waiting = true;
         d->hint_wait_since = now;
-        d->hint_wait_seq = d->hint_seq;
+        d->hint_wait_seq = d->nhinted;
     }
     uint64_t waited = now - d->hint_wait_since;
     for (size_t i = 0; waited < HINT_WAIT_MS && i < HINTS_KEPT && i < d->nhinted; i++)
@@ -381,11 +373,12 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     if (--r->outstanding == 0) {
         if (!r->failed && (r->hint || !hinted(d, r->id)))
             record_lag(d, r->ts);
-        int h = r->hint && !r->failed && u->cfg == d->cfg ? hint_find(d, r->id) : -1;
-        if (h >= 0)
-            d->hints[h].confirmed = true;
-        if (r->hint)
-            hint_flight(d, r, false);
+        int h = r->hint ? hint_find(d, r->id) : -1;
+        if (h >= 0) {
+            d->hints[h].in_flight = false;
+            if (!r->failed && u->cfg == d->cfg)
+                d->hints[h].confirmed = true;
+        }
         unit_finish_rec(u);
         if (d->hint_waiting) {
             maybe_drain(d); /* the claim that waited for it: its timer is not needed if it went */
@@ -678,8 +671,9 @@ static void submit_rec(unit_t *u, rec_t *r)
         return;
     }
     r->outstanding = (int)r->njobs;
-    if (r->hint)
-        hint_flight(d, r, true);
+    int h = r->hint ? hint_find(d, r->id) : -1;
+    if (h >= 0)
+        d->hints[h].in_flight = true; /* until its last job is answered (job_done) */
     for (size_t j = 0; j < r->njobs; j++)
         evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
 }
