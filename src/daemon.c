@@ -526,6 +526,7 @@ static void close_all(daemon_t *d)
     uv_close((uv_handle_t *)&d->floor_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->stats_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->shutdown_timer, handle_close_noop);
+    uv_close((uv_handle_t *)&d->answer_timer, handle_close_noop);
     uv_close((uv_handle_t *)&d->check, handle_close_noop);
     uv_close((uv_handle_t *)&d->sigterm, handle_close_noop);
     uv_close((uv_handle_t *)&d->sigint, handle_close_noop);
@@ -582,6 +583,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     uv_timer_start(&d->floor_timer, floor_check, (uint64_t)cfg->poll_interval_ms, (uint64_t)cfg->poll_interval_ms);
     uv_timer_init(d->loop, &d->stats_timer);
     uv_timer_init(d->loop, &d->shutdown_timer);
+    uv_timer_init(d->loop, &d->answer_timer);
     uv_check_init(d->loop, &d->check);
     uv_check_start(&d->check, on_check);
     uv_signal_init(d->loop, &d->sigterm);

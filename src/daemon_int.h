@@ -26,7 +26,7 @@
 #define HINTS_KEPT 64    /* recent hints, whose claims record no lag ... */
 #define HINT_BYTES 512   /* ... and whose rows are acknowledged without being applied again once
                           * Redis confirmed the hint, when the row's payload is the same bytes */
-#define HINT_WAIT_MS 100 /* a claim waits at most this long for hints heard before it (hint_wait) */
+#define CLAIMED_KEPT 64  /* recent claimed ids: a hint heard after its row was claimed is dropped */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
 static const char SQL_WATCHES[] =
@@ -72,6 +72,9 @@ typedef struct rec {
     bool finished;         /* bad input or unmatched: done before expansion */
     bool hint;             /* a durable change its doorbell carried (accept_payload): its row is
                             * claimed too, so it is never dead-lettered */
+    unit_t *waiter;        /* a hint's: the claim whose rec waiter_i is its row, waiting for Redis
+                            * to answer the hint (hint_answered) */
+    size_t waiter_i;
     int outstanding;       /* jobs not called back */
     bool failed;           /* a job failed */
     size_t njobs;
@@ -99,6 +102,7 @@ struct unit {
     int dl_writes;         /* dead-letter writes in flight */
     /* lookup results of this unit */
     struct lres *lres;
+    unit_t *answered_next; /* in the daemon's list of units whose waits are over (hint_answered) */
     unit_t *next;          /* in the daemon's list of live units */
     unit_t *prev;
 };
@@ -171,16 +175,14 @@ struct daemon {
     struct hint_slot {
         int64_t id;        /* outbox id */
         bool confirmed;    /* Redis confirmed every deletion of the hint */
-        bool in_flight;    /* its deletions were sent and Redis has not answered them all */
-        size_t seq;        /* hints heard up to and with it (nhinted then) */
+        rec_t *flight;     /* its rec while Redis has not answered all its deletions */
         uint16_t len;      /* payload bytes (0: longer than HINT_BYTES, never skipped) */
         char payload[HINT_BYTES];
     } hints[HINTS_KEPT];   /* recent hints (a ring) */
     size_t nhinted;        /* hints heard */
     int64_t max_hint_id;   /* the highest outbox id a hint carried */
-    bool hint_waiting;     /* a claim is due and waits for hints (hint_wait) ... */
-    uint64_t hint_wait_since; /* ... since then ... */
-    size_t hint_wait_seq;  /* ... for those up to this seq */
+    int64_t claimed_ids[CLAIMED_KEPT]; /* the last ids claimed (a ring) */
+    size_t nclaimed_ids;
     uint64_t changes_at_trim;
     uint64_t images_done;  /* row images through the pipeline, for trim_heap */
     bool armed;            /* we set the idle flag, and no doorbell rang since */
@@ -214,6 +216,8 @@ struct daemon {
     uv_timer_t floor_timer;
     uv_timer_t stats_timer;
     uv_timer_t shutdown_timer;
+    uv_timer_t answer_timer; /* expands units whose last hint was answered (hint_answered) ... */
+    unit_t *answered;        /* ... listed here */
     uv_check_t check;
     uv_signal_t sigterm, sigint, sighup;
     bool stopping;
@@ -242,6 +246,7 @@ unit_t *unit_new(daemon_t *d, bool claim);
 void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id);
 void cfg_put(cfgref_t *c);
 void job_done(evd_job_t *job, int status, const char *error, void *ud);
+void hints_answered(uv_timer_t *t);
 void unit_free(unit_t *u);
 void unit_start(unit_t *u);
 void update_pause(daemon_t *d);
@@ -255,7 +260,7 @@ void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
 bool hinted(const daemon_t *d, int64_t id);
 int hint_state(const daemon_t *d, int64_t id);
-uint64_t hint_wait(daemon_t *d, uint64_t now);
+void claimed_keep(daemon_t *d, int64_t id);
 void hints_forget(daemon_t *d);
 void outbox_stop(daemon_t *d);
 void release_claim(unit_t *u);

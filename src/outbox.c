@@ -309,11 +309,6 @@ void maybe_drain(daemon_t *d)
         uv_timer_start(&d->poll_timer, on_poll_timer, d->pace_until - now, 0);
         return;
     }
-    uint64_t wait = d->stopping ? 0 : hint_wait(d, now);
-    if (wait) {
-        uv_timer_start(&d->poll_timer, on_poll_timer, wait, 0);
-        return;
-    }
     /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
      * waits for its round trip. */
     for (int pass = 0; pass < 2; pass++)
@@ -783,6 +778,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             d->miss_at = uv_now(d->loop);
             d->t_unrung++;
         }
+        claimed_keep(d, id);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
     /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim

@@ -9,6 +9,7 @@
 #include <string.h>
 
 static void unit_finish_rec(unit_t *u);
+static void count_change(daemon_t *d, const char *table, evd_op_t op);
 
 /* ---------------------------------------------------------------- config refs */
 
@@ -261,19 +262,13 @@ static void record_lag(daemon_t *d, double ts)
         d->lags[(size_t)rand() % LAG_SAMPLES] = lag;
 }
 
-/* The slot of the recent hint of outbox row id, or -1. */
-static int hint_find(const daemon_t *d, int64_t id)
-{
-    for (size_t i = 0; id >= 0 && i < HINTS_KEPT && i < d->nhinted; i++)
-        if (d->hints[i].id == id)
-            return (int)i;
-    return -1;
-}
-
 /* Was the outbox row id applied from its doorbell lately? (Its lag was recorded then.) */
 bool hinted(const daemon_t *d, int64_t id)
 {
-    return hint_find(d, id) >= 0;
+    for (size_t i = 0; id >= 0 && i < HINTS_KEPT && i < d->nhinted; i++)
+        if (d->hints[i].id == id)
+            return true;
+    return false;
 }
 
 /* Did outbox row id ring? 1: its hint is among the recent ones; 0: it rang none; -1: unknown.
@@ -300,40 +295,37 @@ static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
     struct hint_slot *h = &d->hints[d->nhinted++ % HINTS_KEPT];
     h->id = id;
     h->confirmed = false;
-    h->in_flight = false;
-    h->seq = d->nhinted;
+    h->flight = NULL; /* a rec still in flight keeps its waiter (hint_answered) */
     h->len = len <= HINT_BYTES ? (uint16_t)len : 0;
     memcpy(h->payload, payload, h->len);
     if (id > d->max_hint_id)
         d->max_hint_id = id;
 }
 
-/* The ms a claim about to go should still wait (0: none): a hint heard before it whose
- * deletions Redis has not answered yet would not count as applied (hint_applied), and the claim
- * would apply its row again. It waits for those hints only, not for ones heard meanwhile, and
- * HINT_WAIT_MS at most (Redis slow or stopped: the claim applies them again, harmless). */
-uint64_t hint_wait(daemon_t *d, uint64_t now)
+/* The recent hint of outbox row id that carried the same bytes as payload, else NULL (a forged
+ * hint never matches a row it could hide; one with the id of a real hint does not mask it). */
+static struct hint_slot *hint_same(daemon_t *d, int64_t id, const char *payload, size_t len)
 {
-    if (!d->hint_waiting) {
-        d->hint_waiting = true;
-        d->hint_wait_since = now;
-        d->hint_wait_seq = d->nhinted;
+    for (size_t i = 0; i < HINTS_KEPT && i < d->nhinted; i++) {
+        struct hint_slot *h = &d->hints[i];
+        if (h->id == id && h->len && h->len == len && memcmp(h->payload, payload, len) == 0)
+            return h;
     }
-    uint64_t waited = now - d->hint_wait_since;
-    for (size_t i = 0; waited < HINT_WAIT_MS && i < HINTS_KEPT && i < d->nhinted; i++)
-        if (d->hints[i].in_flight && d->hints[i].seq <= d->hint_wait_seq)
-            return HINT_WAIT_MS - waited;
-    d->hint_waiting = false;
-    return 0;
+    return NULL;
 }
 
-/* A claimed row whose hint Redis confirmed, carrying the same bytes, is applied already (the
- * doorbell rang after its commit). A forged hint never matches a row it could hide. */
-static bool hint_applied(const daemon_t *d, int64_t id, const char *payload, size_t len)
+void claimed_keep(daemon_t *d, int64_t id)
 {
-    int i = hint_find(d, id);
-    const struct hint_slot *h = i >= 0 ? &d->hints[i] : NULL;
-    return h && h->confirmed && h->len && h->len == len && memcmp(h->payload, payload, len) == 0;
+    d->claimed_ids[d->nclaimed_ids++ % CLAIMED_KEPT] = id;
+}
+
+/* Was outbox row id claimed lately? Its doorbell, heard after, need not apply it again. */
+static bool claimed_lately(const daemon_t *d, int64_t id)
+{
+    for (size_t i = 0; i < CLAIMED_KEPT && i < d->nclaimed_ids; i++)
+        if (d->claimed_ids[i] == id)
+            return true;
+    return false;
 }
 
 /* Forgets what hints were applied with: a reload may change the rules (claims are accepted
@@ -344,6 +336,41 @@ void hints_forget(daemon_t *d)
         d->hints[i].confirmed = false;
 }
 
+/* Redis answered hint r, or it entered retry backoff (not applied): the claimed row that waited
+ * for it is done when the hint was applied with the same config, else it is applied now. */
+static void hint_answered(daemon_t *d, rec_t *r, bool applied)
+{
+    unit_t *w = r->waiter;
+    if (!w)
+        return;
+    r->waiter = NULL;
+    rec_t *row = w->recs[r->waiter_i];
+    if (applied && r->unit->cfg == w->cfg) {
+        count_change(d, row->table, row->op);
+        row->finished = true;
+        unit_finish_rec(w);
+    }
+    /* Its guard taken in accept_payload. The last one expands the unit, which submits to Redis:
+     * not from inside Redis's callback (a connection being reset), but from answer_timer. */
+    if (w->lookups_pending > 1) {
+        w->lookups_pending--;
+        return;
+    }
+    w->answered_next = d->answered;
+    d->answered = w;
+    uv_timer_start(&d->answer_timer, hints_answered, 0, 0);
+}
+
+void hints_answered(uv_timer_t *t)
+{
+    daemon_t *d = evd_container_of(t, daemon_t, answer_timer);
+    while (d->answered) {
+        unit_t *w = d->answered;
+        d->answered = w->answered_next;
+        unit_start(w);
+    }
+}
+
 void job_done(evd_job_t *job, int status, const char *error, void *ud)
 {
     daemon_t *d = ud;
@@ -352,6 +379,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     size_t ji = (size_t)(job - r->jobs);
     if (status == EVD_REDIS_RETRYING) {
         /* The batch entered retry backoff: let other replicas have the rows meanwhile. */
+        hint_answered(d, r, false);
         release_claim(u);
         return;
     }
@@ -373,18 +401,14 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     if (--r->outstanding == 0) {
         if (!r->failed && (r->hint || !hinted(d, r->id)))
             record_lag(d, r->ts);
-        int h = r->hint ? hint_find(d, r->id) : -1;
-        if (h >= 0) {
-            d->hints[h].in_flight = false;
-            if (!r->failed && u->cfg == d->cfg)
-                d->hints[h].confirmed = true;
-        }
+        for (size_t i = 0; r->hint && i < HINTS_KEPT && i < d->nhinted; i++)
+            if (d->hints[i].flight == r) {
+                d->hints[i].flight = NULL;
+                if (!r->failed && u->cfg == d->cfg)
+                    d->hints[i].confirmed = true;
+            }
+        hint_answered(d, r, !r->failed);
         unit_finish_rec(u);
-        if (d->hint_waiting) {
-            maybe_drain(d); /* the claim that waited for it: its timer is not needed if it went */
-            if (!d->hint_waiting && d->claim_cl)
-                uv_timer_stop(&d->poll_timer);
-        }
     }
 }
 
@@ -671,9 +695,9 @@ static void submit_rec(unit_t *u, rec_t *r)
         return;
     }
     r->outstanding = (int)r->njobs;
-    int h = r->hint ? hint_find(d, r->id) : -1;
-    if (h >= 0)
-        d->hints[h].in_flight = true; /* until its last job is answered (job_done) */
+    struct hint_slot *h = d->nhinted ? &d->hints[(d->nhinted - 1) % HINTS_KEPT] : NULL;
+    if (r->hint && h && h->id == r->id)
+        h->flight = r; /* kept just now (accept_payload); until its last job is answered (job_done) */
     for (size_t j = 0; j < r->njobs; j++)
         evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
 }
@@ -756,6 +780,27 @@ static void expand_unit(unit_t *u)
     unit_finish_rec(u);
 }
 
+/* A rec that keeps its parse c (taken from the caller) until expand_unit; NULL, logged, when out
+ * of memory. */
+static rec_t *rec_add_parsed(unit_t *u, int64_t id, const char *table, const char *payload, size_t len,
+                             evd_change_t *c)
+{
+    evd_change_t *keep = malloc(sizeof(*keep));
+    rec_t *w = keep ? rec_add_bare(u, id, table, payload, len) : NULL;
+    if (!w) {
+        if (!keep)
+            EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
+        free(keep);
+        return NULL;
+    }
+    *keep = *c;
+    memset(c, 0, sizeof(*c)); /* the arena is the rec's now */
+    w->ch = keep;
+    w->op = keep->op;
+    w->ts = keep->ts;
+    return w;
+}
+
 /* Parses a payload into a new rec of u: expanded and submitted at once unless its rules need
  * lookups (then at unit_start); bad input and unmatched tables finish at once. */
 void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
@@ -784,6 +829,7 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
     size_t before = u->nrecs;
     const evd_config_t *cfg = u->cfg->cfg;
     bool durable_by_notify = !u->claim && evd_set_has(&d->durable, table, strlen(table));
+    struct hint_slot *h;
     if (durable_by_notify && c->id > 0 && !c->ref) {
         /* A hint: the capture's doorbell carries the change of a one-row statement. Applied
          * at once, and again when its outbox row is claimed (the row is the source of truth:
@@ -792,8 +838,11 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         lookup_ctx_t lc = {.u = u, .count_only = true};
         if (!d->opts.dry_run && evd_rules_watches(&cfg->rules, c->schema, c->table) &&
             evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) == 0 && lc.calls == 0) {
+            /* A row claimed before its doorbell was heard is applied by its claim. */
+            bool claimed = claimed_lately(d, c->id);
             hint_keep(d, c->id, payload, len);
-            expand_and_submit(u, c, table, c->id, NULL, 0, NULL, 0, true);
+            if (!claimed)
+                expand_and_submit(u, c, table, c->id, NULL, 0, NULL, 0, true);
         }
         outbox_rung(d, true);
     } else if (durable_by_notify) {
@@ -806,9 +855,20 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
                             (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
                                                   F_STR("error", err), {0}});
         accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
-    } else if (u->claim && hint_applied(d, id, payload, len)) {
-        count_change(d, table, c->op);
-        accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
+    } else if (u->claim && (h = hint_same(d, id, payload, len)) && (h->confirmed || (h->flight && !h->flight->waiter))) {
+        if (h->confirmed) { /* the doorbell rang after its commit and Redis confirmed the hint */
+            count_change(d, table, c->op);
+            accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
+        } else {
+            /* The hint's deletions are on their way to Redis: the row is done when Redis confirms
+             * them, else applied then (hint_answered). */
+            rec_t *w = rec_add_parsed(u, id, table, payload, len, c);
+            if (w) {
+                h->flight->waiter = u;
+                h->flight->waiter_i = u->nrecs - 1;
+                u->lookups_pending++;
+            }
+        }
     } else if (!evd_rules_watches(&cfg->rules, c->schema, c->table)) {
         if (evd_set_has(&d->watched, table, strlen(table))) {
             d->n_unmatched++;
@@ -828,20 +888,7 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         if (lc.calls == 0) {
             expand_and_submit(u, c, table, id, payload, len, NULL, 0, false);
         } else {
-            /* Its parse waits for the unit's lookups (expand_unit). */
-            evd_change_t *keep = malloc(sizeof(*keep));
-            rec_t *w = keep ? rec_add_bare(u, id, table, payload, len) : NULL;
-            if (!w) {
-                if (!keep)
-                    EVD_LOG(EVD_LOG_ERROR, "bad_input", F_STR("error", "out of memory"), F_INT("id", id));
-                free(keep);
-            } else {
-                *keep = *c;
-                memset(c, 0, sizeof(*c)); /* the arena is the rec's now */
-                w->ch = keep;
-                w->op = keep->op;
-                w->ts = keep->ts;
-            }
+            (void)rec_add_parsed(u, id, table, payload, len, c); /* expanded in expand_unit */
         }
     }
     if (u->nrecs > before && extra) {
