@@ -54,9 +54,11 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * empty (its pages full of deleted rows) is estimated at one row, and a claim planned on that
  * took a bitmap scan and sorted every row above the cursor, spilling to disk, because LIMIT does
  * not bound a sort under FOR UPDATE: a million-row backlog then drained at ~20k rows/s instead of
- * ~200k (benchmark, auto_explain). Without sorts the only plan left is the ordered index scan. */
+ * ~200k (benchmark, auto_explain). Without sorts the only plan left is the ordered index scan.
+ * The sort the claim still needs (its rows in id order) then costs 1e10 in the plan, over
+ * jit_above_cost: without jit = off every claim was compiled, 30-100 ms each. */
 static const char SQL_CLAIM_SETUP[] =
-    "SET synchronous_commit = off; SET enable_sort = off; "
+    "SET synchronous_commit = off; SET enable_sort = off; SET jit = off; "
     "PREPARE evictd_claim(bigint, bigint[], int) AS "
     "WITH c AS (" CLAIM_DELETE ") SELECT id, payload FROM c ORDER BY id; "
     "PREPARE evictd_claim_snap(bigint, bigint[], int, bool) AS "
