@@ -148,6 +148,24 @@ static size_t rec_ids(const unit_t *u)
 
 /* Acknowledges u's rows: when its claim's transaction is open, COMMIT (the claim deleted them)
  * or DELETE + COMMIT (it locked them); else a DELETE of the rows no other replica has locked. */
+/* Where a released claim's rows are deleted: not inside another claim's transaction (one
+ * sent on its connection after the release), which a rollback of that claim would undo,
+ * leaving rows no longer held to be claimed and applied again. Its own connection when no
+ * other claim went on it since, else one with no claim open or on its way. */
+static evd_pg_t *released_ack_conn(const unit_t *u)
+{
+    const daemon_t *d = u->d;
+    const claimer_t *own = u->cl;
+    if ((own->open == NULL || own->open == u) && d->claim_cl != own && own->pg)
+        return own->pg;
+    for (size_t k = 0; k < NCLAIMERS; k++) {
+        const claimer_t *cl = &d->cl[k];
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && d->claim_cl != cl)
+            return cl->pg;
+    }
+    return d->lookupc && evd_pg_ready(d->lookupc) ? d->lookupc : NULL;
+}
+
 void unit_send_ack(unit_t *u)
 {
     daemon_t *d = u->d;
@@ -176,7 +194,8 @@ void unit_send_ack(unit_t *u)
     } else if (rc == 0) {
         ids_param(u, &ids);
         const char *params[1] = {ids.data};
-        rc = evd_pg_query(u->cl->pg, SQL_ACK_RELEASED, 1, params, true, after_ack, u);
+        evd_pg_t *pg = released_ack_conn(u);
+        rc = pg ? evd_pg_query(pg, SQL_ACK_RELEASED, 1, params, true, after_ack, u) : -1;
     }
     evd_buf_free(&ids);
     if (u->cl->open == u)
