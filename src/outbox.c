@@ -146,8 +146,6 @@ static size_t rec_ids(const unit_t *u)
     return n;
 }
 
-/* Acknowledges u's rows: when its claim's transaction is open, COMMIT (the claim deleted them)
- * or DELETE + COMMIT (it locked them); else a DELETE of the rows no other replica has locked. */
 /* Where a released claim's rows are deleted: not inside another claim's transaction (one
  * sent on its connection after the release), which a rollback of that claim would undo,
  * leaving rows no longer held to be claimed and applied again. Its own connection when no
@@ -166,6 +164,8 @@ static evd_pg_t *released_ack_conn(const unit_t *u)
     return d->lookupc && evd_pg_ready(d->lookupc) ? d->lookupc : NULL;
 }
 
+/* Acknowledges u's rows: when its claim's transaction is open, COMMIT (the claim deleted them)
+ * or DELETE + COMMIT (it locked them); else a DELETE of the rows no other replica has locked. */
 void unit_send_ack(unit_t *u)
 {
     daemon_t *d = u->d;
