@@ -12,6 +12,7 @@ module; every test resets the tables (with the capture triggers muted), the outb
 Prints "N passed, N failed" last; exits non-zero on any failure.
 """
 
+import collections
 import copy
 import glob
 import json
@@ -651,6 +652,36 @@ class DaemonTest(unittest.TestCase):
         self.wait_gone([PL, P(1), P(2), CP1, CP2], d, timeout=5)
         self.assert_present([P(3), OTHER], d, " (replay)")
         self.assertEqual(glob.glob(replay_file + ".failed-*"), [])
+
+    def test_06b_redis_gone_each_change_dead_lettered_once(self):
+        # Writes keep coming while Redis is down: claims are released for retry backoff and the
+        # next ones open transactions on the same connections, between a release and the delete
+        # of the released rows once they are dead-lettered. Each change must be dead-lettered
+        # once: a delete that ran inside a later claim's transaction was undone by its rollback.
+        cfg = self.config(retry={"max_attempts": 2, "initial_backoff_ms": 5, "max_backoff_ms": 10})
+        cfg["redis"]["default"]["timeout_ms"] = 500
+        d = self.start_ready(self.daemon(cfg))
+        n = 40
+        self.rd.stop()
+        try:
+            conn = self.pg.connect()
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    for i in range(n):
+                        cur.execute("INSERT INTO products (id, name) VALUES (%s, 'dl')", (100 + i,))
+                        time.sleep(0.007)
+            finally:
+                conn.close()
+            self.wait(lambda: len(d.dead_letters()) >= n, 30, "%d dead-letter lines" % n, d)
+            self.wait_outbox_empty(d)
+            time.sleep(0.5)  # past the safety poll: a row put back would be claimed again by now
+            self.assertEqual(d.stop(), 0, d.tail())
+        finally:
+            self.rd.start()
+        seen = collections.Counter(k for line in d.dead_letters() for k in line["keys"] if k != PL)
+        self.assertEqual(set(seen), {P(100 + i) for i in range(n)}, d.tail())
+        self.assertEqual([k for k, c in seen.items() if c != 1], [], d.tail())
 
     # -- 7 -----------------------------------------------------------------------------------
     def test_07_postgres_restart_reconnects_and_drains(self):
