@@ -193,6 +193,9 @@ struct daemon {
     uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
     bool want_idle;        /* the next claim sets the idle flag first (a lease under light load, else 1) */
     bool want_clear;       /* the next claim sets it to 0 (it may be a lease and the load is not light) */
+    bool want_check;       /* idle, the safety poll: the next claim reads the flag, and evictd sets it
+                            * again only if it is not as evictd left it (a setval is a WAL record) */
+    bool claim_checks;     /* the claim in flight reads it */
     bool claim_sets_idle;  /* the claim in flight set it ... */
     int claim_flag;        /* ... to this: 0, 1, 2 for a lease (-1: it does not set it) */
     int flag;              /* what evictd last set it to, as claim_flag (-1: unknown) */

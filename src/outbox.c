@@ -64,7 +64,8 @@ static const char SQL_CLAIM_SETUP[] =
     "PREPARE evictd_claim_snap(bigint, bigint[], int, bool) AS "
     "WITH c AS (" CLAIM_DELETE ") "
     "SELECT c.id, c.payload, pg_catalog.txid_snapshot_xmin(s.snap), pg_catalog.txid_snapshot_xmax(s.snap), "
-    "CASE WHEN $4 THEN pg_catalog.txid_current() END "
+    "CASE WHEN $4 THEN pg_catalog.txid_current() END, "
+    "pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) "
     "FROM (SELECT pg_catalog.txid_current_snapshot() AS snap) AS s LEFT JOIN c ON true ORDER BY c.id; "
     "PREPARE evictd_claim_lock(bigint, bigint[], int) AS " CLAIM_SELECT("id, payload") "; "
     "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
@@ -276,6 +277,8 @@ static void send_claim(daemon_t *d, claimer_t *cl)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
         evd_buf_t q = {0};
         d->claim_sets_idle = d->want_idle;
+        d->claim_checks = d->want_check && !d->want_idle;
+        d->want_check = false;
         /* Under light load every write may ring (a lease): applied from its doorbell, one hop. Else
          * only the first one after evictd is idle rings (1), or none (0). */
         d->claim_flag = d->want_idle ? (light_load(d) ? FLAG_LEASE : 1) : d->want_clear ? 0 : -1;
@@ -284,9 +287,9 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         d->rung_in_claim = false;
         /* A claim that arms the flag, or looks while transactions that may not have rung are
          * in flight, returns its snapshot too (claim_snapshot). */
-        d->claim_snap = d->claim_sets_idle || d->horizon;
+        d->claim_snap = d->claim_sets_idle || d->horizon || d->claim_checks;
         /* Under light load every claim renews the lease; a setval is a WAL record, so one that set
-         * it lately stands for it (the safety poll sets it anyway). */
+         * it lately stands for it. */
         uint64_t now = uv_now(d->loop);
         bool fresh = d->claim_flag == FLAG_LEASE && d->flag == FLAG_LEASE && now - d->flag_set_at < FLAG_FRESH_MS;
         rc = d->claim_flag == FLAG_LEASE && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
@@ -389,10 +392,9 @@ static void on_poll_timer(uv_timer_t *t)
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
     trim_heap(d);
     d->want_drain = true;
-    /* Idle: set the flag again (to a lease if the load was heavier when it was set to 1, and in case
-     * another replica cleared it when it stopped). */
+    /* Idle: look at the flag too (flag_as_left). */
     if (d->idle && !d->opts.dry_run)
-        ask_idle(d);
+        d->want_check = true;
     maybe_drain(d);
 }
 
@@ -666,6 +668,22 @@ static void claim_snapshot(daemon_t *d, const PGresult *res, bool set_idle)
     }
 }
 
+/* The safety poll, idle (a claim that read the flag and found no row): is the flag as evictd left
+ * it? Not if it is 0 (another replica cleared it when it stopped, or a doorbell was lost), nor 1
+ * while the load is light enough for a lease. A lease that ran out acts as 1 and is left so:
+ * renewing it, or setting the flag at every poll, wrote a WAL record and took an xid four times
+ * a second on an idle system (pg_waldump), and a server with archive_timeout would then archive
+ * a WAL segment at every timeout for nothing. */
+static bool flag_as_left(daemon_t *d, const PGresult *res)
+{
+    if (PQntuples(res) < 1 || PQnfields(res) < 6 || PQgetisnull(res, 0, 5))
+        return false;
+    int64_t flag = strtoll(PQgetvalue(res, 0, 5), NULL, 10);
+    if (flag > 1 && d->flag == FLAG_LEASE && uv_now(d->loop) - d->flag_set_at >= LEASE_MS)
+        d->flag = 1; /* as writers take it: the next one rings, the doorbell sets a lease again */
+    return flag > 1 || (flag == 1 && !light_load(d));
+}
+
 static void claim_done(const PGresult *res, const char *err, void *arg)
 {
     claimer_t *cl = arg;
@@ -673,6 +691,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     d->claim_cl = NULL;
     bool set_idle = d->claim_sets_idle;
     bool snap = d->claim_snap;
+    bool check = d->claim_checks;
+    d->claim_checks = false;
     int flag = d->claim_flag;
     d->claim_sets_idle = false;
     d->claim_snap = false;
@@ -734,8 +754,14 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
             return;
         }
-        if (d->armed) {
+        if (d->armed && (!check || flag_as_left(d, res))) {
             settle_idle(d);
+            return;
+        }
+        if (d->armed) {
+            d->want_drain = true; /* idle: look again, setting the flag first */
+            ask_idle(d);
+            maybe_drain(d);
             return;
         }
         if (!d->lingered && (lease_banned(d) || d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS)) {

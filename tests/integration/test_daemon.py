@@ -1446,6 +1446,33 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(d.count("change", since=since), 0, d.tail())
         self.assertEqual(d.count("bad_input", since=since), 0, d.tail())
 
+    def test_13k_idle_evictd_writes_no_wal(self):
+        """Idle, evictd's safety poll only reads: no setval, no xid, so no WAL (a server with
+        archive_timeout archives nothing for it). It sets the flag again only when it is not as
+        evictd left it: cleared (another replica stopping, a lost doorbell), or 1 under light load."""
+        d = self.start_ready(self.daemon())  # poll_interval_ms 100
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 3, "a lease at idle", d)
+        time.sleep(1.3)  # the lease runs out (it then acts as 1); the polls leave it
+        lsn0 = self.q1("SELECT pg_catalog.pg_current_wal_insert_lsn()")
+        time.sleep(2.0)
+        grew = self.q1("SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_insert_lsn(), '%s')" % lsn0)
+        # 20 polls; each set of the flag wrote ~140 bytes. (A running-xacts record of the
+        # background writer, ~50 bytes, may fall in the window.)
+        self.assertLess(grew, 100, "WAL written in 2 s of idle polls")
+        for value, why in ((0, "cleared"), (1, "1 under light load")):
+            self.sql("SELECT pg_catalog.setval('evictd.idle', %d)" % value)
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 3, "a lease again (%s)" % why, d)
+        # Still rung after its lease ran out: the first write rings, and the lease is set again.
+        time.sleep(1.3)
+        self.fill([P(1), P(2)])
+        self.sql("UPDATE products SET stock = 7 WHERE id = 1")
+        self.wait_gone([P(1)], d, timeout=1)
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 3, "a lease after the ring", d)
+        self.sql("UPDATE products SET stock = 7 WHERE id = 2")
+        self.wait_gone([P(2)], d, timeout=1)
+        self.assertEqual(d.stop(), 0, d.tail())
+        self.assertGreaterEqual(d.find("stopped")[-1]["doorbells"], 2, d.tail())
+
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
         SIGSTOP; a hung process or a dead connection alike) stops renewing it, and within a
