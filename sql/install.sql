@@ -17,10 +17,10 @@
 --                             and rings the doorbell (a NOTIFY carrying the change of a one-row
 --                             statement under 8000 bytes, else empty). Under light load evictd
 --                             sets a lease instead, the server's epoch ms a second ahead, and
---                             renews it: until then every write rings and leaves it set, except
+--                             renews it while rows come: until then every write rings and leaves it set, except
 --                             one whose ring would wait for another ringing transaction's
 --                             commit (advisory lock 1702259043, 29796, held to commit); past it
---                             (evictd stopped reading), it acts as 1. Sequences are read and
+--                             (evictd stopped reading, or idle for a second), it acts as 1. Sequences are read and
 --                             written outside transaction visibility, so the flag is seen at
 --                             once by every writer, whatever its isolation level.
 --   watches                   one row per watched table
@@ -481,11 +481,11 @@ BEGIN
     -- Doorbell: evictd is idle (drained the outbox and waits); wake it once. A one-row
     -- statement's doorbell carries its change (evictd applies it at once, and again when it
     -- claims the row); any other rings empty.
-    -- Flag 1 (idle): ring once, clearing it. Flag > 1 (light load; evictd renews it): until
+    -- Flag 1 (idle): ring once, clearing it. Flag > 1 (light load; evictd renews it while rows come): until
     -- that epoch ms, ring, leaving it set, unless a transaction that rang has not ended yet
     -- (the advisory lock, held to commit): then at most one ringing transaction is ever in
     -- flight, and PostgreSQL, which serialises the commits of notifying transactions, never
-    -- makes a writer wait for another's. Past it (evictd stopped reading), as flag 1.
+    -- makes a writer wait for another's. Past it (evictd stopped reading, or idle), as flag 1.
     v_f := pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass);
     IF v_f = 1 OR (v_f > 1 AND v_f <= pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000) THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);

@@ -668,20 +668,26 @@ static void claim_snapshot(daemon_t *d, const PGresult *res, bool set_idle)
     }
 }
 
-/* The safety poll, idle (a claim that read the flag and found no row): is the flag as evictd left
- * it? Not if it is 0 (another replica cleared it when it stopped, or a doorbell was lost), nor 1
- * while the load is light enough for a lease. A lease that ran out acts as 1 and is left so:
- * renewing it, or setting the flag at every poll, wrote a WAL record and took an xid four times
- * a second on an idle system (pg_waldump), and a server with archive_timeout would then archive
- * a WAL segment at every timeout for nothing. */
+/* The safety poll, idle (a claim that also read the flag): is the flag as evictd left it? Not if it
+ * is 0 (another replica cleared it when it stopped, a writer that rang rolled back, or a doorbell
+ * was lost), nor 1 while the load is light enough for a lease. A lease that ran out acts as 1 and
+ * is left so: renewing it, or setting the flag at every poll, wrote a WAL record and took an xid
+ * four times a second on an idle system (pg_waldump), and a server with archive_timeout would
+ * then archive a WAL segment at every timeout for nothing. */
 static bool flag_as_left(daemon_t *d, const PGresult *res)
 {
-    if (PQntuples(res) < 1 || PQnfields(res) < 6 || PQgetisnull(res, 0, 5))
+    if (PQntuples(res) < 1 || PQnfields(res) < 6) {
+        d->flag = -1;
         return false;
-    int64_t flag = strtoll(PQgetvalue(res, 0, 5), NULL, 10);
+    }
+    int64_t flag = PQgetisnull(res, 0, 5) ? 0 : strtoll(PQgetvalue(res, 0, 5), NULL, 10);
     if (flag > 1 && d->flag == FLAG_LEASE && uv_now(d->loop) - d->flag_set_at >= LEASE_MS)
-        d->flag = 1; /* as writers take it: the next one rings, the doorbell sets a lease again */
-    return flag > 1 || (flag == 1 && !light_load(d));
+        d->flag = 1; /* as writers take it: the next one rings and clears it */
+    if (flag > 1 || (flag == 1 && !light_load(d)))
+        return true;
+    /* What is there, so that the claim that sets it again does not skip its setval as fresh. */
+    d->flag = flag == 1 ? 1 : 0;
+    return false;
 }
 
 static void claim_done(const PGresult *res, const char *err, void *arg)
@@ -706,6 +712,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     if (!res) {
         if (set_idle) /* the flag may not be set: the next empty claim sets it */
             d->armed = false;
+        d->idle = d->idle && d->armed; /* the poll after this looks for rows, not just the flag */
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
@@ -716,6 +723,10 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         return;
     }
     int n = PQntuples(res);
+    /* Idle, the safety poll: a flag not as evictd left it is set again by the next claim that
+     * finds the outbox empty (this one, if it found no row: below). */
+    if (check && d->armed && !flag_as_left(d, res))
+        d->armed = d->idle = false;
     /* A doorbell heard while this claim was out may have been rung by a writer that saw the flag
      * this claim set: then it is clear again, and only another claim that sets it arms evictd
      * (else evictd would sleep with the flag clear until the safety poll: in a benchmark run
@@ -754,14 +765,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
                 uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
             return;
         }
-        if (d->armed && (!check || flag_as_left(d, res))) {
-            settle_idle(d);
-            return;
-        }
         if (d->armed) {
-            d->want_drain = true; /* idle: look again, setting the flag first */
-            ask_idle(d);
-            maybe_drain(d);
+            settle_idle(d);
             return;
         }
         if (!d->lingered && (lease_banned(d) || d->rows_per_ms * LINGER_MS >= LINGER_MIN_ROWS)) {

@@ -641,7 +641,14 @@ class Bench:
             if mode in ("durable", "notify"):
                 proc = self.start_worker(mode)
             cpu0 = proc.cpu() if proc else 0.0
+            wal = "SELECT wal_bytes, wal_sync FROM pg_stat_wal"
+            wal0 = self.sql(wal)[0]
             tps = self.pgbench(seconds)
+            # With fsync on the writers wait on WAL flushes (LWLock WALWrite, IO WALSync in
+            # pg_stat_activity): what a capture adds to the WAL is what it costs them.
+            wal1 = self.sql(wal)[0]
+            self.record(section, "wal_bytes_tx_" + mode, "evictd", float(wal1[0] - wal0[0]) / max(tps * seconds, 1))
+            self.record(section, "wal_syncs_s_" + mode, "evictd", float(wal1[1] - wal0[1]) / seconds)
             extra = ""
             if proc:
                 cpu = proc.cpu() - cpu0
@@ -978,8 +985,9 @@ def report(b, elapsed):
                    "trigger). evictd CPU is its own process only."
                    % (wfs, b.args.synchronous_commit, sz["pgbench_seconds"], n(sz["pgbench_rows"])))
         out.append("")
-        out.append("| capture | TPS | vs no capture | vs bare outbox trigger | evictd CPU, % of a core | goal |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| capture | TPS | vs no capture | vs bare outbox trigger | WAL bytes per transaction "
+                   "| WAL flushes /s | evictd CPU, % of a core | goal |")
+        out.append("|---|---|---|---|---|---|---|---|")
         none_, bare = g(sec, "tps_none"), g(sec, "tps_bare")
         labels = (("none", "no trigger"),
                   ("bare", "bare outbox trigger (plpgsql AFTER ROW, one jsonb row, nothing drains it)"),
@@ -995,9 +1003,10 @@ def report(b, elapsed):
                 left = g(sec, "backlog_durable")
                 if left:
                     goal += "; outbox rows left at the end %s" % cell(left)
-            out.append("| %s | %s | %s | %s | %s | %s |" % (
+            out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 label, cell(t), ratio_cell(t, none_) if mode != "none" else "1",
                 ratio_cell(t, bare) if mode != "bare" else "1",
+                cell(g(sec, "wal_bytes_tx_" + mode)), cell(g(sec, "wal_syncs_s_" + mode)),
                 cell(g(sec, "evictd_cpu_pct_" + mode)) if mode in ("durable", "notify") else "", goal))
     if b.notes:
         out.append("")
