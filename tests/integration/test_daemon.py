@@ -17,6 +17,7 @@ import copy
 import glob
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -1568,6 +1569,71 @@ class DaemonTest(unittest.TestCase):
         finally:
             locked.cleanup()
             self.r().execute_command("ACL", "DELUSER", "evacl")
+
+    # -- 15 ----------------------------------------------------------------------------------
+    def test_15_two_replicas_share_the_outbox(self):
+        """Two evictd replicas on one database: every outbox row is claimed by exactly one of them
+        while four writers keep both busy; when one stops (and clears the flag, as a clean stop
+        does) the other sets it again and writes still ring and are applied."""
+        a = self.start_ready(self.daemon(name="a"))
+        cfg_b = self.config()
+        cfg_b["dead_letter"]["path"] = os.path.join(self.tmp, "dead-letter-b.jsonl")
+        b = self.start_ready(self.daemon(cfg_b, name="b"))
+        seq = "SELECT last_value - (NOT is_called)::int FROM evictd.outbox_id_seq"  # ids taken
+        seq0 = self.q1(seq)
+        errors = []
+
+        def writer(k):
+            conn = self.pg.connect(autocommit=True)
+            try:
+                with conn.cursor() as cur:
+                    for i in range(250):
+                        cur.execute("UPDATE products SET stock = %s WHERE id = %s", (i, 1 + k))
+                        if i % 50 == 0:  # a 2-row statement (rows of this writer's own)
+                            cur.execute("INSERT INTO products (id, name) VALUES (%s, 'w'), (%s, 'w')",
+                                        (1000 * (k + 1) + i, 1000 * (k + 1) + i + 1))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        self.wait_outbox_empty(a)
+        keys = [PL] + [P(i) for i in range(1, 5)]
+        self.fill(keys)
+        self.sql("UPDATE products SET stock = 0")
+        self.wait_gone(keys, a)
+        # A clean stop clears the flag; the replica left, idle (its lease run out, so its polls
+        # only read the flag), sets it again.
+        time.sleep(1.3)
+        self.assertEqual(a.stop(), 0, a.tail())
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 0, 3, "the flag set again by b", b)
+        self.fill([P(2)])
+        lc = self.pg.connect(autocommit=True)
+        try:
+            with lc.cursor() as cur:
+                cur.execute("LISTEN evictd")
+            self.sql("UPDATE products SET stock = 9 WHERE id = 2")
+            self.wait_gone([P(2)], b, timeout=2)
+            deadline = time.monotonic() + 2
+            while not lc.notifies and time.monotonic() < deadline:
+                select.select([lc], [], [], 0.1)
+                lc.poll()
+            self.assertGreaterEqual(len(lc.notifies), 1, "the write after a's stop rang")
+        finally:
+            lc.close()
+        self.wait_outbox_empty(b)
+        self.assertEqual(b.stop(), 0, b.tail())
+        made = self.q1(seq) - seq0
+        claimed = [d.find("stopped")[-1]["rows_claimed"] for d in (a, b)]
+        self.assertEqual(sum(claimed), made, "rows claimed by a and b against outbox rows made: %s" % claimed)
+        self.assertGreater(min(claimed), 0, "both replicas claimed rows: %s" % claimed)
+        self.assertEqual(a.dead_letters() + b.dead_letters(), [])
 
 
 class _Result(unittest.TextTestResult):
