@@ -221,11 +221,13 @@ class Evictd:
             self.log_path, min(n, len(lines)), len(lines), "\n".join(lines[-n:]))
 
     def dead_letters(self):
+        """The dead-letter lines written so far (a line still being appended is left out)."""
         try:
             with open(self.dl_path) as f:
-                return [json.loads(line) for line in f if line.strip()]
+                text = f.read()
         except FileNotFoundError:
             return []
+        return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 class DaemonTest(unittest.TestCase):
@@ -431,6 +433,21 @@ class DaemonTest(unittest.TestCase):
         missing = [k for k in keys if k not in self.present(list(keys))]
         if missing:
             self.fail("keys deleted that should have survived%s: %s\n%s" % (why, missing, d.tail()))
+
+    def rang(self, write, timeout=2.0):
+        """Runs write() while LISTENing on the evictd channel: did a NOTIFY come?"""
+        lc = self.pg.connect(autocommit=True)
+        try:
+            with lc.cursor() as cur:
+                cur.execute("LISTEN evictd")
+            write()
+            deadline = time.monotonic() + timeout
+            while not lc.notifies and time.monotonic() < deadline:
+                select.select([lc], [], [], 0.05)
+                lc.poll()
+            return bool(lc.notifies)
+        finally:
+            lc.close()
 
     def wait_outbox_empty(self, d, timeout=15.0):
         self.wait(lambda: self.outbox_count() == 0, timeout, "an empty evictd.outbox", d)
@@ -1459,8 +1476,9 @@ class DaemonTest(unittest.TestCase):
             with admin.cursor() as cur:
                 cur.execute("ALTER SYSTEM SET autovacuum = off")
                 cur.execute("SELECT pg_catalog.pg_reload_conf()")
+            # The launcher exits once it has read the setting (and is started again by the RESET).
             self.wait(lambda: self.q1("SELECT count(*) FROM pg_catalog.pg_stat_activity "
-                                      "WHERE backend_type = 'autovacuum worker'") == 0, 30, "no autovacuum worker", d)
+                                      "WHERE backend_type LIKE 'autovacuum%'") == 0, 30, "no autovacuum process", d)
             time.sleep(1.3)  # the lease runs out (it then acts as 1); the polls leave it
             lsn0 = self.q1("SELECT pg_catalog.pg_current_wal_insert_lsn()")
             time.sleep(2.0)
@@ -1492,16 +1510,14 @@ class DaemonTest(unittest.TestCase):
         finally:
             conn.close()
         self.assertTrue(leased, "the flag stayed cleared while rows kept coming")
-        # Still rung after its lease ran out: the first write rings, and the lease is set again.
+        # Still rung after its lease ran out: the write rings, and the lease is set again.
         time.sleep(1.3)
-        self.fill([P(1), P(2)])
-        self.sql("UPDATE products SET stock = 7 WHERE id = 1")
-        self.wait_gone([P(1)], d, timeout=1)
+        self.fill([P(1)])
+        self.assertTrue(self.rang(lambda: self.sql("UPDATE products SET stock = 7 WHERE id = 1")),
+                        "the write after the lease ran out rang")
+        self.wait_gone([P(1)], d)
         self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 3, "a lease after the ring", d)
-        self.sql("UPDATE products SET stock = 7 WHERE id = 2")
-        self.wait_gone([P(2)], d, timeout=1)
         self.assertEqual(d.stop(), 0, d.tail())
-        self.assertGreaterEqual(d.find("stopped")[-1]["doorbells"], 2, d.tail())
 
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
@@ -1575,9 +1591,13 @@ class DaemonTest(unittest.TestCase):
         """Two evictd replicas on one database: every outbox row is claimed by exactly one of them
         while four writers keep both busy; when one stops (and clears the flag, as a clean stop
         does) the other sets it again and writes still ring and are applied."""
-        a = self.start_ready(self.daemon(name="a"))
-        cfg_b = self.config()
+        # A Redis timeout would release a claim for the other replica to claim again (a row
+        # counted twice, correctly): none on a slow machine.
+        cfg_a = self.config()
+        cfg_a["redis"]["default"]["timeout_ms"] = 10000
+        cfg_b = copy.deepcopy(cfg_a)
         cfg_b["dead_letter"]["path"] = os.path.join(self.tmp, "dead-letter-b.jsonl")
+        a = self.start_ready(self.daemon(cfg_a, name="a"))
         b = self.start_ready(self.daemon(cfg_b, name="b"))
         seq = "SELECT last_value - (NOT is_called)::int FROM evictd.outbox_id_seq"  # ids taken
         seq0 = self.q1(seq)
@@ -1602,6 +1622,7 @@ class DaemonTest(unittest.TestCase):
             t.start()
         for t in threads:
             t.join(60)
+        self.assertEqual([t for t in threads if t.is_alive()], [], "writers still running after 60 s")
         self.assertEqual(errors, [])
         self.wait_outbox_empty(a)
         keys = [PL] + [P(i) for i in range(1, 5)]
@@ -1614,21 +1635,14 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(a.stop(), 0, a.tail())
         self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 0, 3, "the flag set again by b", b)
         self.fill([P(2)])
-        lc = self.pg.connect(autocommit=True)
-        try:
-            with lc.cursor() as cur:
-                cur.execute("LISTEN evictd")
-            self.sql("UPDATE products SET stock = 9 WHERE id = 2")
-            self.wait_gone([P(2)], b, timeout=2)
-            deadline = time.monotonic() + 2
-            while not lc.notifies and time.monotonic() < deadline:
-                select.select([lc], [], [], 0.1)
-                lc.poll()
-            self.assertGreaterEqual(len(lc.notifies), 1, "the write after a's stop rang")
-        finally:
-            lc.close()
+        self.assertTrue(self.rang(lambda: self.sql("UPDATE products SET stock = 9 WHERE id = 2")),
+                        "the write after a's stop rang")
+        self.wait_gone([P(2)], b)
         self.wait_outbox_empty(b)
         self.assertEqual(b.stop(), 0, b.tail())
+        for d in (a, b):
+            self.assertEqual([r for r in d.records() if r.get("msg") in ("retry", "claim_failed", "ack_failed")], [],
+                             "%s: a claim released, failed or not acknowledged" % d.name)
         made = self.q1(seq) - seq0
         claimed = [d.find("stopped")[-1]["rows_claimed"] for d in (a, b)]
         self.assertEqual(sum(claimed), made, "rows claimed by a and b against outbox rows made: %s" % claimed)
