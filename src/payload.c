@@ -302,6 +302,39 @@ static bool literal(parser_t *ps, const char *word)
     return true;
 }
 
+/* A real without an exponent, s..end, when its digits make an integer m of at most 2^53 and it has
+ * at most 22 after the point: m / 10^k, one correctly rounded division of two exact doubles,
+ * which is what strtod gives (Clinger's fast path). The change's "ts" always qualifies: strtod
+ * was 5-6 % of evictd's time in a burst (perf). */
+static bool real_fast(const char *s, const char *end, double *out)
+{
+    static const double p10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                                 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    bool neg = *s == '-';
+    uint64_t m = 0;
+    int digits = 0, frac = 0;
+    bool point = false;
+    for (const char *q = s + neg; q < end; q++) {
+        if (*q == '.') {
+            point = true;
+            continue;
+        }
+        if (*q < '0' || *q > '9')
+            return false; /* an exponent */
+        frac += point;
+        if (m == 0 && *q == '0')
+            continue; /* leading zeros */
+        if (++digits > 16)
+            return false;
+        m = m * 10 + (uint64_t)(*q - '0');
+    }
+    if (m > (UINT64_C(1) << 53) || frac > 22)
+        return false;
+    double d = (double)m / p10[frac];
+    *out = neg ? -d : d;
+    return true;
+}
+
 /* A number per the JSON grammar; integers must fit int64 and reals must not overflow. */
 static bool number(parser_t *ps, evd_value_t *v)
 {
@@ -360,9 +393,12 @@ static bool number(parser_t *ps, evd_value_t *v)
     text[n] = '\0';
     errno = 0;
     if (real) {
-        double d = strtod(text, NULL);
-        if (errno == ERANGE && (d == HUGE_VAL || d == -HUGE_VAL))
-            return bad(ps, "not JSON: real number overflow");
+        double d;
+        if (!real_fast(s, p, &d)) {
+            d = strtod(text, NULL);
+            if (errno == ERANGE && (d == HUGE_VAL || d == -HUGE_VAL))
+                return bad(ps, "not JSON: real number overflow");
+        }
         v->type = EVD_V_REAL;
         v->d = d;
     } else {

@@ -124,6 +124,52 @@ static void test_truncate(void **state)
     evd_change_clear(&c);
 }
 
+/* Reals parse to exactly what strtod gives (the parser takes a shortcut for the common ones). */
+static void test_reals_as_strtod(void **state)
+{
+    (void)state;
+    static const char *const fixed[] = {
+        "1763765000123.456", "1763765000123.4", "0.5", "-0.0", "0.0", "-1.5", "0.001", "1.500",
+        "9007199254740.992", "9007199254740.993", "9007199254740993.0", "18014398509481985.0",
+        "0.1", "0.3", "123456789012345678.9", "1.0000000000000000000000001", "1e3", "2.5e-3",
+        "-7.25E+2", "0.0000000000000000000001", "0.00000000000000000000001", "4.9406564584124654e-324",
+        "1.7976931348623157e308", "99999999999999999999.5", "1.23456789012345678901234567890"};
+    uint64_t x = 0x9e3779b97f4a7c15ULL;
+    for (size_t i = 0; i < 20000 + sizeof(fixed) / sizeof(fixed[0]); i++) {
+        char num[64];
+        if (i < sizeof(fixed) / sizeof(fixed[0])) {
+            snprintf(num, sizeof(num), "%s", fixed[i]);
+        } else {
+            /* Random decimals: up to 18 digits, a point anywhere, sometimes a sign. */
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            uint64_t m = x % 1000000000000000000ULL >> (x % 40);
+            int frac = 1 + (int)((x >> 20) % 24);
+            char digits[32];
+            int n = snprintf(digits, sizeof(digits), "%llu", (unsigned long long)m);
+            char *o = num;
+            if (x & 1)
+                *o++ = '-';
+            if (frac >= n) {
+                o += sprintf(o, "0.");
+                for (int k = n; k < frac; k++)
+                    *o++ = '0';
+                o += sprintf(o, "%s", digits);
+            } else {
+                o += sprintf(o, "%.*s.%s", n - frac, digits, digits + n - frac);
+            }
+        }
+        char json[256];
+        snprintf(json, sizeof(json),
+                 "{\"v\":1,\"id\":1,\"tx\":1,\"ts\":%s,\"schema\":\"s\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", num);
+        evd_change_t c;
+        parse_ok(json, &c);
+        double want = strtod(num, NULL);
+        if (memcmp(&c.ts, &want, sizeof(want)) != 0)
+            fail_msg("%s: parsed %.17g, strtod %.17g", num, c.ts, want);
+        evd_change_clear(&c);
+    }
+}
+
 static void test_doorbell(void **state)
 {
     (void)state;
@@ -529,6 +575,7 @@ int main(void)
         cmocka_unit_test(test_update),
         cmocka_unit_test(test_delete_notify_only),
         cmocka_unit_test(test_truncate),
+        cmocka_unit_test(test_reals_as_strtod),
         cmocka_unit_test(test_doorbell),
         cmocka_unit_test(test_ref),
         cmocka_unit_test(test_chunk),
