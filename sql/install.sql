@@ -38,8 +38,9 @@
 --                the row from the transition table(s), pairs it, renders the payload with
 --                format() (the table's names are baked in and checked) and takes the outbox id.
 --                Any other statement streams its images through a plpgsql loop that inserts a
---                chunk every 500 images and at the end. The images are the text that
---                json_build_object() would give, rendered per column type when generated.
+--                chunk every 500 images and at the end. The images hold the values that
+--                json_build_object() would give, rendered per column type when generated, as
+--                compact JSON (no blanks: the outbox row is WAL the writer waits for).
 --                The function is SECURITY DEFINER with search_path pinned to pg_catalog,
 --                pg_temp; it reads the idle flag with pg_sequence_last_value() and takes an
 --                outbox id, txid_current() and clock_timestamp() only when the statement
@@ -147,17 +148,18 @@ END
 $$;
 
 -- The durable capture renders row images as text with format(): for `columns` read
--- through `alias`, keys[i] is '"column" : %s' (the column name as a JSON string, % doubled
+-- through `alias`, keys[i] is '"column":%s' (the column name as a JSON string, % doubled
 -- for format()) and args[i] an SQL expression whose text is the column's JSON value, never
--- NULL: the rendering json_build_object() gives (see _image_expr), built without its per-call
--- type lookups. A primary key column of an integer type is passed as it is (format() prints
+-- NULL: the value json_build_object() gives (see _image_expr), built without its per-call
+-- type lookups. Payloads are compact JSON (no blank after ':' or ','): each byte of an outbox
+-- row is WAL a writer waits to flush. A primary key column of an integer type is passed as it is (format() prints
 -- it with the type's output function; it cannot be NULL); other integers become their text
 -- or null, booleans true/false/null, numeric/real/double precision a JSON string of their
 -- text form (which needs no escaping) or null, anything else to_json() or null.
 CREATE OR REPLACE FUNCTION evictd._image_parts(tbl regclass, columns text[], pk text[], alias text,
                                                OUT keys text[], OUT args text[])
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce(array_agg(pg_catalog.replace(pg_catalog.to_json(a.attname::text)::text, '%', '%%') || ' : %s'
+    SELECT coalesce(array_agg(pg_catalog.replace(pg_catalog.to_json(a.attname::text)::text, '%', '%%') || ':%s'
                               ORDER BY u.ord), '{}'),
            coalesce(array_agg(
                CASE WHEN t.base IN ('pg_catalog.int2'::regtype, 'pg_catalog.int4'::regtype, 'pg_catalog.int8'::regtype)
@@ -200,8 +202,8 @@ BEGIN
     END IF;
     FOR v_i IN 0 .. v_last LOOP
         v_pieces := v_pieces || evictd._format_call(
-            CASE WHEN v_i = 0 THEN replace(prefix, '%', '%%') || '{' ELSE ', ' END
-            || array_to_string(keys[v_i * 90 + 1 : v_i * 90 + 90], ', ')
+            CASE WHEN v_i = 0 THEN replace(prefix, '%', '%%') || '{' ELSE ',' END
+            || array_to_string(keys[v_i * 90 + 1 : v_i * 90 + 90], ',')
             || CASE WHEN v_i = v_last THEN '}' || replace(suffix, '%', '%%') ELSE '' END,
             args[v_i * 90 + 1 : v_i * 90 + 90]);
     END LOOP;
@@ -228,7 +230,7 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                   FROM %4$s
                  WHERE NOT EXISTS (SELECT FROM %5$s OFFSET 1) AND %6$s) AS x
         RETURNING payload INTO v_p;$f$,
-        '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, ' || names || ', "op" : "' || op || '", "rows" : [' || rows_fmt || ']}',
+        '{"v":1,"id":%s,"tx":%s,"ts":%s,' || names || ',"op":"' || op || '","rows":[' || rows_fmt || ']}',
         array_to_string(ARRAY['x.id', 'pg_catalog.txid_current()',
                               'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'] || rows_args, ', '),
         array_to_string(ARRAY['pg_catalog.nextval(''evictd.outbox_id_seq''::pg_catalog.regclass) AS id'] || sub_cols, ', '),
@@ -270,9 +272,9 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                     VALUES (v_id, pg_catalog.format(%1$L,
                                                     v_id, pg_catalog.txid_current(), %2$s,
                                                     pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME),
-                                                    pg_catalog.array_to_string(v_buf[1:v_k], ', ')));
+                                                    pg_catalog.array_to_string(v_buf[1:v_k], ',')));
                     v_n := v_n + 1;$f$,
-            '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "' || op || '", "rows" : [%s]}',
+            '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"' || op || '","rows":[%s]}',
             'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'),
         chunk_rows, chunk_bytes)
 $$;
@@ -286,12 +288,12 @@ CREATE OR REPLACE FUNCTION evictd._side_sql(op text, tt text, alias text, side t
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN 4 + cardinality(args) <= 100
                 THEN evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
-                         cols, '{"' || side || '" : ' || img || '}', refs)
+                         cols, '{"' || side || '":' || img || '}', refs)
                 ELSE evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
-                         ARRAY[evictd._image_sql(keys, args, '{"' || side || '" : ', '}') || ' AS img'],
+                         ARRAY[evictd._image_sql(keys, args, '{"' || side || '":', '}') || ' AS img'],
                          '%s', ARRAY['x.img']) END
            || evictd._chunk_sql(op, chunk_rows, chunk_bytes,
-                  format('SELECT %s FROM %s AS %s', evictd._image_sql(keys, args, '{"' || side || '" : ', '}'),
+                  format('SELECT %s FROM %s AS %s', evictd._image_sql(keys, args, '{"' || side || '":', '}'),
                          tt, alias))
 $$;
 
@@ -393,15 +395,15 @@ BEGIN
         -- The one-row path bakes the table's current names into its payload and checks them
         -- at run time (a table renamed without this function being regenerated takes the
         -- general path, which reads them at run time).
-        SELECT replace(format('"schema" : %s, "table" : %s', to_json(n.nspname::text), to_json(c.relname::text)), '%', '%%'),
+        SELECT replace(format('"schema":%s,"table":%s', to_json(n.nspname::text), to_json(c.relname::text)), '%', '%%'),
                format('TG_TABLE_NAME = %L AND TG_TABLE_SCHEMA = %L', c.relname, n.nspname)
           INTO v_names, v_guard
           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = tbl;
-        -- An image's format() text ({"col" : %s, ...}) and, for the one-row INSERT, the
+        -- An image's format() text ({"col":%s,...}) and, for the one-row INSERT, the
         -- subquery columns holding its arguments and their references from the outer query.
-        v_oimg := '{' || array_to_string(v_okeys, ', ') || '}';
-        v_nimg := '{' || array_to_string(v_nkeys, ', ') || '}';
+        v_oimg := '{' || array_to_string(v_okeys, ',') || '}';
+        v_nimg := '{' || array_to_string(v_nkeys, ',') || '}';
         v_ocols := ARRAY(SELECT format('%s AS o%s', a, i) FROM unnest(v_oargs) WITH ORDINALITY AS u(a, i));
         v_ncols := ARRAY(SELECT format('%s AS n%s', a, i) FROM unnest(v_nargs) WITH ORDINALITY AS u(a, i));
         v_orefs := ARRAY(SELECT 'x.o' || i FROM generate_series(1, cardinality(v_oargs)) AS i);
@@ -413,37 +415,37 @@ BEGIN
         -- UPDATE: pair old and new by primary key; without one, images come unpaired.
         IF v_pk IS NOT NULL THEN
             v_pkeq := (SELECT string_agg(format('o_.%1$I = n_.%1$I', k), ' AND ') FROM unnest(v_pk) AS k);
-            v_sep := $s$CASE WHEN x.p THEN ', "new" : ' ELSE '}, {"new" : ' END$s$;
+            v_sep := $s$CASE WHEN x.p THEN ',"new":' ELSE '},{"new":' END$s$;
             v_upd := CASE WHEN v_inline
                 THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
                          format('(%s) AS p', v_pkeq) || v_ocols || v_ncols,
-                         '{"old" : ' || v_oimg || '%s' || v_nimg || '}', v_orefs || v_sep || v_nrefs)
+                         '{"old":' || v_oimg || '%s' || v_nimg || '}', v_orefs || v_sep || v_nrefs)
                 ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
                          ARRAY[format('(%s) AS p', v_pkeq), evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
                                evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
-                         '{"old" : %s%s%s}', ARRAY['x.oi', v_sep, 'x.ni']) END
+                         '{"old":%s%s%s}', ARRAY['x.oi', v_sep, 'x.ni']) END
                 || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
                        'SELECT CASE WHEN o_.%1$I IS NULL THEN %2$s WHEN n_.%1$I IS NULL THEN %3$s ELSE %4$s END'
                        '  FROM evictd_old AS o_ FULL JOIN evictd_new AS n_ ON %5$s',
-                       v_pk[1], evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}'),
-                       evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}'),
+                       v_pk[1], evictd._image_sql(v_nkeys, v_nargs, '{"new":', '}'),
+                       evictd._image_sql(v_okeys, v_oargs, '{"old":', '}'),
                        CASE WHEN 1 + 2 * cardinality(v_oargs) <= 100
-                            THEN evictd._format_call('{"old" : ' || v_oimg || ', "new" : ' || v_nimg || '}', v_oargs || v_nargs)
-                            ELSE evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '') || ' || '
-                                 || evictd._image_sql(v_nkeys, v_nargs, ', "new" : ', '}') END,
+                            THEN evictd._format_call('{"old":' || v_oimg || ',"new":' || v_nimg || '}', v_oargs || v_nargs)
+                            ELSE evictd._image_sql(v_okeys, v_oargs, '{"old":', '') || ' || '
+                                 || evictd._image_sql(v_nkeys, v_nargs, ',"new":', '}') END,
                        v_pkeq));
         ELSE
             v_upd := CASE WHEN v_inline
                 THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
-                         v_ocols || v_ncols, '{"old" : ' || v_oimg || '}, {"new" : ' || v_nimg || '}', v_orefs || v_nrefs)
+                         v_ocols || v_ncols, '{"old":' || v_oimg || '},{"new":' || v_nimg || '}', v_orefs || v_nrefs)
                 ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
                          ARRAY[evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
                                evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
-                         '{"old" : %s}, {"new" : %s}', ARRAY['x.oi', 'x.ni']) END
+                         '{"old":%s},{"new":%s}', ARRAY['x.oi', 'x.ni']) END
                 || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
                        'SELECT %s FROM evictd_old AS o_ UNION ALL SELECT %s FROM evictd_new AS n_',
-                       evictd._image_sql(v_okeys, v_oargs, '{"old" : ', '}'),
-                       evictd._image_sql(v_nkeys, v_nargs, '{"new" : ', '}')));
+                       evictd._image_sql(v_okeys, v_oargs, '{"old":', '}'),
+                       evictd._image_sql(v_nkeys, v_nargs, '{"new":', '}')));
         END IF;
 
         -- INSERT (new images) and DELETE (old images).
@@ -497,7 +499,7 @@ BEGIN
 END
 $b$,
             v_upd, v_ins, v_del,
-            '{"v" : 1, "id" : %s, "tx" : %s, "ts" : %s, "schema" : %s, "table" : %s, "op" : "TRUNCATE"}',
+            '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"TRUNCATE"}',
             'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)',
             w.channel, c_notify_max, c_ring_lock1, c_ring_lock2);
     ELSE

@@ -8,6 +8,7 @@ Prints "N passed, N failed" last; exits non-zero on any failure.
 
 import json
 import os
+import re
 import sys
 import time
 import unittest
@@ -108,12 +109,15 @@ class CaptureTest(unittest.TestCase):
         self.app.commit()
         return res
 
-    def outbox(self):
-        """[(id, payload dict)] in id order; checks every payload is JSON with its own id."""
+    def outbox(self, compact=False):
+        """[(id, payload dict)] in id order; checks every payload is JSON with its own id and, when
+        compact, that it has no blank outside its strings (the trigger writes compact JSON)."""
         out = []
         for oid, text in self.q("SELECT id, payload FROM evictd.outbox ORDER BY id"):
             p = json.loads(text)
             self.assertEqual(p["id"], oid, "payload id must be the outbox row id")
+            if compact:
+                self.assertNotRegex(re.sub(r'"(?:[^"\\]|\\.)*"', '""', text), r"\s", text)
             out.append((oid, p))
         return out
 
@@ -175,7 +179,7 @@ class CaptureTest(unittest.TestCase):
         self.app_exec("UPDATE products SET stock = 2, price = 10.25 WHERE id = %d" % pid)
         self.app_exec("DELETE FROM products WHERE id = %d" % pid)
         self.app_exec("TRUNCATE products")
-        (_, u), (_, d), (_, t) = self.outbox()
+        (_, u), (_, d), (_, t) = self.outbox(compact=True)
         self.assert_head(u, "products", "UPDATE", extra=["rows"])
         old = {"id": pid, "name": "a", "stock": 1, "price": "10.00", "weight": "0.5", "active": True}
         new = dict(old, stock=2, price="10.25")
@@ -220,7 +224,7 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual([len(p["rows"]) for _, p in ins], [500, 500, 200])
         self.q("DELETE FROM evictd.outbox")
         tx = self.app_exec("UPDATE products SET stock = stock + 1 WHERE name LIKE 'p%' RETURNING txid_current()")[0][0]
-        chunks = self.outbox()
+        chunks = self.outbox(compact=True)
         self.assertEqual([len(p["rows"]) for _, p in chunks], [500, 500, 200])
         seen = set()
         for _, p in chunks:
@@ -322,7 +326,7 @@ class CaptureTest(unittest.TestCase):
                                "SELECT DISTINCT pg_get_userbyid(proowner) FROM pg_proc "
                                " WHERE pronamespace = 'evictd'::regnamespace;",
                                user="owner", db="owned")
-            self.assertEqual([line for line in out.split("\n") if line], ['[{"new" : {"id" : 1, "v" : "2.50"}}]', "0", "owner"])
+            self.assertEqual([line for line in out.split("\n") if line], ['[{"new":{"id":1,"v":"2.50"}}]', "0", "owner"])
             self.pg.psql(file=UNINSTALL, user="owner", db="owned")
             self.pg.psql(file=UNINSTALL, user="owner", db="owned")
             self.assertEqual(self.pg.psql("SELECT to_regnamespace('evictd') IS NULL, count(*) FROM pg_trigger "
