@@ -132,6 +132,14 @@ struct evd_redis {
      * fill_timer: max_delay_ms of the queue, and the deferred kick after connecting.
      * retry_timer: the earliest batch in backoff. redel_timer: the earliest re-delete. */
     uv_timer_t conn_timer, fill_timer, retry_timer, redel_timer;
+    /* Commands hiredis queued on a connected context go out in one write before the loop
+     * next waits for I/O (write_prepare, for commands queued by timers) or right after its I/O
+     * callbacks (write_check) rather than after polling for writability: that poll cost two
+     * epoll_ctl calls and a wake-up per batch. in_write: that write is being made (if it
+     * leaves bytes behind, hiredis asks again and the socket is polled as before). */
+    uv_prepare_t write_prepare;
+    uv_check_t write_check;
+    bool write_due, in_write;
 
     evd_job_t *queue, *queue_tail; /* submitted, not yet in a batch */
     size_t queued_items;
@@ -152,7 +160,7 @@ struct evd_redis {
     uint64_t rng;
 
     bool closing;
-    int nhandles; /* timers not yet closed */
+    int nhandles; /* timers, write_prepare and write_check not yet closed */
     int nctx;     /* hiredis contexts not yet freed (their callbacks point at us) */
     int nreqs;    /* getaddrinfo requests not yet called back */
     void (*closed_cb)(void *arg);
@@ -525,40 +533,81 @@ static void poll_cb(uv_poll_t *handle, int status, int events)
         redisAsyncHandleWrite(p->context);
 }
 
-static void poll_update(redisLibuvEvents *p)
+/* Polls for p->events | add, less del. Only on a change (or a watcher libuv stopped): each
+ * uv_poll_start is an epoll_ctl DEL and ADD, and hiredis asks for reads after every write. */
+static void poll_update(redisLibuvEvents *p, int add, int del)
 {
-    if (p->events)
-        uv_poll_start(&p->handle, p->events, poll_cb);
+    int events = (p->events | add) & ~del;
+    bool active = uv_is_active((uv_handle_t *)&p->handle);
+    if (events == p->events && (active || !events))
+        return;
+    p->events = events;
+    if (events)
+        uv_poll_start(&p->handle, events, poll_cb);
     else
         uv_poll_stop(&p->handle);
 }
 
 static void ev_add_read(void *privdata)
 {
-    redisLibuvEvents *p = privdata;
-    p->events |= UV_READABLE;
-    poll_update(p);
+    poll_update(privdata, UV_READABLE, 0);
 }
 
 static void ev_del_read(void *privdata)
 {
-    redisLibuvEvents *p = privdata;
-    p->events &= ~UV_READABLE;
-    poll_update(p);
+    poll_update(privdata, 0, UV_READABLE);
+}
+
+static void write_due(evd_redis_t *r)
+{
+    uv_prepare_stop(&r->write_prepare);
+    uv_check_stop(&r->write_check);
+    redisAsyncContext *ac = r->ac;
+    if (!r->write_due || !ac || !(ac->c.flags & REDIS_CONNECTED))
+        return;
+    r->write_due = false;
+    /* Callbacks it makes cannot free r: write_check is not closed yet. */
+    r->in_write = true;
+    redisAsyncHandleWrite(ac);
+    r->in_write = false;
+}
+
+static void on_write_prepare(uv_prepare_t *h)
+{
+    write_due(h->data);
+}
+
+static void on_write_check(uv_check_t *h)
+{
+    write_due(h->data);
 }
 
 static void ev_add_write(void *privdata)
 {
     redisLibuvEvents *p = privdata;
-    p->events |= UV_WRITABLE;
-    poll_update(p);
+    redisAsyncContext *ac = p->context;
+    evd_redis_t *r = ac ? ac->data : NULL;
+    /* Not while connecting (hiredis learns that the connect is done by writability), nor for
+     * a write that left bytes behind. */
+    if (r && r->ac == ac && !r->in_write && !r->closing && (ac->c.flags & REDIS_CONNECTED) &&
+        !(p->events & UV_WRITABLE)) {
+        r->write_due = true;
+        if (uv_prepare_start(&r->write_prepare, on_write_prepare) == 0 &&
+            uv_check_start(&r->write_check, on_write_check) == 0)
+            return;
+        r->write_due = false;
+        uv_prepare_stop(&r->write_prepare);
+    }
+    poll_update(p, UV_WRITABLE, 0);
 }
 
 static void ev_del_write(void *privdata)
 {
     redisLibuvEvents *p = privdata;
-    p->events &= ~UV_WRITABLE;
-    poll_update(p);
+    evd_redis_t *r = p->context ? p->context->data : NULL;
+    if (r && r->ac == p->context)
+        r->write_due = false;
+    poll_update(p, 0, UV_WRITABLE);
 }
 
 static bool is_ip_literal(const char *host)
@@ -1504,6 +1553,11 @@ int evd_redis_new(uv_loop_t *loop, const evd_target_cfg_t *cfg, const evd_redis_
         timers[i]->data = r;
         r->nhandles++;
     }
+    uv_prepare_init(loop, &r->write_prepare); /* neither can fail */
+    uv_check_init(loop, &r->write_check);
+    r->write_prepare.data = r;
+    r->write_check.data = r;
+    r->nhandles += 2;
     advance(r, ST_DISCONNECTED);
     *out = r;
     return 0;
@@ -1616,4 +1670,6 @@ void evd_redis_close(evd_redis_t *r, void (*closed)(void *arg), void *arg)
     uv_close((uv_handle_t *)&r->fill_timer, on_handle_closed);
     uv_close((uv_handle_t *)&r->retry_timer, on_handle_closed);
     uv_close((uv_handle_t *)&r->redel_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&r->write_prepare, on_handle_closed);
+    uv_close((uv_handle_t *)&r->write_check, on_handle_closed);
 }

@@ -721,6 +721,65 @@ static void test_stopped_server_times_out_and_retries(void **state)
     redisFree(c);
 }
 
+/* A batch too large for the socket's buffers while Redis reads nothing: the write that goes at
+ * the end of the loop iteration leaves bytes behind, and the rest must wait for writability
+ * (polled), not be retried every iteration, and still all arrive once Redis reads again. */
+static void test_large_batch_waits_for_writability(void **state)
+{
+    (void)state;
+    enum { NJOBS = 12, NKEYS = 16, KEYLEN = 60000 };
+    redisContext *c = sync_connect(0);
+    char *list = malloc((size_t)NKEYS * (KEYLEN + 32));
+    assert_non_null(list);
+    tjob_t jobs[NJOBS];
+    for (int i = 0; i < NJOBS; i++) {
+        size_t n = 0;
+        for (int k = 0; k < NKEYS; k++) {
+            if (k)
+                list[n++] = ' ';
+            char *name = list + n;
+            int len = sprintf(name, "big:%d:%d:", i, k);
+            memset(name + len, 'x', KEYLEN);
+            name[len + KEYLEN] = '\0';
+            sync_ok(c, "SET %b v", name, (size_t)len + KEYLEN);
+            n += (size_t)len + KEYLEN;
+        }
+        tjob_init(&jobs[i], list, NULL);
+    }
+    free(list);
+    assert_int_equal(sync_int(c, "DBSIZE"), NJOBS * NKEYS);
+
+    tctx_t t;
+    t_init(&t);
+    t.cfg.timeout_ms = 10000;
+    t_connect(&t);
+    assert_int_equal(kill(srv_pid, SIGSTOP), 0);
+    for (int i = 0; i < NJOBS; i++)
+        evd_redis_submit(t.r, &jobs[i].job);
+    /* ~11 MB of UNLINKs against a stopped reader: a busy retry would turn the loop thousands of
+     * times in these 400 ms. */
+    int iterations = 0;
+    uv_timer_start(&t.aux, on_aux_sigcont, 400, 0);
+    while (!t.aux_fired) {
+        uv_run(&t.loop, UV_RUN_ONCE);
+        iterations++;
+    }
+    assert_true(iterations < 200);
+    RUN_UNTIL(&t, t.calls == NJOBS);
+    for (int i = 0; i < NJOBS; i++) {
+        assert_int_equal(jobs[i].status, 0);
+        assert_int_equal(jobs[i].attempts, 1);
+    }
+    const evd_redis_stats_t *st = evd_redis_stats(t.r);
+    assert_int_equal(st->deleted, NJOBS * NKEYS);
+    assert_int_equal(st->retries, 0);
+    assert_int_equal(sync_int(c, "DBSIZE"), 0);
+    t_finish(&t);
+    for (int i = 0; i < NJOBS; i++)
+        tjob_free(&jobs[i]);
+    redisFree(c);
+}
+
 static void test_killed_server_gives_eio(void **state)
 {
     (void)state;
@@ -959,6 +1018,7 @@ int main(void)
         cmocka_unit_test_setup(test_unix_socket, test_setup),
         cmocka_unit_test_setup(test_hostname_resolved, test_setup),
         cmocka_unit_test_setup(test_stopped_server_times_out_and_retries, test_setup),
+        cmocka_unit_test_setup(test_large_batch_waits_for_writability, test_setup),
         cmocka_unit_test_setup(test_killed_server_gives_eio, test_setup),
         cmocka_unit_test_setup(test_restarted_server_reconnects, test_setup),
         cmocka_unit_test_setup(test_redelete_after_delay, test_setup),
