@@ -135,11 +135,12 @@ struct evd_redis {
     /* Commands hiredis queued on a connected context go out in one write before the loop
      * next waits for I/O (write_prepare, for commands queued by timers) or right after its I/O
      * callbacks (write_check) rather than after polling for writability: that poll cost two
-     * epoll_ctl calls and a wake-up per batch. in_write: that write is being made (if it
-     * leaves bytes behind, hiredis asks again and the socket is polled as before). */
+     * epoll_ctl calls and a wake-up per batch. Both are active while a write is due.
+     * in_write: that write is being made (if it leaves bytes behind, hiredis asks again and
+     * the socket is polled as before). */
     uv_prepare_t write_prepare;
     uv_check_t write_check;
-    bool write_due, in_write;
+    bool in_write;
 
     evd_job_t *queue, *queue_tail; /* submitted, not yet in a batch */
     size_t queued_items;
@@ -558,14 +559,18 @@ static void ev_del_read(void *privdata)
     poll_update(privdata, 0, UV_READABLE);
 }
 
-static void write_due(evd_redis_t *r)
+static void cancel_write(evd_redis_t *r)
 {
     uv_prepare_stop(&r->write_prepare);
     uv_check_stop(&r->write_check);
+}
+
+static void write_queued(evd_redis_t *r)
+{
+    cancel_write(r);
     redisAsyncContext *ac = r->ac;
-    if (!r->write_due || !ac || !(ac->c.flags & REDIS_CONNECTED))
+    if (!ac || !(ac->c.flags & REDIS_CONNECTED))
         return;
-    r->write_due = false;
     /* Callbacks it makes cannot free r: write_check is not closed yet. */
     r->in_write = true;
     redisAsyncHandleWrite(ac);
@@ -574,12 +579,12 @@ static void write_due(evd_redis_t *r)
 
 static void on_write_prepare(uv_prepare_t *h)
 {
-    write_due(h->data);
+    write_queued(h->data);
 }
 
 static void on_write_check(uv_check_t *h)
 {
-    write_due(h->data);
+    write_queued(h->data);
 }
 
 static void ev_add_write(void *privdata)
@@ -591,12 +596,10 @@ static void ev_add_write(void *privdata)
      * a write that left bytes behind. */
     if (r && r->ac == ac && !r->in_write && !r->closing && (ac->c.flags & REDIS_CONNECTED) &&
         !(p->events & UV_WRITABLE)) {
-        r->write_due = true;
-        if (uv_prepare_start(&r->write_prepare, on_write_prepare) == 0 &&
-            uv_check_start(&r->write_check, on_write_check) == 0)
-            return;
-        r->write_due = false;
-        uv_prepare_stop(&r->write_prepare);
+        /* Neither fails on an open handle with a callback. */
+        uv_prepare_start(&r->write_prepare, on_write_prepare);
+        uv_check_start(&r->write_check, on_write_check);
+        return;
     }
     poll_update(p, UV_WRITABLE, 0);
 }
@@ -606,7 +609,7 @@ static void ev_del_write(void *privdata)
     redisLibuvEvents *p = privdata;
     evd_redis_t *r = p->context ? p->context->data : NULL;
     if (r && r->ac == p->context)
-        r->write_due = false;
+        cancel_write(r);
     poll_update(p, 0, UV_WRITABLE);
 }
 
