@@ -124,13 +124,7 @@ def setup(pg, a, mode):
     outbox = None
     if mode in ("bare", "bare_definer"):
         if mode == "bare_definer":
-            # the same body with its names qualified (the pinned search_path hides public)
-            pg.psql("CREATE OR REPLACE FUNCTION bench_bare_capture() RETURNS trigger LANGUAGE plpgsql "
-                    "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS "
-                    "$$ BEGIN INSERT INTO public.bench_outbox (payload) VALUES (pg_catalog.jsonb_build_object("
-                    "'table', TG_TABLE_NAME, 'op', TG_OP, 'old', CASE WHEN TG_OP <> 'INSERT' THEN OLD.id END, "
-                    "'new', CASE WHEN TG_OP <> 'DELETE' THEN NEW.id END, 'ts', pg_catalog.clock_timestamp())); "
-                    "RETURN NULL; END $$")
+            pg.psql("ALTER FUNCTION bench_bare_capture() SECURITY DEFINER SET search_path = pg_catalog, pg_temp")
         pg.psql("CREATE TRIGGER bench_bare AFTER INSERT OR UPDATE OR DELETE ON products "
                 "FOR EACH ROW EXECUTE FUNCTION bench_bare_capture()")
         outbox = "bench_outbox"
