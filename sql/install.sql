@@ -152,10 +152,10 @@ $$;
 -- for format()) and args[i] an SQL expression whose text is the column's JSON value, never
 -- NULL: the value json_build_object() gives (see _image_expr), built without its per-call
 -- type lookups. Payloads are compact JSON (no blank after ':' or ','): each byte of an outbox
--- row is WAL a writer waits to flush. A primary key column of an integer type is passed as it is (format() prints
--- it with the type's output function; it cannot be NULL); other integers become their text
--- or null, booleans true/false/null, numeric/real/double precision a JSON string of their
--- text form (which needs no escaping) or null, anything else to_json() or null.
+-- row is WAL a writer waits to flush. A primary key column of an integer type is passed as it
+-- is (format() prints it with the type's output function; it cannot be NULL); other integers
+-- become their text or null, booleans true/false/null, numeric/real/double precision a JSON
+-- string of their text form (which needs no escaping) or null, anything else to_json() or null.
 CREATE OR REPLACE FUNCTION evictd._image_parts(tbl regclass, columns text[], pk text[], alias text,
                                                OUT keys text[], OUT args text[])
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$

@@ -180,9 +180,9 @@ def main():
     results = {}
     try:
         os.chmod(pg.dir, 0o755)  # the statement files are read by the postgres user
-        for mode in a.modes:
-            if not pg._running:
-                pg.start()
+        for i, mode in enumerate(a.modes):
+            if i:
+                pg.start()  # stopped for the previous mode's single-user runs
             outbox = setup(pg, a, mode)
             pg.stop()
             ir1, rows1 = single_user_run(pg, a, mode, a.n1, outbox, a.keep)
