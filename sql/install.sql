@@ -211,45 +211,75 @@ BEGIN
 END
 $$;
 
--- Durable capture, a statement that touched exactly one row (the common single-row write):
--- one INSERT ... SELECT reads the row's image(s) from the transition table(s), takes an outbox
--- id and writes the chunk. It writes nothing when the statement touched no row or more than
--- one (the gate: a second row exists; for UPDATE old and new have as many rows) or when the
--- table's name is no longer the one baked into the payload (guard); the caller then takes
--- the general path (_chunk_sql). sub_cols are the subquery's columns after its id (nextval,
--- evaluated once per row of the subquery: once), rows_fmt/rows_args the format() text and
--- arguments of the "rows" array's content, over x.
-CREATE OR REPLACE FUNCTION evictd._fast_sql(op text, names text, guard text, gate text, from_clause text,
-                                            sub_cols text[], rows_fmt text, rows_args text[]) RETURNS text
+-- SQL expression for a payload's "ts": the trigger's clock_timestamp() in epoch milliseconds,
+-- a double precision (what date_part() gives; its text form is a JSON number). Cheaper than
+-- numeric arithmetic, which allocates at every step.
+CREATE OR REPLACE FUNCTION evictd._ts_sql() RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT 'pg_catalog.date_part(''epoch'', pg_catalog.clock_timestamp()) * 1000'
+$$;
+
+-- Durable capture, the common single-row write: one INSERT ... SELECT reads the statement's
+-- first rows from the transition table(s) (from_clause), at most 2, and writes each as a
+-- one-image chunk: its outbox id from nextval() and the same id in its payload from currval()
+-- (a row's target list is evaluated in order; test_capture checks that the two agree). v_c
+-- counts the rows written. One row, the table's names still those baked into the payload
+-- (guard), and evictd busy: done; the common case costs one expression. Otherwise the caller
+-- goes on with _chunk_sql. rows_fmt/rows_args are the format() text and arguments of the
+-- "rows" array's content, over the transition tables' aliases. No separate query counts the
+-- statement's rows: executor start-up is most of what a query costs a one-row write.
+DROP FUNCTION IF EXISTS evictd._fast_sql(text, text, text, text, text, text[], text, text[]);
+CREATE OR REPLACE FUNCTION evictd._fast_sql(op text, names text, guard text, from_clause text,
+                                            rows_fmt text, rows_args text[]) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format($f$
         INSERT INTO evictd.outbox (id, payload)
-        SELECT x.id, pg_catalog.format(%1$L,
-                                       %2$s)
-          FROM (SELECT %3$s
-                  FROM %4$s
-                 WHERE NOT EXISTS (SELECT FROM %5$s OFFSET 1) AND %6$s) AS x
-        RETURNING payload INTO v_p;$f$,
+        SELECT pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass),
+               pg_catalog.format(%1$L,
+                                 %2$s)
+          FROM %3$s
+         LIMIT 2;
+        GET DIAGNOSTICS v_c = ROW_COUNT;
+        IF v_c = 1 AND %4$s AND COALESCE(pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass), 0) = 0 THEN
+            RETURN NULL;
+        END IF;$f$,
         '{"v":1,"id":%s,"tx":%s,"ts":%s,' || names || ',"op":"' || op || '","rows":[' || rows_fmt || ']}',
-        array_to_string(ARRAY['x.id', 'pg_catalog.txid_current()',
-                              'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'] || rows_args, ', '),
-        array_to_string(ARRAY['pg_catalog.nextval(''evictd.outbox_id_seq''::pg_catalog.regclass) AS id'] || sub_cols, ', '),
-        from_clause, gate, guard)
+        array_to_string(ARRAY['pg_catalog.currval(''evictd.outbox_id_seq''::pg_catalog.regclass)',
+                              'pg_catalog.txid_current()', evictd._ts_sql()] || rows_args, ', '),
+        from_clause, guard)
 $$;
 
--- Durable capture after the one-row INSERT (_fast_sql): when it wrote the chunk and evictd
--- is not idle, return (the common case costs one expression); when it wrote nothing, take
--- the general path: stream the statement's images (query: one text column) and write them
--- in chunks of at most chunk_rows, a chunk closing early when the next image would take it
--- past chunk_bytes (a chunk holds at least one image); return early, writing and ringing
--- nothing, when the statement touched no row. Else the caller's doorbell follows.
-CREATE OR REPLACE FUNCTION evictd._chunk_sql(op text, chunk_rows int, chunk_bytes int, query text) RETURNS text
+-- Durable capture after the one-row INSERT (_fast_sql) when it did not return. v_c = 0: the
+-- statement touched no row; write and ring nothing. One row with the right names: evictd is
+-- idle; read the payload back, the doorbell carries it. Else (a statement of more rows, or a
+-- table renamed since this function was generated): take back the rows just written (the
+-- last has the id currval() gives; the one before it, the highest id below that whose payload
+-- starts with its own id and this transaction's), then stream the statement's images (query:
+-- one text column) and write them in chunks of at most chunk_rows, a chunk closing early when
+-- the next image would take it past chunk_bytes (a chunk holds at least one image). The
+-- caller's doorbell follows.
+DROP FUNCTION IF EXISTS evictd._chunk_sql(text, int, int, text);
+CREATE OR REPLACE FUNCTION evictd._chunk_sql(op text, guard text, chunk_rows int, chunk_bytes int, query text)
+RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT format($f$
-        IF FOUND AND COALESCE(pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass), 0) = 0 THEN
+        IF v_c = 0 THEN
             RETURN NULL;
         END IF;
-        IF NOT FOUND THEN
+        v_id := pg_catalog.currval('evictd.outbox_id_seq'::pg_catalog.regclass);
+        IF v_c = 1 AND %5$s THEN
+            SELECT o.payload INTO v_p FROM evictd.outbox AS o WHERE o.id = v_id;
+        ELSE
+            DELETE FROM evictd.outbox AS o WHERE o.id = v_id;
+            IF v_c = 2 THEN
+                DELETE FROM evictd.outbox AS o
+                 WHERE o.id = (SELECT pg_catalog.max(p.id) FROM evictd.outbox AS p
+                                WHERE p.id < v_id
+                                  AND pg_catalog.starts_with(p.payload, pg_catalog.format('{"v":1,"id":%%s,"tx":%%s,',
+                                                                                         p.id, pg_catalog.txid_current())));
+            END IF;
+            v_k := 0;
+            v_len := 0;
             FOR v_img IN %1$s LOOP
                 IF v_k = %3$s OR (v_k > 0 AND v_len + pg_catalog.octet_length(v_img) > %4$s) THEN%2$s
                     v_k := 0;
@@ -261,9 +291,6 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
             END LOOP;
             IF v_k > 0 THEN%2$s
             END IF;
-            IF v_n = 0 THEN
-                RETURN NULL;
-            END IF;
         END IF;$f$,
         query,
         format($f$
@@ -272,27 +299,27 @@ LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
                     VALUES (v_id, pg_catalog.format(%1$L,
                                                     v_id, pg_catalog.txid_current(), %2$s,
                                                     pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME),
-                                                    pg_catalog.array_to_string(v_buf[1:v_k], ',')));
-                    v_n := v_n + 1;$f$,
+                                                    pg_catalog.array_to_string(v_buf[1:v_k], ',')));$f$,
             '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"' || op || '","rows":[%s]}',
-            'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)'),
-        chunk_rows, chunk_bytes)
+            evictd._ts_sql()),
+        chunk_rows, chunk_bytes, guard)
 $$;
 
 -- Durable capture of an INSERT (new images from evictd_new, alias n_) or a DELETE (old images
 -- from evictd_old, alias o_): the one-row path, its images' values inline as format()
 -- arguments when they fit in its 100 (head: format text, id, tx, ts), then the general path.
+DROP FUNCTION IF EXISTS evictd._side_sql(text, text, text, text, text, text, text[], text[], text[], text[], text,
+                                         int, int);
 CREATE OR REPLACE FUNCTION evictd._side_sql(op text, tt text, alias text, side text, names text, guard text,
-                                            keys text[], args text[], cols text[], refs text[], img text,
-                                            chunk_rows int, chunk_bytes int) RETURNS text
+                                            keys text[], args text[], img text, chunk_rows int, chunk_bytes int)
+RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE WHEN 4 + cardinality(args) <= 100
-                THEN evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
-                         cols, '{"' || side || '":' || img || '}', refs)
-                ELSE evictd._fast_sql(op, names, guard, tt, tt || ' AS ' || alias,
-                         ARRAY[evictd._image_sql(keys, args, '{"' || side || '":', '}') || ' AS img'],
-                         '%s', ARRAY['x.img']) END
-           || evictd._chunk_sql(op, chunk_rows, chunk_bytes,
+                THEN evictd._fast_sql(op, names, guard, tt || ' AS ' || alias,
+                                      '{"' || side || '":' || img || '}', args)
+                ELSE evictd._fast_sql(op, names, guard, tt || ' AS ' || alias, '%s',
+                                      ARRAY[evictd._image_sql(keys, args, '{"' || side || '":', '}')]) END
+           || evictd._chunk_sql(op, guard, chunk_rows, chunk_bytes,
                   format('SELECT %s FROM %s AS %s', evictd._image_sql(keys, args, '{"' || side || '":', '}'),
                          tt, alias))
 $$;
@@ -341,10 +368,6 @@ DECLARE
     v_nargs    text[];
     v_oimg     text;
     v_nimg     text;
-    v_ocols    text[];
-    v_ncols    text[];
-    v_orefs    text[];
-    v_nrefs    text[];
     v_names    text;
     v_guard    text;
     v_inline   bool;
@@ -379,7 +402,7 @@ BEGIN
     -- per mode). tx and ts are computed only where a payload is built: a statement that
     -- touches no row must not force a transaction id on a transaction that had none.
     v_head := $h$'v', 1, 'id', %s, 'tx', pg_catalog.txid_current(), $h$
-           || $h$'ts', pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
+           || $h$'ts', $h$ || evictd._ts_sql() || $h$, $h$
            || $h$'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP$h$;
 
     IF w.durable THEN
@@ -400,14 +423,9 @@ BEGIN
           INTO v_names, v_guard
           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = tbl;
-        -- An image's format() text ({"col":%s,...}) and, for the one-row INSERT, the
-        -- subquery columns holding its arguments and their references from the outer query.
+        -- An image's format() text: {"col":%s,...}.
         v_oimg := '{' || array_to_string(v_okeys, ',') || '}';
         v_nimg := '{' || array_to_string(v_nkeys, ',') || '}';
-        v_ocols := ARRAY(SELECT format('%s AS o%s', a, i) FROM unnest(v_oargs) WITH ORDINALITY AS u(a, i));
-        v_ncols := ARRAY(SELECT format('%s AS n%s', a, i) FROM unnest(v_nargs) WITH ORDINALITY AS u(a, i));
-        v_orefs := ARRAY(SELECT 'x.o' || i FROM generate_series(1, cardinality(v_oargs)) AS i);
-        v_nrefs := ARRAY(SELECT 'x.n' || i FROM generate_series(1, cardinality(v_nargs)) AS i);
         -- The images' values are arguments of the payload's format() when they fit in its 100
         -- arguments (head: format text, id, tx, ts); else each image is one expression (_image_sql).
         v_inline := 4 + 2 * cardinality(v_oargs) + 1 <= 100;
@@ -415,16 +433,14 @@ BEGIN
         -- UPDATE: pair old and new by primary key; without one, images come unpaired.
         IF v_pk IS NOT NULL THEN
             v_pkeq := (SELECT string_agg(format('o_.%1$I = n_.%1$I', k), ' AND ') FROM unnest(v_pk) AS k);
-            v_sep := $s$CASE WHEN x.p THEN ',"new":' ELSE '},{"new":' END$s$;
+            v_sep := format($s$CASE WHEN %s THEN ',"new":' ELSE '},{"new":' END$s$, v_pkeq);
             v_upd := CASE WHEN v_inline
-                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
-                         format('(%s) AS p', v_pkeq) || v_ocols || v_ncols,
-                         '{"old":' || v_oimg || '%s' || v_nimg || '}', v_orefs || v_sep || v_nrefs)
-                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
-                         ARRAY[format('(%s) AS p', v_pkeq), evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
-                               evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
-                         '{"old":%s%s%s}', ARRAY['x.oi', v_sep, 'x.ni']) END
-                || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
+                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old AS o_, evictd_new AS n_',
+                         '{"old":' || v_oimg || '%s' || v_nimg || '}', v_oargs || v_sep || v_nargs)
+                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old AS o_, evictd_new AS n_',
+                         '{"old":%s%s%s}', ARRAY[evictd._image_sql(v_okeys, v_oargs, '', ''), v_sep,
+                                                 evictd._image_sql(v_nkeys, v_nargs, '', '')]) END
+                || evictd._chunk_sql('UPDATE', v_guard, c_chunk_rows, c_chunk_bytes, format(
                        'SELECT CASE WHEN o_.%1$I IS NULL THEN %2$s WHEN n_.%1$I IS NULL THEN %3$s ELSE %4$s END'
                        '  FROM evictd_old AS o_ FULL JOIN evictd_new AS n_ ON %5$s',
                        v_pk[1], evictd._image_sql(v_nkeys, v_nargs, '{"new":', '}'),
@@ -436,13 +452,12 @@ BEGIN
                        v_pkeq));
         ELSE
             v_upd := CASE WHEN v_inline
-                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
-                         v_ocols || v_ncols, '{"old":' || v_oimg || '},{"new":' || v_nimg || '}', v_orefs || v_nrefs)
-                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old', 'evictd_old AS o_, evictd_new AS n_',
-                         ARRAY[evictd._image_sql(v_okeys, v_oargs, '', '') || ' AS oi',
-                               evictd._image_sql(v_nkeys, v_nargs, '', '') || ' AS ni'],
-                         '{"old":%s},{"new":%s}', ARRAY['x.oi', 'x.ni']) END
-                || evictd._chunk_sql('UPDATE', c_chunk_rows, c_chunk_bytes, format(
+                THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old AS o_, evictd_new AS n_',
+                         '{"old":' || v_oimg || '},{"new":' || v_nimg || '}', v_oargs || v_nargs)
+                ELSE evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old AS o_, evictd_new AS n_',
+                         '{"old":%s},{"new":%s}', ARRAY[evictd._image_sql(v_okeys, v_oargs, '', ''),
+                                                        evictd._image_sql(v_nkeys, v_nargs, '', '')]) END
+                || evictd._chunk_sql('UPDATE', v_guard, c_chunk_rows, c_chunk_bytes, format(
                        'SELECT %s FROM evictd_old AS o_ UNION ALL SELECT %s FROM evictd_new AS n_',
                        evictd._image_sql(v_okeys, v_oargs, '{"old":', '}'),
                        evictd._image_sql(v_nkeys, v_nargs, '{"new":', '}')));
@@ -450,19 +465,20 @@ BEGIN
 
         -- INSERT (new images) and DELETE (old images).
         v_ins := evictd._side_sql('INSERT', 'evictd_new', 'n_', 'new', v_names, v_guard,
-                                  v_nkeys, v_nargs, v_ncols, v_nrefs, v_nimg, c_chunk_rows, c_chunk_bytes);
+                                  v_nkeys, v_nargs, v_nimg, c_chunk_rows, c_chunk_bytes);
         v_del := evictd._side_sql('DELETE', 'evictd_old', 'o_', 'old', v_names, v_guard,
-                                  v_okeys, v_oargs, v_ocols, v_orefs, v_oimg, c_chunk_rows, c_chunk_bytes);
+                                  v_okeys, v_oargs, v_oimg, c_chunk_rows, c_chunk_bytes);
 
         -- UPDATE is tested first (the dispatch costs it one comparison). Queries
-        -- qualify every column (o_., n_., x.); use_variable keeps a watched column named like
+        -- qualify every column (o_., n_., o., p.); use_variable keeps a watched column named like
         -- TG_TABLE_NAME or v_id from making the guard or a chunk ambiguous (an error, a failed write).
+        -- No variable has an initial value: each would be an expression evaluated at every call.
         v_body := format($b$
 #variable_conflict use_variable
 DECLARE
-    v_n   pg_catalog.int8 := 0;   -- outbox rows written by the general path
-    v_k   pg_catalog.int4 := 0;   -- images in the chunk being built ...
-    v_len pg_catalog.int8 := 0;   -- ... their bytes ...
+    v_c   pg_catalog.int8;        -- rows the one-row INSERT wrote (at most 2)
+    v_k   pg_catalog.int4;        -- images in the chunk being built ...
+    v_len pg_catalog.int8;        -- ... their bytes ...
     v_buf pg_catalog.text[];      -- ... and the images, 1 .. v_k
     v_img pg_catalog.text;
     v_id  pg_catalog.int8;
@@ -499,8 +515,7 @@ BEGIN
 END
 $b$,
             v_upd, v_ins, v_del,
-            '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"TRUNCATE"}',
-            'pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3)',
+            '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"TRUNCATE"}', evictd._ts_sql(),
             w.channel, c_notify_max, c_ring_lock1, c_ring_lock2);
     ELSE
         v_body := format($b$

@@ -63,7 +63,7 @@ BEGIN
     INSERT INTO evictd.outbox (id, payload)
     VALUES (v_id, pg_catalog.format('{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":"public","table":"products","op":"UPDATE","rows":[{"old":{"id":%s},"new":{"id":%s}}]}',
                                     v_id, pg_catalog.txid_current(),
-                                    pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3),
+                                    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000,
                                     OLD.id, NEW.id))
     RETURNING payload INTO v_p;
     IF COALESCE(pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass), 0) = 0 THEN

@@ -261,6 +261,47 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual((olds, news), ([1, 2], [10, 20]))
         self.assertTrue(all(len(r) == 1 for r in p["rows"]), "no pk: every entry carries one image")
 
+    def test_statements_of_two_or_more_rows_leave_only_their_chunks(self):
+        # The one-row path writes the first two rows of any statement; one of more rows takes
+        # them back and writes its chunks. Rows earlier statements of the transaction wrote stay.
+        self.q("INSERT INTO scratch SELECT g, 0 FROM generate_series(601, 605) AS g")
+        self.q("DELETE FROM evictd.outbox")
+        tx = self.app_exec("UPDATE scratch SET x = 1 WHERE id = 601",
+                           "UPDATE scratch SET x = 2 WHERE id IN (602, 603)",
+                           "INSERT INTO scratch VALUES (606, 6)",
+                           "INSERT INTO scratch VALUES (607, 7), (608, 8), (609, 9)",
+                           "DELETE FROM scratch WHERE id IN (604, 605)",
+                           "DELETE FROM scratch WHERE id = 601",
+                           "SELECT txid_current()")[0][0]
+        got = [(p["op"], sorted(img["id"] for r in p["rows"] for img in r.values()), p["tx"])
+               for _, p in self.outbox(compact=True)]
+        self.assertEqual(got, [("UPDATE", [601, 601], tx), ("UPDATE", [602, 602, 603, 603], tx),
+                               ("INSERT", [606], tx), ("INSERT", [607, 608, 609], tx),
+                               ("DELETE", [604, 605], tx), ("DELETE", [601], tx)])
+        self.q("DELETE FROM scratch WHERE id > 600")
+
+    def test_stale_names_take_the_general_path(self):
+        # A table renamed while the event trigger that regenerates its capture is away (a
+        # non-superuser install has none): the one-row path's baked names are stale, so every
+        # statement is written by the general path, which reads the names at run time.
+        self.q("ALTER EVENT TRIGGER evictd_alter_table DISABLE")
+        try:
+            self.q("ALTER TABLE scratch RENAME TO scratch_r")
+            self.app_exec("INSERT INTO scratch_r VALUES (701, 1)", "INSERT INTO scratch_r VALUES (702, 2), (703, 3)",
+                          "UPDATE scratch_r SET x = 10 WHERE id = 701", "DELETE FROM scratch_r WHERE id > 700")
+        finally:
+            self.q("ALTER EVENT TRIGGER evictd_alter_table ENABLE")
+            self.q("ALTER TABLE scratch_r RENAME TO scratch")
+        got = [(p["table"], p["op"], sorted(img["id"] for r in p["rows"] for img in r.values()))
+               for _, p in self.outbox(compact=True)]
+        self.assertEqual(got, [("scratch_r", "INSERT", [701]), ("scratch_r", "INSERT", [702, 703]),
+                               ("scratch_r", "UPDATE", [701, 701]), ("scratch_r", "DELETE", [701, 702, 703])])
+        self.q("DELETE FROM evictd.outbox")
+        self.app_exec("INSERT INTO scratch VALUES (704, 4)")
+        (_, p), = self.outbox()
+        self.assertEqual((p["table"], p["rows"]), ("scratch", [{"new": {"id": 704, "x": 4}}]))
+        self.q("DELETE FROM scratch WHERE id > 700")
+
     def test_rollback_leaves_nothing(self):
         with self.app.cursor() as cur:
             cur.execute("INSERT INTO products (name) VALUES ('ghost')")

@@ -1426,7 +1426,7 @@ class Run:
                           "by_op": _count(w["op"] for w in self.writes.values()),
                           "commit_outcome_recovered": sum(1 for w in self.writes.values() if w["how"] == "recovered"),
                           "commit_outcome_unknown": sum(1 for w in self.writes.values() if w["how"] == "unknown"),
-                          "outbox_rows": self.outbox_seq_end - self.outbox_seq_start,
+                          "outbox_ids_taken": self.outbox_seq_end - self.outbox_seq_start,
                           "writer_stats": self.writer_stats}
         res["readers"] = _sum_dicts(self.reader_stats)
         res["outbox_left"] = self.outbox_left
@@ -1555,8 +1555,8 @@ def summary_lines(res):
     d = res["deletes"]
     sc = t["stale_checks"]
     out = [
-        "changes committed          %d  (outbox rows %d; %s)" % (
-            res["changes"]["committed"], res["changes"]["outbox_rows"],
+        "changes committed          %d  (outbox ids taken %d; %s)" % (
+            res["changes"]["committed"], res["changes"]["outbox_ids_taken"],
             ", ".join("%s %d" % kv for kv in sorted(res["changes"]["by_op"].items()))),
         "keys checked (timed)       %d  (%d present) %s ms after each commit" % (t["checks"], t["present"], t["check_delay_ms"]),
         "stale at timed checks      race %d, late %d, unexplained %d, indeterminate %d  (distinct values: %s)" % (
