@@ -26,7 +26,8 @@
 --   watches                   one row per watched table
 --   watch(tbl, columns, channel DEFAULT 'evictd', durable DEFAULT true)
 --   unwatch(tbl)
---   capture_<table oid>()     generated trigger function of one watched table
+--   capture_<table oid>_<event>()  generated trigger functions of one watched table, one per
+--                             event (insert, update, delete, truncate): no dispatch on TG_OP
 --
 -- Trigger shape (names fixed; `evictd check --connect` looks for them):
 --   durable:     evictd_insert / evictd_update / evictd_delete: AFTER ... FOR EACH STATEMENT
@@ -338,6 +339,21 @@ BEGIN
 END
 $$;
 
+-- Drop every capture function of the table with this oid (also capture_<oid>(), the one
+-- function for all events of earlier versions).
+CREATE OR REPLACE FUNCTION evictd._drop_captures(tbl oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_fn regprocedure;
+BEGIN
+    FOR v_fn IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+                 WHERE p.pronamespace = 'evictd'::regnamespace
+                   AND (p.proname = 'capture_' || tbl OR p.proname LIKE 'capture\_' || tbl || '\_%') LOOP
+        EXECUTE format('DROP FUNCTION %s', v_fn);
+    END LOOP;
+END
+$$;
+
 -- (Re)generate the capture function of a watched table from its evictd.watches row
 -- and, when with_triggers, drop and recreate its triggers. Watched columns that no
 -- longer exist are removed from the watch with a WARNING.
@@ -359,7 +375,11 @@ DECLARE
     w          evictd.watches%ROWTYPE;
     v_cols     text[];
     v_gone     text[];
-    v_fn       text := format('evictd.%I', 'capture_' || tbl::oid);
+    -- The events, their triggers and their functions, in this order.
+    c_events   CONSTANT text[] := ARRAY['insert', 'update', 'delete', 'truncate'];
+    v_fns      text[] := ARRAY(SELECT format('evictd.%I', 'capture_' || tbl::oid || '_' || e) FROM unnest(c_events) AS e);
+    v_bodies   text[];
+    v_i        int;
     v_head     text;
     v_pk       text[];
     v_okeys    text[];
@@ -469,11 +489,11 @@ BEGIN
         v_del := evictd._side_sql('DELETE', 'evictd_old', 'o_', 'old', v_names, v_guard,
                                   v_okeys, v_oargs, v_oimg, c_chunk_rows, c_chunk_bytes);
 
-        -- UPDATE is tested first (the dispatch costs it one comparison). Queries
+        -- One function per event (a test of TG_OP would cost every call an expression). Queries
         -- qualify every column (o_., n_., o., p.); use_variable keeps a watched column named like
         -- TG_TABLE_NAME or v_id from making the guard or a chunk ambiguous (an error, a failed write).
         -- No variable has an initial value: each would be an expression evaluated at every call.
-        v_body := format($b$
+        v_body := $b$
 #variable_conflict use_variable
 DECLARE
     v_c   pg_catalog.int8;        -- rows the one-row INSERT wrote (at most 2)
@@ -484,18 +504,7 @@ DECLARE
     v_id  pg_catalog.int8;
     v_p   pg_catalog.text;        -- the one-row path's payload: the doorbell carries it
     v_f   pg_catalog.int8;        -- the idle flag
-BEGIN
-    IF TG_OP = 'UPDATE' THEN%1$s
-    ELSIF TG_OP = 'INSERT' THEN%2$s
-    ELSIF TG_OP = 'DELETE' THEN%3$s
-    ELSIF TG_OP = 'TRUNCATE' THEN
-        v_id := pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass);
-        INSERT INTO evictd.outbox (id, payload)
-        VALUES (v_id, pg_catalog.format(%4$L, v_id, pg_catalog.txid_current(), %5$s,
-                                        pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME)));
-    ELSE
-        RETURN NULL;
-    END IF;
+BEGIN%1$s
     -- Doorbell: evictd is idle (drained the outbox and waits); wake it once. A one-row
     -- statement's doorbell carries its change (evictd applies it at once, and again when it
     -- claims the row); any other rings empty.
@@ -507,57 +516,62 @@ BEGIN
     v_f := pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass);
     IF v_f = 1 OR (v_f > 1 AND v_f <= pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000) THEN
         PERFORM pg_catalog.setval('evictd.idle'::pg_catalog.regclass, 0);
-        PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
-    ELSIF v_f > 1 AND pg_catalog.pg_try_advisory_xact_lock(%8$s, %9$s) THEN
-        PERFORM pg_catalog.pg_notify(%6$L, CASE WHEN pg_catalog.octet_length(v_p) < %7$s THEN v_p ELSE '' END);
+        PERFORM pg_catalog.pg_notify(%2$L, CASE WHEN pg_catalog.octet_length(v_p) < %3$s THEN v_p ELSE '' END);
+    ELSIF v_f > 1 AND pg_catalog.pg_try_advisory_xact_lock(%4$s, %5$s) THEN
+        PERFORM pg_catalog.pg_notify(%2$L, CASE WHEN pg_catalog.octet_length(v_p) < %3$s THEN v_p ELSE '' END);
     END IF;
     RETURN NULL;
 END
-$b$,
-            v_upd, v_ins, v_del,
-            '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"TRUNCATE"}', evictd._ts_sql(),
-            w.channel, c_notify_max, c_ring_lock1, c_ring_lock2);
+$b$;
+        v_bodies := ARRAY(SELECT format(v_body, op, w.channel, c_notify_max, c_ring_lock1, c_ring_lock2)
+                            FROM unnest(ARRAY[v_ins, v_upd, v_del, format($t$
+        v_id := pg_catalog.nextval('evictd.outbox_id_seq'::pg_catalog.regclass);
+        INSERT INTO evictd.outbox (id, payload)
+        VALUES (v_id, pg_catalog.format(%L, v_id, pg_catalog.txid_current(), %s,
+                                        pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME)));$t$,
+                                '{"v":1,"id":%s,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"TRUNCATE"}',
+                                evictd._ts_sql())]) WITH ORDINALITY AS u(op, i) ORDER BY u.i);
     ELSE
-        v_body := format($b$
+        v_body := $b$
 DECLARE
     v_p pg_catalog.text;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        v_p := (pg_catalog.json_build_object(%1$s, 'new', %2$s))::pg_catalog.text;
-    ELSIF TG_OP = 'UPDATE' THEN
-        v_p := (pg_catalog.json_build_object(%1$s, 'old', %3$s, 'new', %2$s))::pg_catalog.text;
-    ELSIF TG_OP = 'DELETE' THEN
-        v_p := (pg_catalog.json_build_object(%1$s, 'old', %3$s))::pg_catalog.text;
-    ELSE
-        v_p := (pg_catalog.json_build_object(%1$s))::pg_catalog.text;
-    END IF;
-    IF pg_catalog.octet_length(v_p) >= %4$s THEN
+    v_p := (pg_catalog.json_build_object(%1$s))::pg_catalog.text;
+    IF pg_catalog.octet_length(v_p) >= %2$s THEN
         -- Too big for NOTIFY: send a reference; evictd widens (nothing kept to resolve it).
         v_p := (pg_catalog.json_build_object('v', 1, 'id', NULL, 'ref', true, 'schema', TG_TABLE_SCHEMA,
                                              'table', TG_TABLE_NAME, 'op', TG_OP))::pg_catalog.text;
     END IF;
-    PERFORM pg_catalog.pg_notify(%5$L, v_p);
+    PERFORM pg_catalog.pg_notify(%3$L, v_p);
     RETURN NULL;
 END
-$b$,
-            format(v_head, 'NULL'), evictd._image_expr(tbl, v_cols, 'NEW'), evictd._image_expr(tbl, v_cols, 'OLD'),
-            c_notify_max, w.channel);
+$b$;
+        v_head := format(v_head, 'NULL');
+        v_bodies := ARRAY(SELECT format(v_body, a, c_notify_max, w.channel)
+                            FROM unnest(ARRAY[v_head || ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW'),
+                                              v_head || ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD')
+                                                     || ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW'),
+                                              v_head || ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD'),
+                                              v_head]) WITH ORDINALITY AS u(a, i) ORDER BY u.i);
     END IF;
 
-    EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-                   'SET search_path = pg_catalog, pg_temp AS %L', v_fn, v_body);
-    EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_fn);
-    EXECUTE format('COMMENT ON FUNCTION %s() IS %L', v_fn,
-                   format('evictd capture for %s (%s, columns %s, channel %s); generated by evictd.watch()',
-                          tbl, CASE WHEN w.durable THEN 'durable' ELSE 'notify-only' END, v_cols, w.channel));
+    FOR v_i IN 1 .. 4 LOOP
+        EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+                       'SET search_path = pg_catalog, pg_temp AS %L', v_fns[v_i], v_bodies[v_i]);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_fns[v_i]);
+        EXECUTE format('COMMENT ON FUNCTION %s() IS %L', v_fns[v_i],
+                       format('evictd capture of %s for %s (%s, columns %s, channel %s); generated by evictd.watch()',
+                              upper(c_events[v_i]), tbl, CASE WHEN w.durable THEN 'durable' ELSE 'notify-only' END,
+                              v_cols, w.channel));
+    END LOOP;
 
-    -- Triggers missing, or calling another function (e.g. capture_<old oid> after a
-    -- dump and restore gave the table a new oid): recreate them even when only the
-    -- function was to be regenerated.
+    -- Triggers missing, or calling another function (e.g. capture_<old oid>_update after a
+    -- dump and restore gave the table a new oid, or the one function of earlier versions):
+    -- recreate them even when only the functions were to be regenerated.
     IF NOT with_triggers AND (
            SELECT count(*) FROM pg_catalog.pg_trigger t
-            WHERE t.tgrelid = tbl AND NOT t.tgisinternal AND t.tgfoid = (v_fn || '()')::regprocedure
-              AND t.tgname IN ('evictd_insert', 'evictd_update', 'evictd_delete', 'evictd_truncate')) <> 4 THEN
+             JOIN unnest(c_events, v_fns) AS e(event, fn) ON t.tgname = 'evictd_' || e.event
+            WHERE t.tgrelid = tbl AND NOT t.tgisinternal AND t.tgfoid = (e.fn || '()')::regprocedure) <> 4 THEN
         with_triggers := true;
     END IF;
 
@@ -571,18 +585,18 @@ $b$,
         END LOOP;
         IF w.durable THEN
             EXECUTE format('CREATE TRIGGER evictd_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS evictd_new '
-                           'FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fn);
+                           'FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fns[1]);
             EXECUTE format('CREATE TRIGGER evictd_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS evictd_old '
-                           'NEW TABLE AS evictd_new FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fn);
+                           'NEW TABLE AS evictd_new FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fns[2]);
             EXECUTE format('CREATE TRIGGER evictd_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS evictd_old '
-                           'FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fn);
+                           'FOR EACH STATEMENT EXECUTE FUNCTION %s()', tbl, v_fns[3]);
         ELSE
-            EXECUTE format('CREATE TRIGGER evictd_insert AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fn);
-            EXECUTE format('CREATE TRIGGER evictd_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fn);
-            EXECUTE format('CREATE TRIGGER evictd_delete AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fn);
+            EXECUTE format('CREATE TRIGGER evictd_insert AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fns[1]);
+            EXECUTE format('CREATE TRIGGER evictd_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fns[2]);
+            EXECUTE format('CREATE TRIGGER evictd_delete AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', tbl, v_fns[3]);
         END IF;
         EXECUTE format('CREATE TRIGGER evictd_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()',
-                       tbl, v_fn);
+                       tbl, v_fns[4]);
         PERFORM evictd._drop_orphans(v_old_fns);
     END IF;
 END
@@ -665,12 +679,12 @@ BEGIN
         v_old_fns := v_old_fns || v_trg.tgfoid;
     END LOOP;
     PERFORM evictd._drop_orphans(v_old_fns);
-    EXECUTE format('DROP FUNCTION IF EXISTS evictd.%I()', 'capture_' || tbl::oid);
+    PERFORM evictd._drop_captures(tbl::oid);
     DELETE FROM evictd.watches WHERE watches.tbl = unwatch.tbl;
 END
 $$;
 COMMENT ON FUNCTION evictd.unwatch(regclass) IS
-    'evictd: stop reporting changes of tbl (drops its triggers and capture function). Idempotent.';
+    'evictd: stop reporting changes of tbl (drops its triggers and capture functions). Idempotent.';
 
 -- ---------------------------------------------------------------------------
 -- Keeping generated functions in step with DDL (event triggers: superuser only).
@@ -703,7 +717,7 @@ BEGIN
                    JOIN evictd.watches AS w ON w.tbl::oid = d.objid
                   WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0 LOOP
         DELETE FROM evictd.watches WHERE tbl::oid = v_oid;
-        EXECUTE format('DROP FUNCTION IF EXISTS evictd.%I()', 'capture_' || v_oid);
+        PERFORM evictd._drop_captures(v_oid);
     END LOOP;
 END
 $$;
@@ -737,7 +751,7 @@ BEGIN
             PERFORM evictd._generate(v_oid::regclass, false);
         ELSE
             DELETE FROM evictd.watches WHERE tbl::oid = v_oid;
-            EXECUTE format('DROP FUNCTION IF EXISTS evictd.%I()', 'capture_' || v_oid);
+            PERFORM evictd._drop_captures(v_oid);
         END IF;
     END LOOP;
 END

@@ -144,6 +144,12 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual(p["table"], table)
         self.assertEqual(p["op"], op)
 
+    def captures(self, oid):
+        """Names of the capture functions of the table with this oid."""
+        return [r[0] for r in self.q("SELECT proname FROM pg_proc WHERE pronamespace = 'evictd'::regnamespace "
+                                     "AND (proname = %s OR proname LIKE %s) ORDER BY 1",
+                                     ("capture_%s" % oid, "capture\\_%s\\_%%" % oid))]
+
     def triggers(self, table):
         return self.q("SELECT tgname, tgtype FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal "
                       "ORDER BY tgname", (table,))
@@ -200,12 +206,15 @@ class CaptureTest(unittest.TestCase):
         # As after a dump/restore that gave the table a new oid: triggers call another
         # capture function; and one trigger went missing. Re-running install.sql fixes both.
         oid = self.q("SELECT 'scratch'::regclass::oid")[0][0]
-        self.q("ALTER FUNCTION evictd.capture_%s() RENAME TO capture_1" % oid)
+        self.q("ALTER FUNCTION evictd.capture_%s_update() RENAME TO capture_1" % oid)
         self.q("DROP TRIGGER evictd_truncate ON scratch")
         self.pg.psql(file=INSTALL)
-        self.assertEqual(self.q("SELECT DISTINCT tgfoid::regproc::text, count(*) FROM pg_trigger "
-                                "WHERE tgrelid = 'scratch'::regclass GROUP BY 1"), [("evictd.capture_%s" % oid, 4)])
+        self.assertEqual(self.q("SELECT tgname, tgfoid::regproc::text FROM pg_trigger "
+                                "WHERE tgrelid = 'scratch'::regclass ORDER BY 1"),
+                         [("evictd_%s" % e, "evictd.capture_%s_%s" % (oid, e))
+                          for e in ("delete", "insert", "truncate", "update")])
         self.assertEqual(self.q("SELECT to_regproc('evictd.capture_1')"), [(None,)])
+        self.assertEqual(self.captures(oid), ["capture_%s_%s" % (oid, e) for e in ("delete", "insert", "truncate", "update")])
         self.app_exec("INSERT INTO scratch VALUES (77, 1)", "TRUNCATE scratch")
         self.assertEqual([p["op"] for _, p in self.outbox()], ["INSERT", "TRUNCATE"])
 
@@ -426,7 +435,7 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual(p["rows"], [{"new": {"id": 2, "x": 2}}])
         self.assertEqual(len(self.q("SELECT 1 FROM pg_proc WHERE proname LIKE 'capture\\_%%' "
                                     "AND pronamespace = 'evictd'::regnamespace")),
-                         self.q("SELECT count(*) FROM evictd.watches")[0][0])
+                         4 * self.q("SELECT count(*) FROM evictd.watches")[0][0])
 
     def test_quoted_identifiers(self):
         self.q('CREATE SCHEMA "Odd Schema"; '
@@ -639,11 +648,12 @@ class CaptureTest(unittest.TestCase):
         try:
             self.q("SELECT evictd.watch('temp_watch', ARRAY['id'])")
             self.assertEqual(len(self.triggers("temp_watch")), 4)
+            self.assertEqual(len(self.captures(self.q("SELECT 'temp_watch'::regclass::oid")[0][0])), 4)
             self.q("SELECT evictd.unwatch('temp_watch')")
             self.q("SELECT evictd.unwatch('temp_watch')")  # idempotent
             self.assertEqual(self.triggers("temp_watch"), [])
             self.assertEqual(self.q("SELECT count(*) FROM evictd.watches WHERE tbl = 'temp_watch'::regclass"), [(0,)])
-            self.assertEqual(self.q("SELECT to_regproc('evictd.capture_' || 'temp_watch'::regclass::oid)"), [(None,)])
+            self.assertEqual(self.captures(self.q("SELECT 'temp_watch'::regclass::oid")[0][0]), [])
             self.app_exec("INSERT INTO temp_watch VALUES (1)")
             self.assertEqual(self.outbox(), [])
         finally:
@@ -662,7 +672,7 @@ class CaptureTest(unittest.TestCase):
         oid = self.q("SELECT 'gadgets'::regclass::oid")[0][0]
         self.app_exec("DROP TABLE gadgets")
         self.assertEqual(self.q("SELECT count(*) FROM evictd.watches WHERE tbl::oid = %s", (oid,)), [(0,)])
-        self.assertEqual(self.q("SELECT to_regproc('evictd.capture_%s')" % oid), [(None,)])
+        self.assertEqual(self.captures(oid), [])
 
     # -- security -----------------------------------------------------------
     def test_security_definer_and_no_app_grants(self):
