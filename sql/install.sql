@@ -212,9 +212,11 @@ BEGIN
 END
 $$;
 
--- SQL expression for a payload's "ts": the trigger's clock_timestamp() in epoch milliseconds,
--- a double precision (what date_part() gives; its text form is a JSON number). Cheaper than
--- numeric arithmetic, which allocates at every step.
+-- SQL expression for a durable payload's "ts": the trigger's clock_timestamp() in epoch
+-- milliseconds, a double precision (what date_part() gives; its text form is a JSON number, its
+-- width varies with its digits). Cheaper than numeric arithmetic, which allocates at every step.
+-- Notify-only payloads keep a numeric with 3 decimals (fixed width: a payload's size against
+-- the NOTIFY limit does not depend on the clock; next to a NOTIFY its cost does not show).
 CREATE OR REPLACE FUNCTION evictd._ts_sql() RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT 'pg_catalog.date_part(''epoch'', pg_catalog.clock_timestamp()) * 1000'
@@ -422,7 +424,7 @@ BEGIN
     -- per mode). tx and ts are computed only where a payload is built: a statement that
     -- touches no row must not force a transaction id on a transaction that had none.
     v_head := $h$'v', 1, 'id', %s, 'tx', pg_catalog.txid_current(), $h$
-           || $h$'ts', $h$ || evictd._ts_sql() || $h$, $h$
+           || $h$'ts', pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
            || $h$'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP$h$;
 
     IF w.durable THEN
