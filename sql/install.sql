@@ -35,15 +35,17 @@
 --                AFTER TRUNCATE FOR EACH STATEMENT. Each statement writes its row images
 --                in chunks of at most 500 per outbox row (a chunk closes early past about
 --                1 MiB of images), then rings the doorbell if evictd is idle. A statement
---                that touched one row (the common write) costs one INSERT ... SELECT: it reads
---                the row from the transition table(s), pairs it, renders the payload with
---                format() (the table's names are baked in and checked) and takes the outbox id.
---                Any other statement streams its images through a plpgsql loop that inserts a
---                chunk every 500 images and at the end. The images hold the values that
+--                that touched one row (the common write) costs one INSERT ... SELECT ...
+--                LIMIT 2 and one expression: the INSERT reads the first rows from the
+--                transition table(s), pairs them, renders each payload with format() (the
+--                table's names are baked in, and checked after) and takes outbox ids. A
+--                statement of more rows deletes the two rows written and streams its images
+--                through a plpgsql loop that inserts a chunk every 500 images and at the end
+--                (the two ids it took stay unused). The images hold the values that
 --                json_build_object() would give, rendered per column type when generated, as
 --                compact JSON (no blanks: the outbox row is WAL the writer waits for).
---                The function is SECURITY DEFINER with search_path pinned to pg_catalog,
---                pg_temp; it reads the idle flag with pg_sequence_last_value() and takes an
+--                The functions are SECURITY DEFINER with search_path pinned to pg_catalog,
+--                pg_temp; each reads the idle flag with pg_sequence_last_value() and takes an
 --                outbox id, txid_current() and clock_timestamp() only when the statement
 --                touched a row. (tests/bench/trigger_cost.sh measures what it costs a writer.)
 --   notify-only: evictd_insert / evictd_update / evictd_delete: AFTER ... FOR EACH ROW,
