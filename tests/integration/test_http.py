@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,7 @@ class HttpTest(unittest.TestCase):
                 raise AssertionError("sanitizer report in evictd's log:\n" + text[-4000:])
         if cls.proc.returncode != 0:
             raise AssertionError("evictd exited with %s after SIGTERM" % cls.proc.returncode)
+        shutil.rmtree(cls.tmp, ignore_errors=True)  # kept above when a check failed, for its log
 
     def redis(self):
         return self.rd.client(password=self.password)
