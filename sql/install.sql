@@ -385,6 +385,8 @@ DECLARE
     v_bodies   text[];
     v_i        int;
     v_head     text;
+    v_new      text;
+    v_old      text;
     v_pk       text[];
     v_okeys    text[];
     v_oargs    text[];
@@ -421,13 +423,6 @@ BEGIN
             USING HINT = 'Keys built from them are widened to patterns; run evictd.watch() again with the new column names.';
         UPDATE evictd.watches SET columns = v_cols WHERE watches.tbl = _generate.tbl;
     END IF;
-
-    -- Common payload head: "v","id","tx","ts","schema","table","op" (the id argument is filled
-    -- per mode). tx and ts are computed only where a payload is built: a statement that
-    -- touches no row must not force a transaction id on a transaction that had none.
-    v_head := $h$'v', 1, 'id', %s, 'tx', pg_catalog.txid_current(), $h$
-           || $h$'ts', pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
-           || $h$'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP$h$;
 
     IF w.durable THEN
         -- Primary key columns, to pair UPDATE images (read even when not captured).
@@ -550,13 +545,16 @@ BEGIN
     RETURN NULL;
 END
 $b$;
-        v_head := format(v_head, 'NULL');
-        v_bodies := ARRAY(SELECT format(v_body, a, c_notify_max, w.channel)
-                            FROM unnest(ARRAY[v_head || ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW'),
-                                              v_head || ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD')
-                                                     || ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW'),
-                                              v_head || ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD'),
-                                              v_head]) WITH ORDINALITY AS u(a, i) ORDER BY u.i);
+        -- json_build_object() arguments: the payload head "v","id","tx","ts","schema","table","op"
+        -- (tx and ts taken only here, where a row changed), then the row's images.
+        v_head := $h$'v', 1, 'id', NULL, 'tx', pg_catalog.txid_current(), $h$
+               || $h$'ts', pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
+               || $h$'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP$h$;
+        v_new := ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW');
+        v_old := ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD');
+        v_bodies := ARRAY(SELECT format(v_body, v_head || a, c_notify_max, w.channel)
+                            FROM unnest(ARRAY[v_new, v_old || v_new, v_old, '']) WITH ORDINALITY AS u(a, i)
+                           ORDER BY u.i);
     END IF;
 
     FOR v_i IN 1 .. 4 LOOP
