@@ -216,6 +216,49 @@ class RssSampler(threading.Thread):
         self.join(timeout=5)
 
 
+class BareDrain(threading.Thread):
+    """The write path's control for draining: the bare outbox trigger's table emptied by the least a
+    consumer can do, with no evictd and no Redis. Every `pace` s one statement locks up to 2,000 of
+    the oldest rows (FOR UPDATE SKIP LOCKED, as evictd's claims), deletes them and returns their
+    payloads, synchronous_commit off. evictd paces its claims at 12 ms when rows arrive this fast."""
+
+    def __init__(self, pg, seconds, pace=0.012):
+        super().__init__(daemon=True)
+        self.pg = pg
+        self.pace = pace
+        self.deadline = time.monotonic() + seconds + 60  # bounded whatever happens to the caller
+        self.halt = threading.Event()
+        self.rows = 0
+        self.statements = 0
+        self.error = None
+
+    def run(self):
+        try:
+            conn = self.pg.connect(autocommit=True)
+        except Exception as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
+            return
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SET synchronous_commit = off")
+                while not self.halt.is_set() and time.monotonic() < self.deadline:
+                    cur.execute("DELETE FROM bench_outbox WHERE id = ANY (ARRAY(SELECT id FROM bench_outbox "
+                                "ORDER BY id LIMIT 2000 FOR UPDATE SKIP LOCKED)) RETURNING payload")
+                    self.rows += len(cur.fetchall())
+                    self.statements += 1
+                    self.halt.wait(self.pace)
+        except Exception as e:  # noqa: BLE001 - reported by finish()
+            self.error = e
+        finally:
+            conn.close()
+
+    def finish(self):
+        self.halt.set()
+        self.join(timeout=30)
+        if self.error:
+            raise HarnessError("bare drain failed: %s" % self.error)
+
+
 # ------------------------------------------------------------------------------------------ the bench
 
 class Bench:
@@ -630,16 +673,20 @@ class Bench:
         return float(m.group(1))
 
     def write_path_run(self, mode, seconds, section):
-        """mode: none, bare, durable_trigger (durable capture, no evictd), durable, notify (evictd running)."""
-        self.set_capture({"none": None, "durable_trigger": "durable"}.get(mode, mode))
+        """mode: none, bare, bare_drained (bare trigger + BareDrain), durable_trigger (durable capture,
+        no evictd), durable, notify (evictd running)."""
+        self.set_capture({"none": None, "durable_trigger": "durable", "bare_drained": "bare"}.get(mode, mode))
         self.sql("TRUNCATE bench_outbox")
         self.clear_outbox()
         self.sql("VACUUM products")
         self.sql("CHECKPOINT")
-        proc = None
+        proc = drain = None
         try:
             if mode in ("durable", "notify"):
                 proc = self.start_worker(mode)
+            elif mode == "bare_drained":
+                drain = BareDrain(self.pg, seconds)
+                drain.start()
             cpu0 = proc.cpu() if proc else 0.0
             wal = "SELECT wal_bytes, wal_sync FROM pg_stat_wal"
             wal0 = self.sql(wal)[0]
@@ -654,15 +701,23 @@ class Bench:
                 cpu = proc.cpu() - cpu0
                 self.record(section, "evictd_cpu_pct_" + mode, "evictd", cpu / seconds * 100)
                 extra = ", evictd CPU %.0f%% of a core" % (cpu / seconds * 100)
+            if drain:
+                drain.finish()
+                left = self.sql("SELECT count(*) FROM bench_outbox")[0][0]
+                self.record(section, "backlog_" + mode, "evictd", left)
+                extra = ", drained %d rows in %d statements, rows left %d" % (drain.rows, drain.statements, left)
             if mode == "durable":
                 backlog = self.sql("SELECT count(*) FROM evictd.outbox")[0][0]
                 self.record(section, "backlog_durable", "evictd", backlog)
                 extra += ", outbox rows left at the end %d" % backlog
             self.record(section, "tps_" + mode, "evictd", tps)
-            log("  capture %-8s: %.0f TPS%s" % (mode, tps, extra))
+            log("  capture %-15s: %.0f TPS%s" % (mode, tps, extra))
         finally:
             if proc:
                 self.stop_worker(proc)
+            if drain and drain.is_alive():
+                drain.halt.set()
+                drain.join(timeout=30)
 
     # -- 4. bulk and the 10k figure --------------------------------------------------------------
     def bulk_run(self, kind, n):
@@ -787,9 +842,12 @@ class Bench:
             for fs in a.write_fsync.split(","):
                 self.durability(fs)
                 log("3. write path: pgbench -c 8 -j 2 -T %d, single-row UPDATE on %d rows, fsync=%s, %d repetitions"
-                    % (sz["pgbench_seconds"], sz["pgbench_rows"], fs, reps))
-                for rep in range(reps):
-                    for mode in ("none", "bare", "durable_trigger", "durable", "notify"):
+                    % (sz["pgbench_seconds"], sz["pgbench_rows"], fs, a.write_reps))
+                for rep in range(a.write_reps):
+                    # Each repetition starts one mode later: a mode does not always follow the same
+                    # one (what a mode leaves, WAL, dead rows, the machine's drift, falls on all alike).
+                    k = rep % len(WRITE_MODES)
+                    for mode in WRITE_MODES[k:] + WRITE_MODES[:k]:
                         self.guarded("write path %s fsync=%s rep %d" % (mode, fs, rep + 1), self.write_path_run,
                                      mode, sz["pgbench_seconds"], "write_" + fs)
         self.durability(a.fsync)
@@ -985,33 +1043,37 @@ def report(b, elapsed):
             continue
         out.append("")
         out.append("Write path, fsync=%s, synchronous_commit=%s: pgbench -c 8 -j 2 -T %d -M prepared, a single-row "
-                   "UPDATE of a random row of %s. The peer's capture is evictd's notify-only one (a per-row NOTIFY "
-                   "trigger). evictd CPU is its own process only."
-                   % (wfs, b.args.synchronous_commit, sz["pgbench_seconds"], n(sz["pgbench_rows"])))
+                   "UPDATE of a random row of %s; %d repetitions, each starting one mode later. The peer's capture "
+                   "is evictd's notify-only one (a per-row NOTIFY trigger). evictd CPU is its own process only."
+                   % (wfs, b.args.synchronous_commit, sz["pgbench_seconds"], n(sz["pgbench_rows"]),
+                      b.args.write_reps))
         out.append("")
-        out.append("| capture | TPS | vs no capture | vs bare outbox trigger | WAL bytes per transaction "
-                   "| WAL flushes /s | evictd CPU, % of a core | goal |")
-        out.append("|---|---|---|---|---|---|---|---|")
-        none_, bare = g(sec, "tps_none"), g(sec, "tps_bare")
+        out.append("| capture | TPS | vs no capture | vs bare outbox trigger | vs bare trigger, drained "
+                   "| WAL bytes per transaction | WAL flushes /s | evictd CPU, % of a core | goal |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        none_, bare, drained = g(sec, "tps_none"), g(sec, "tps_bare"), g(sec, "tps_bare_drained")
         labels = (("none", "no trigger"),
                   ("bare", "bare outbox trigger (plpgsql AFTER ROW, one jsonb row, nothing drains it)"),
+                  ("bare_drained", "bare outbox trigger, its table drained by a bare SQL loop (no evictd, "
+                                   "no Redis: the control for draining)"),
                   ("durable_trigger", "evictd durable capture, evictd not running (trigger cost only)"),
                   ("durable", "evictd durable (default), evictd running and draining"),
                   ("notify", "evictd notify-only (per-row NOTIFY), evictd running"))
         for mode, label in labels:
             t = g(sec, "tps_" + mode)
             goal = ""
-            if mode == "durable":
+            if mode in ("durable", "durable_trigger"):
                 r = med(t) / med(bare) if t and bare else None
                 goal = "≥ 0.90× bare" + verdict(r >= 0.9 if r else None)
-                left = g(sec, "backlog_durable")
-                if left:
-                    goal += "; outbox rows left at the end %s" % cell(left)
-            out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            left = g(sec, "backlog_" + mode)
+            if left and max(left) > 0:
+                goal += "; rows left at the end %s" % cell(left)
+            out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 label, cell(t), ratio_cell(t, none_) if mode != "none" else "1",
                 ratio_cell(t, bare) if mode != "bare" else "1",
+                ratio_cell(t, drained) if mode in ("durable", "durable_trigger") else "",
                 cell(g(sec, "wal_bytes_tx_" + mode)), cell(g(sec, "wal_syncs_s_" + mode)),
-                cell(g(sec, "evictd_cpu_pct_" + mode)) if mode in ("durable", "notify") else "", goal))
+                cell(g(sec, "evictd_cpu_pct_" + mode)) if mode in ("durable", "notify") else "", goal.lstrip("; ")))
     if b.notes:
         out.append("")
         out.append("Notes:")
@@ -1136,6 +1198,7 @@ def role_writer(argv):
 # ------------------------------------------------------------------------------------------ main
 
 SECTIONS = ("burst", "durable", "ceiling", "latency", "write", "bulk", "tenk")
+WRITE_MODES = ("none", "bare", "bare_drained", "durable_trigger", "durable", "notify")
 FULL = {"burst": 1000000, "durable": 1000000, "ceiling": 1000000, "lat_rate": 2000, "lat_seconds": 10,
         "pgbench_rows": 100000, "pgbench_seconds": 10, "bulk": 100000, "tenk": 10000}
 QUICK = {"burst": 50000, "durable": 20000, "ceiling": 200000, "lat_rate": 2000, "lat_seconds": 2,
@@ -1154,6 +1217,9 @@ def main():
                     help="evictd binary (default build-bench/evictd, built when missing)")
     ap.add_argument("--burst", type=int, help="override the burst size N")
     ap.add_argument("--durable", type=int, help="override the durable outbox drain size")
+    ap.add_argument("--write-reps", type=int,
+                    help="repetitions of the write path (default 5; 1 with --quick): pgbench on a shared machine "
+                         "swings by a fifth between runs of one mode")
     ap.add_argument("--only", help="comma list of sections: burst,durable,ceiling,latency,write,bulk,tenk")
     ap.add_argument("--fsync", default="off", choices=("on", "off"),
                     help="fsync for burst, outbox drain, latency, bulk and 10k (default off, as the test harness)")
@@ -1178,8 +1244,10 @@ def main():
         args.sizes["durable"] = args.durable
     if args.reps is None:
         args.reps = 1 if args.quick else 3
-    if args.reps < 1:
-        ap.error("--reps must be at least 1")
+    if args.write_reps is None:
+        args.write_reps = 1 if args.quick else 5
+    if args.reps < 1 or args.write_reps < 1:
+        ap.error("--reps and --write-reps must be at least 1")
 
     if not os.path.exists(args.evictd):
         build = os.path.dirname(args.evictd)
