@@ -9,6 +9,7 @@ PACKAGES=(
     python3 python3-psycopg2 python3-redis
     python3-yaml systemd   # tests/deploy: parse the YAML files, systemd-analyze verify the unit
     curl procps
+    clang-format           # tests: the tree stays formatted (style/clang_format)
 )
 
 SUDO=()

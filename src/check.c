@@ -57,8 +57,10 @@ static int check_table(PGconn *c, const evd_config_t *cfg, const evd_rule_t *rul
     if (evd_config_needed_columns(cfg, rule->schema, rule->table, &need) < 0)
         return 1;
     evd_buf_t cols = {0};
-    r = q(c, "SELECT string_agg(attname, ',') FROM pg_catalog.pg_attribute "
-             "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped", name);
+    r = q(c,
+          "SELECT string_agg(attname, ',') FROM pg_catalog.pg_attribute "
+          "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+          name);
     if (r && evd_buf_puts(&cols, PQgetvalue(r, 0, 0)) == 0) {
         for (size_t i = 0; i < need.n; i++)
             if (!in_csv(cols.data, need.v[i])) {
@@ -85,18 +87,20 @@ static int check_table(PGconn *c, const evd_config_t *cfg, const evd_rule_t *rul
                        rule->schema, rule->table, need.v[i]);
                 problems++;
             }
-        printf("%s %s.%s: captured columns [%s], %s\n", problems ? "    " : "ok  ", rule->schema, rule->table,
-               captured, PQgetvalue(r, 0, 1)[0] == 't' ? "durable" : "notify-only");
+        printf("%s %s.%s: captured columns [%s], %s\n", problems ? "    " : "ok  ", rule->schema, rule->table, captured,
+               PQgetvalue(r, 0, 1)[0] == 't' ? "durable" : "notify-only");
     }
     PQclear(r);
     evd_strv_free(&need);
     /* Triggers: row-level or statement-level with transition tables, any shape, as long as
      * INSERT, UPDATE, DELETE and TRUNCATE are all covered by evictd's functions. */
-    r = q(c, "SELECT coalesce(bit_or(tgtype::int), 0) FROM pg_catalog.pg_trigger t "
-             "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
-             "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-             "WHERE t.tgrelid = $1::regclass AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
-             "AND n.nspname = 'evictd'", name);
+    r = q(c,
+          "SELECT coalesce(bit_or(tgtype::int), 0) FROM pg_catalog.pg_trigger t "
+          "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
+          "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+          "WHERE t.tgrelid = $1::regclass AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
+          "AND n.nspname = 'evictd'",
+          name);
     if (r) {
         int bits = atoi(PQgetvalue(r, 0, 0));
         const struct {
@@ -142,9 +146,11 @@ static int check_postgres(const evd_config_t *cfg)
             PQclear(r);
         }
     }
-    PGresult *r = q(c, "SELECT n.nspname, c.relname FROM evictd.watches w "
-                       "JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
-                       "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2", NULL);
+    PGresult *r = q(c,
+                    "SELECT n.nspname, c.relname FROM evictd.watches w "
+                    "JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2",
+                    NULL);
     for (int i = 0; r && i < PQntuples(r); i++) {
         if (!evd_rules_watches(&cfg->rules, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)))
             printf("warn %s.%s is watched but no rule names it (its changes are acknowledged and counted "
@@ -159,8 +165,8 @@ static int check_postgres(const evd_config_t *cfg)
 static int check_redis(const evd_target_cfg_t *t)
 {
     struct timeval tv = {.tv_sec = t->timeout_ms / 1000, .tv_usec = (t->timeout_ms % 1000) * 1000};
-    redisContext *c = t->unix_path ? redisConnectUnixWithTimeout(t->unix_path, tv)
-                                   : redisConnectWithTimeout(t->host, t->port, tv);
+    redisContext *c =
+        t->unix_path ? redisConnectUnixWithTimeout(t->unix_path, tv) : redisConnectWithTimeout(t->host, t->port, tv);
     if (!c || c->err) {
         printf("FAIL redis %s: cannot connect: %s\n", t->name, c ? c->errstr : "out of memory");
         if (c)

@@ -20,8 +20,7 @@ const evd_setting_t evd_settings[] = {
      "libpq connection string or URI; PG* variables work (required)"},
     {"postgres.poll_interval_ms", EVD_SET_INT, OFF(poll_interval_ms), 250, NULL, 10, 60000, NULL,
      "safety poll of the outbox while idle"},
-    {"batch.max_keys", EVD_SET_INT, OFF(batch_max_keys), 512, NULL, 1, 100000, NULL,
-     "keys per pipelined UNLINK batch"},
+    {"batch.max_keys", EVD_SET_INT, OFF(batch_max_keys), 512, NULL, 1, 100000, NULL, "keys per pipelined UNLINK batch"},
     {"batch.max_delay_ms", EVD_SET_INT, OFF(batch_max_delay_ms), 1, NULL, 0, 1000, NULL,
      "while a batch is in flight, the longest the next one waits to fill"},
     {"batch.max_pending", EVD_SET_INT, OFF(batch_max_pending), 10000, NULL, 1, 10000000, NULL,
@@ -30,18 +29,16 @@ const evd_setting_t evd_settings[] = {
      "delete the same keys again after this delay (0: off)"},
     {"retry.max_attempts", EVD_SET_INT, OFF(retry_max_attempts), 10, NULL, 1, 1000000, NULL,
      "attempts per batch and target, across reconnects"},
-    {"retry.initial_backoff_ms", EVD_SET_INT, OFF(retry_initial_backoff_ms), 50, NULL, 1, 3600000,
-     NULL, "full-jitter backoff lower bound"},
+    {"retry.initial_backoff_ms", EVD_SET_INT, OFF(retry_initial_backoff_ms), 50, NULL, 1, 3600000, NULL,
+     "full-jitter backoff lower bound"},
     {"retry.max_backoff_ms", EVD_SET_INT, OFF(retry_max_backoff_ms), 5000, NULL, 1, 3600000, NULL,
      "full-jitter backoff upper bound"},
-    {"dead_letter.path", EVD_SET_STR, OFF(dl_path), 0, "/var/lib/evictd/dead-letter.jsonl", 0, 0,
-     NULL, "JSON lines file"},
-    {"dead_letter.max_bytes", EVD_SET_INT, OFF(dl_max_bytes), 1024 * MIB, NULL, MIB, 1024 * 1024 * MIB,
-     NULL, "past it, bad-input lines are only counted"},
-    {"log.format", EVD_SET_ENUM, OFF(log_format), 0, "text", 0, 0, "text|json",
-     "also set by --log-format"},
-    {"log.level", EVD_SET_ENUM, OFF(log_level), 0, "info", 0, 0, "debug|info|warn|error",
-     "also set by --log-level"},
+    {"dead_letter.path", EVD_SET_STR, OFF(dl_path), 0, "/var/lib/evictd/dead-letter.jsonl", 0, 0, NULL,
+     "JSON lines file"},
+    {"dead_letter.max_bytes", EVD_SET_INT, OFF(dl_max_bytes), 1024 * MIB, NULL, MIB, 1024 * 1024 * MIB, NULL,
+     "past it, bad-input lines are only counted"},
+    {"log.format", EVD_SET_ENUM, OFF(log_format), 0, "text", 0, 0, "text|json", "also set by --log-format"},
+    {"log.level", EVD_SET_ENUM, OFF(log_level), 0, "info", 0, 0, "debug|info|warn|error", "also set by --log-level"},
     {"log.stats_interval_s", EVD_SET_INT, OFF(stats_interval_s), 60, NULL, 0, 86400, NULL,
      "stats line period (0: off)"},
     {"http.listen", EVD_SET_STR, OFF(http_listen), 0, NULL, 0, 0, NULL,
@@ -327,8 +324,7 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
                 if (evd_buf_append(&b, dflt, dlen) < 0)
                     goto oom;
             } else {
-                fail(c, jpath, "environment variable %s is not set (write ${%s:-default} for a default)",
-                     name, name);
+                fail(c, jpath, "environment variable %s is not set (write ${%s:-default} for a default)", name, name);
                 goto err;
             }
             p = end + 1;
@@ -370,8 +366,8 @@ static bool get_int(ctx_t *c, const json_t *v, const char *jpath, int64_t min, i
 {
     char tmp[100];
     if (!json_is_integer(v))
-        return fail(c, jpath, "expected an integer in %" PRId64 "..%" PRId64 ", got %s %s", min, max,
-                    typename(v), show(v, tmp, sizeof(tmp)));
+        return fail(c, jpath, "expected an integer in %" PRId64 "..%" PRId64 ", got %s %s", min, max, typename(v),
+                    show(v, tmp, sizeof(tmp)));
     int64_t x = json_integer_value(v);
     if (x < min || x > max)
         return fail(c, jpath, "%" PRId64 " is out of range %" PRId64 "..%" PRId64, x, min, max);
@@ -387,7 +383,7 @@ static bool check_keys(ctx_t *c, const json_t *obj, const char *jpath, const cha
     if (!json_is_object(obj))
         return fail(c, jpath[0] ? jpath : NULL, "expected an object, got %s %s", typename(obj),
                     show(obj, tmp, sizeof(tmp)));
-    json_object_foreach((json_t *)obj, key, val) {
+    json_object_foreach ((json_t *)obj, key, val) {
         bool ok = false;
         for (size_t i = 0; allowed[i]; i++)
             if (strcmp(allowed[i], key) == 0)
@@ -608,7 +604,7 @@ static bool parse_redis(ctx_t *c, const json_t *redis, evd_config_t *cfg)
         return fail(c, "redis", "out of memory");
     const char *name;
     json_t *tv;
-    json_object_foreach((json_t *)redis, name, tv) {
+    json_object_foreach ((json_t *)redis, name, tv) {
         char jp[256];
         snprintf(jp, sizeof(jp), "redis.%s", name);
         if (!check_keys(c, tv, jp, allowed))
@@ -806,16 +802,15 @@ static bool parse_lookups(ctx_t *c, const json_t *arr, const char *jpath, evd_ru
         int mp = max_param(lk->sql);
         snprintf(sub, sizeof(sub), "%s.sql", jp);
         if (mp != (int)lk->nargs)
-            return fail(c, sub, "uses $1..$%d but \"args\" names %zu column%s in \"%s\"", mp < 0 ? 100 : mp,
-                        lk->nargs, lk->nargs == 1 ? "" : "s", lk->sql);
+            return fail(c, sub, "uses $1..$%d but \"args\" names %zu column%s in \"%s\"", mp < 0 ? 100 : mp, lk->nargs,
+                        lk->nargs == 1 ? "" : "s", lk->sql);
     }
     return true;
 }
 
 static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg, evd_rule_t *r)
 {
-    static const char *const allowed[] = {"table", "on", "targets", "lookups", "keys", "patterns",
-                                          "durable", NULL};
+    static const char *const allowed[] = {"table", "on", "targets", "lookups", "keys", "patterns", "durable", NULL};
     char jp[64], sub[128];
     snprintf(jp, sizeof(jp), "rules[%zu]", idx);
     if (!check_keys(c, rv, jp, allowed))
@@ -831,8 +826,8 @@ static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg
     char *dot = strchr(table, '.');
     r->schema = dot ? dupn(table, (size_t)(dot - table)) : strdup("public");
     r->table = strdup(dot ? dot + 1 : table);
-    bool ok = r->schema && r->table && ident_ok(r->schema) && ident_ok(r->table) &&
-              strlen(r->schema) < 64 && strlen(r->table) < 64;
+    bool ok = r->schema && r->table && ident_ok(r->schema) && ident_ok(r->table) && strlen(r->schema) < 64 &&
+              strlen(r->table) < 64;
     if (!ok) {
         fail(c, sub, "\"%s\" is not schema.table or table", table);
         free(table);
@@ -932,8 +927,8 @@ static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg
 
 static bool parse_root(ctx_t *c, const json_t *root, evd_config_t *cfg)
 {
-    static const char *const top[] = {"postgres", "redis", "rules", "batch", "retry", "dead_letter",
-                                      "log", "http", "shutdown_timeout_ms", NULL};
+    static const char *const top[] = {
+        "postgres", "redis", "rules", "batch", "retry", "dead_letter", "log", "http", "shutdown_timeout_ms", NULL};
     static const char *const pg[] = {"url", "channels", "poll_interval_ms", NULL};
     static const char *const batch[] = {"max_keys", "max_delay_ms", "max_pending", "redelete_after_ms", NULL};
     static const char *const retry[] = {"max_attempts", "initial_backoff_ms", "max_backoff_ms", NULL};
@@ -943,8 +938,8 @@ static bool parse_root(ctx_t *c, const json_t *root, evd_config_t *cfg)
     struct {
         const char *name;
         const char *const *keys;
-    } sections[] = {{"postgres", pg}, {"batch", batch}, {"retry", retry},
-                    {"dead_letter", dl}, {"log", log}, {"http", http}};
+    } sections[] = {{"postgres", pg},    {"batch", batch}, {"retry", retry},
+                    {"dead_letter", dl}, {"log", log},     {"http", http}};
     if (!check_keys(c, root, "", top))
         return false;
     const json_t *pgv = json_object_get(root, "postgres");
@@ -1010,8 +1005,7 @@ static bool parse_root(ctx_t *c, const json_t *root, evd_config_t *cfg)
     return true;
 }
 
-evd_config_t *evd_config_parse(const char *path, const char *text, evd_getenv_fn env, char *err,
-                               size_t errlen)
+evd_config_t *evd_config_parse(const char *path, const char *text, evd_getenv_fn env, char *err, size_t errlen)
 {
     ctx_t c = {.path = path, .text = text, .env = env, .err = err, .errlen = errlen};
     json_error_t jerr;
@@ -1100,8 +1094,7 @@ static int strcmp_p(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-int evd_config_needed_columns(const evd_config_t *cfg, const char *schema, const char *table,
-                              evd_strv_t *out)
+int evd_config_needed_columns(const evd_config_t *cfg, const char *schema, const char *table, evd_strv_t *out)
 {
     evd_set_t seen = {0};
     int rc = 0;

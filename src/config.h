@@ -8,12 +8,12 @@
 
 typedef struct evd_target_cfg {
     char *name;
-    char *url;       /* as written (after ${} expansion) */
-    char *username;  /* NULL: none */
-    char *password;  /* NULL: none */
+    char *url;      /* as written (after ${} expansion) */
+    char *username; /* NULL: none */
+    char *password; /* NULL: none */
     int timeout_ms;
     /* parsed from url */
-    char *host;      /* NULL for unix */
+    char *host; /* NULL for unix */
     int port;
     char *unix_path; /* NULL for tcp */
     int db;
@@ -51,8 +51,7 @@ typedef char *(*evd_getenv_fn)(const char *name);
  * "file[:line:col]: json.path: why" into err. */
 evd_config_t *evd_config_load(const char *path, evd_getenv_fn env, char *err, size_t errlen);
 /* Same, from a string (path is used in messages only). */
-evd_config_t *evd_config_parse(const char *path, const char *text, evd_getenv_fn env, char *err,
-                               size_t errlen);
+evd_config_t *evd_config_parse(const char *path, const char *text, evd_getenv_fn env, char *err, size_t errlen);
 void evd_config_free(evd_config_t *cfg);
 
 /* Parses a redis URL into t->host/port/unix_path/db/username/password (URL parts only fill
@@ -65,13 +64,13 @@ void evd_config_describe(const evd_config_t *cfg, FILE *out);
 /* The settings table, for docs and tests. */
 typedef enum { EVD_SET_INT, EVD_SET_STR, EVD_SET_ENUM } evd_setting_type_t;
 typedef struct evd_setting {
-    const char *name;     /* "batch.max_keys" */
+    const char *name; /* "batch.max_keys" */
     evd_setting_type_t type;
-    size_t offset;        /* into evd_config_t */
-    int64_t def;          /* for ints */
-    const char *def_str;  /* for strings (NULL = required or absent) */
+    size_t offset;       /* into evd_config_t */
+    int64_t def;         /* for ints */
+    const char *def_str; /* for strings (NULL = required or absent) */
     int64_t min, max;
-    const char *choices;  /* "text|json" for enums */
+    const char *choices; /* "text|json" for enums */
     const char *doc;
 } evd_setting_t;
 

@@ -156,8 +156,7 @@ static bool has_lookups(const evd_config_t *cfg)
 static int pg_start(daemon_t *d)
 {
     const evd_config_t *cfg = d->cfg->cfg;
-    int rc = evd_pg_new(d->loop, "listen", cfg->pg_url, cfg->channels, cfg->nchannels, &listen_handlers, d,
-                        &d->listen);
+    int rc = evd_pg_new(d->loop, "listen", cfg->pg_url, cfg->channels, cfg->nchannels, &listen_handlers, d, &d->listen);
     static const char *const names[NCLAIMERS] = {"outbox", "outbox2"};
     for (size_t i = 0; i < NCLAIMERS && rc == 0; i++) {
         d->cl[i].d = d;
@@ -463,8 +462,7 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
         size_t off;
     } per_target[] = {
         {"evictd_keys_deleted_total", "Keys in confirmed UNLINKs, by target.", offsetof(evd_redis_stats_t, keys)},
-        {"evictd_patterns_deleted_total", "Pattern scans completed, by target.",
-         offsetof(evd_redis_stats_t, patterns)},
+        {"evictd_patterns_deleted_total", "Pattern scans completed, by target.", offsetof(evd_redis_stats_t, patterns)},
         {"evictd_retries_total", "Batch retries, by target.", offsetof(evd_redis_stats_t, retries)},
     };
     for (size_t m = 0; m < EVD_ARRAY_LEN(per_target); m++) {
@@ -612,8 +610,9 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     uv_run(d->loop, UV_RUN_DEFAULT);
     EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
             F_INT("unacknowledged", (int64_t)d->pending), F_INT("doorbells", (int64_t)d->t_doorbells),
-            F_INT("hints", (int64_t)d->t_hints), F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
-            F_INT("rows_claimed", (int64_t)d->t_claimed), F_INT("unrung", (int64_t)d->t_unrung));
+            F_INT("hints", (int64_t)d->t_hints), F_INT("idle_flags_set", (int64_t)d->t_idle_sets),
+            F_INT("claims", (int64_t)d->t_claims), F_INT("rows_claimed", (int64_t)d->t_claimed),
+            F_INT("unrung", (int64_t)d->t_unrung));
     evd_log_flush();
     while (d->units)
         unit_free(d->units);

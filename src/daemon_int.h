@@ -23,16 +23,17 @@
 
 #define LAG_SAMPLES 8192 /* lag samples kept per stats interval */
 #define ID_NOTIFY (-1)   /* rec id of a notify-only change */
-#define HINTS_KEPT 64    /* recent hints, whose claims record no lag ... */
-#define HINT_BYTES 512   /* ... and whose rows are acknowledged without being applied again once
-                          * Redis confirmed the hint, when the row's payload is the same bytes */
-#define CLAIMED_KEPT 64  /* recent claimed ids: a hint heard after its row was claimed is dropped */
+/* Recent hints are kept (HINTS_KEPT, each up to HINT_BYTES): their claims record no lag, and their
+ * rows are acknowledged without being applied again once Redis confirmed the hint, when the
+ * row's payload is the same bytes. */
+#define HINTS_KEPT 64
+#define HINT_BYTES 512
+#define CLAIMED_KEPT 64 /* recent claimed ids: a hint heard after its row was claimed is dropped */
 
 /* The watched tables and their capture (outbox.c at connect, daemon.c on reload). */
-static const char SQL_WATCHES[] =
-    "SELECT n.nspname, c.relname, array_to_string(w.columns, ','), w.durable "
-    "FROM evictd.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+static const char SQL_WATCHES[] = "SELECT n.nspname, c.relname, array_to_string(w.columns, ','), w.durable "
+                                  "FROM evictd.watches w JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
+                                  "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
 
 /* A config shared by the work that started under it (reload swaps the current one). */
 typedef struct cfgref {
@@ -49,8 +50,8 @@ typedef struct unit unit_t;
 typedef struct claimer {
     daemon_t *d;
     evd_pg_t *pg;
-    unit_t *open;          /* the unit whose transaction is open on pg */
-    bool setup;            /* SQL_CLAIM_SETUP succeeded (or is queued) on this connection */
+    unit_t *open; /* the unit whose transaction is open on pg */
+    bool setup;   /* SQL_CLAIM_SETUP succeeded (or is queued) on this connection */
 } claimer_t;
 
 #define NCLAIMERS 2
@@ -62,44 +63,44 @@ typedef struct claimer {
  * form. */
 typedef struct rec {
     unit_t *unit;
-    evd_change_t *ch;      /* the parse, only while waiting for lookups */
-    const char *raw;       /* the payload text (dead letters re-parse it), or NULL */
+    evd_change_t *ch; /* the parse, only while waiting for lookups */
+    const char *raw;  /* the payload text (dead letters re-parse it), or NULL */
     size_t rawlen;
-    const char *table;     /* "schema.table", or NULL before it is known */
-    int64_t id;            /* outbox id or ID_NOTIFY */
-    double ts;             /* the change's ts (epoch ms) or 0 */
-    evd_op_t op;           /* 0 for bad input */
-    bool finished;         /* bad input or unmatched: done before expansion */
-    bool hint;             /* a durable change its doorbell carried (accept_payload): its row is
-                            * claimed too, so it is never dead-lettered */
-    unit_t *waiter;        /* a hint's: the claim whose rec waiter_i is its row, waiting for Redis
-                            * to answer the hint (hint_answered) */
+    const char *table; /* "schema.table", or NULL before it is known */
+    int64_t id;        /* outbox id or ID_NOTIFY */
+    double ts;         /* the change's ts (epoch ms) or 0 */
+    evd_op_t op;       /* 0 for bad input */
+    bool finished;     /* bad input or unmatched: done before expansion */
+    bool hint;         /* a durable change its doorbell carried (accept_payload): its row is
+                        * claimed too, so it is never dead-lettered */
+    unit_t *waiter;    /* a hint's: the claim whose rec waiter_i is its row, waiting for Redis
+                        * to answer the hint (hint_answered) */
     size_t waiter_i;
-    int outstanding;       /* jobs not called back */
-    bool failed;           /* a job failed */
+    int outstanding; /* jobs not called back */
+    bool failed;     /* a job failed */
     size_t njobs;
-    evd_job_t *jobs;       /* njobs entries */
-    int *job_target;       /* target index per job */
+    evd_job_t *jobs; /* njobs entries */
+    int *job_target; /* target index per job */
 } rec_t;
 
 /* Changes read together: one outbox claim, or the notifications of one loop iteration. */
 struct unit {
     daemon_t *d;
     cfgref_t *cfg;
-    bool claim;            /* outbox rows: ack when done */
-    claimer_t *cl;         /* the connection that claimed them */
-    bool in_tx;            /* the claim's transaction is still open */
-    bool released;         /* the claim was released (retry backoff): ack with SKIP LOCKED */
-    size_t claimed;        /* outbox rows its claim took */
-    bool deleted;          /* ... by deleting them in its open transaction (else by locking them) */
+    bool claim;     /* outbox rows: ack when done */
+    claimer_t *cl;  /* the connection that claimed them */
+    bool in_tx;     /* the claim's transaction is still open */
+    bool released;  /* the claim was released (retry backoff): ack with SKIP LOCKED */
+    size_t claimed; /* outbox rows its claim took */
+    bool deleted;   /* ... by deleting them in its open transaction (else by locking them) */
     rec_t **recs;
     size_t nrecs, cap;
-    size_t weight;         /* row images held: what batch.max_pending counts */
-    int outstanding;       /* recs not finished, +1 until the unit is expanded */
-    int lookups_pending;   /* lookups in flight, +1 until the unit is complete (unit_start) */
-    evd_buf_t dl;          /* retries_exhausted / shutdown lines */
-    evd_buf_t dl_bad;      /* bad-input lines */
-    int dl_writes;         /* dead-letter writes in flight */
+    size_t weight;       /* row images held: what batch.max_pending counts */
+    int outstanding;     /* recs not finished, +1 until the unit is expanded */
+    int lookups_pending; /* lookups in flight, +1 until the unit is complete (unit_start) */
+    evd_buf_t dl;        /* retries_exhausted / shutdown lines */
+    evd_buf_t dl_bad;    /* bad-input lines */
+    int dl_writes;       /* dead-letter writes in flight */
     /* lookup results of this unit */
     struct lres *lres;
     unit_t *answered_next; /* in the daemon's list of units whose waits are over (hint_answered) */
@@ -111,7 +112,7 @@ typedef struct lres {
     struct lres *next;
     const evd_rule_t *rule;
     size_t lookup;
-    char *argkey;          /* args joined by \x1f */
+    char *argkey; /* args joined by \x1f */
     evd_lookup_vals_t vals;
     bool done;
 } lres_t;
@@ -126,35 +127,35 @@ struct daemon {
     evd_run_opts_t opts;
     cfgref_t *cfg;
     evd_pg_t *listen;
-    claimer_t cl[NCLAIMERS]; /* cl[0] also reads evictd.watches and the backlog */
-    claimer_t *claim_cl;   /* the claimer of the claim in flight, NULL when none */
-    size_t claim_turn;     /* the claimer to try first next time */
-    int64_t claim_from;    /* the cursor the claim in flight was sent with */
-    int64_t restart;       /* where a pass starts: just below the lowest id found lately */
-    bool floor_due;        /* the poll interval passed since the last floor check was sent */
-    evd_pg_t *floor_pg;    /* the connection the floor check in flight runs on, NULL when none */
-    uint64_t cursor_gen;   /* bumped when the floor check moves the cursor back ... */
-    uint64_t claim_gen;    /* ... and the claim in flight was sent before: it moves no cursor */
-    int64_t max_claimed;   /* the highest id claimed since connecting */
-    int64_t floor_from;    /* the floor check scans ids above this (floor_raise) */
-    int64_t floor_pend_m;  /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
-    int64_t floor_pend_xmax; /* the xid of the check that set floor_pend_m */
+    claimer_t cl[NCLAIMERS];                   /* cl[0] also reads evictd.watches and the backlog */
+    claimer_t *claim_cl;                       /* the claimer of the claim in flight, NULL when none */
+    size_t claim_turn;                         /* the claimer to try first next time */
+    int64_t claim_from;                        /* the cursor the claim in flight was sent with */
+    int64_t restart;                           /* where a pass starts: just below the lowest id found lately */
+    bool floor_due;                            /* the poll interval passed since the last floor check was sent */
+    evd_pg_t *floor_pg;                        /* the connection the floor check in flight runs on, NULL when none */
+    uint64_t cursor_gen;                       /* bumped when the floor check moves the cursor back ... */
+    uint64_t claim_gen;                        /* ... and the claim in flight was sent before: it moves no cursor */
+    int64_t max_claimed;                       /* the highest id claimed since connecting */
+    int64_t floor_from;                        /* the floor check scans ids above this (floor_raise) */
+    int64_t floor_pend_m;                      /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
+    int64_t floor_pend_xmax;                   /* the xid of the check that set floor_pend_m */
     int64_t floor_sent_cursor, floor_sent_max; /* of the floor check in flight */
-    uint64_t conn_gen;     /* bumped when the claim connection (re)connects */
-    uint64_t floor_gen;    /* conn_gen when the floor check in flight was sent */
+    uint64_t conn_gen;                         /* bumped when the claim connection (re)connects */
+    uint64_t floor_gen;                        /* conn_gen when the floor check in flight was sent */
     evd_pg_t *lookupc;
-    target_t *targets;     /* per current config target */
+    target_t *targets; /* per current config target */
     size_t ntargets;
     evd_redis_t **retiring; /* old targets draining after a reload */
     size_t nretiring;
     evd_dl_t *dl;
-    evd_expansion_t x;     /* scratch: the keys of the change being expanded */
-    evd_change_t scratch;  /* scratch: the change being accepted */
+    evd_expansion_t x;        /* scratch: the keys of the change being expanded */
+    evd_change_t scratch;     /* scratch: the change being accepted */
     evd_arena_block_t *spare; /* its arena block, kept between changes */
 
-    unit_t *units;         /* live units */
-    unit_t *incoming;      /* notifications of this iteration */
-    size_t pending;        /* changes in memory */
+    unit_t *units;    /* live units */
+    unit_t *incoming; /* notifications of this iteration */
+    size_t pending;   /* changes in memory */
     bool paused;
 
     /* outbox claiming */
@@ -173,47 +174,47 @@ struct daemon {
     uint64_t pace_until;   /* loop time before which no claim goes (0: none): PACE_MS after a claim that
                             * reached the end, or a hint's linger (outbox_rung; other doorbells clear it) */
     struct hint_slot {
-        int64_t id;        /* outbox id */
-        bool confirmed;    /* Redis confirmed every deletion of the hint */
-        rec_t *flight;     /* its rec while Redis has not answered all its deletions */
-        uint16_t len;      /* payload bytes (0: longer than HINT_BYTES, never skipped) */
+        int64_t id;     /* outbox id */
+        bool confirmed; /* Redis confirmed every deletion of the hint */
+        rec_t *flight;  /* its rec while Redis has not answered all its deletions */
+        uint16_t len;   /* payload bytes (0: longer than HINT_BYTES, never skipped) */
         char payload[HINT_BYTES];
-    } hints[HINTS_KEPT];   /* recent hints (a ring) */
-    size_t nhinted;        /* hints heard */
-    int64_t max_hint_id;   /* the highest outbox id a hint carried */
+    } hints[HINTS_KEPT];               /* recent hints (a ring) */
+    size_t nhinted;                    /* hints heard */
+    int64_t max_hint_id;               /* the highest outbox id a hint carried */
     int64_t claimed_ids[CLAIMED_KEPT]; /* the last ids claimed (a ring) */
     size_t nclaimed_ids;
     uint64_t changes_at_trim;
-    uint64_t images_done;  /* row images through the pipeline, for trim_heap */
-    bool armed;            /* we set the idle flag, and no doorbell rang since */
-    bool idle;             /* armed and every row there was is in hand: no claim until a doorbell
-                            * rings or a timer (safety poll, horizon) says to look */
-    int64_t horizon;       /* xmax of the arming claim's snapshot while transactions it saw in
-                            * flight may not have ended (0: none) */
-    uint64_t horizon_delay; /* ms until the next look while waiting for the horizon */
-    bool want_idle;        /* the next claim sets the idle flag first (a lease under light load, else 1) */
-    bool want_clear;       /* the next claim sets it to 0 (it may be a lease and the load is not light) */
-    bool want_check;       /* idle, the safety poll: the next claim reads the flag, and evictd sets it
-                            * again only if it is not as evictd left it (a setval is a WAL record) */
-    bool claim_checks;     /* the claim in flight reads it */
-    bool claim_sets_idle;  /* the claim in flight set it ... */
-    int claim_flag;        /* ... to this: 0, 1, 2 for a lease (-1: it does not set it) */
-    int flag;              /* what evictd last set it to, as claim_flag (-1: unknown) */
-    uint64_t flag_set_at;  /* loop time of the last setval sent */
-    uint64_t lease_ban_until; /* loop time before which evictd sets no lease */
-    uint64_t lease_since;  /* loop time the flag became a lease */
+    uint64_t images_done;         /* row images through the pipeline, for trim_heap */
+    bool armed;                   /* we set the idle flag, and no doorbell rang since */
+    bool idle;                    /* armed and every row there was is in hand: no claim until a doorbell
+                                   * rings or a timer (safety poll, horizon) says to look */
+    int64_t horizon;              /* xmax of the arming claim's snapshot while transactions it saw in
+                                   * flight may not have ended (0: none) */
+    uint64_t horizon_delay;       /* ms until the next look while waiting for the horizon */
+    bool want_idle;               /* the next claim sets the idle flag first (a lease under light load, else 1) */
+    bool want_clear;              /* the next claim sets it to 0 (it may be a lease and the load is not light) */
+    bool want_check;              /* idle, the safety poll: the next claim reads the flag, and evictd sets it
+                                   * again only if it is not as evictd left it (a setval is a WAL record) */
+    bool claim_checks;            /* the claim in flight reads it */
+    bool claim_sets_idle;         /* the claim in flight set it ... */
+    int claim_flag;               /* ... to this: 0, 1, 2 for a lease (-1: it does not set it) */
+    int flag;                     /* what evictd last set it to, as claim_flag (-1: unknown) */
+    uint64_t flag_set_at;         /* loop time of the last setval sent */
+    uint64_t lease_ban_until;     /* loop time before which evictd sets no lease */
+    uint64_t lease_since;         /* loop time the flag became a lease */
     uint64_t win_rows, win_hints; /* under a lease: rows claimed, hints heard, in arrival_rate's window */
-    uint64_t miss_at;      /* loop time a claim last found a row that rang no doorbell (under a lease) */
-    bool clearing_flag;    /* stopping: a setval to 0 is in flight */
-    bool last_claim;       /* stopping: one more claim takes the rows of hints applied but not claimed */
-    bool rung_in_claim;    /* a doorbell was heard since the claim in flight was sent */
-    bool claim_snap;       /* the claim in flight returns its snapshot (evictd_claim_snap) */
-    bool claim_locks;      /* the claim in flight locks its rows (evictd_claim_lock) */
-    bool claimed_full;     /* the last claim came back full: more rows wait */
-    bool want_drain;       /* a doorbell arrived while a claim was running */
+    uint64_t miss_at;             /* loop time a claim last found a row that rang no doorbell (under a lease) */
+    bool clearing_flag;           /* stopping: a setval to 0 is in flight */
+    bool last_claim;              /* stopping: one more claim takes the rows of hints applied but not claimed */
+    bool rung_in_claim;           /* a doorbell was heard since the claim in flight was sent */
+    bool claim_snap;              /* the claim in flight returns its snapshot (evictd_claim_snap) */
+    bool claim_locks;             /* the claim in flight locks its rows (evictd_claim_lock) */
+    bool claimed_full;            /* the last claim came back full: more rows wait */
+    bool want_drain;              /* a doorbell arrived while a claim was running */
     bool watched_loaded;
-    evd_set_t watched;     /* "schema.table" of evictd.watches */
-    evd_set_t durable;     /* the durably watched ones among them */
+    evd_set_t watched; /* "schema.table" of evictd.watches */
+    evd_set_t durable; /* the durably watched ones among them */
 
     uv_timer_t poll_timer;
     uv_timer_t floor_timer;
@@ -240,8 +241,8 @@ struct daemon {
     /* /metrics and /readyz */
     evd_metrics_t m;
     evd_http_t *http;
-    int64_t backlog;       /* outbox rows between the lowest and highest id, -1 unknown */
-    bool backlog_query;    /* a backlog query is in flight */
+    int64_t backlog;    /* outbox rows between the lowest and highest id, -1 unknown */
+    bool backlog_query; /* a backlog query is in flight */
 };
 
 /* pipeline.c */

@@ -222,8 +222,7 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t *
     return 0;
 }
 
-int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input,
-                 void (*done)(int status, void *arg), void *arg)
+int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(int status, void *arg), void *arg)
 {
     dl_req_t *r = calloc(1, sizeof(*r));
     if (!r)

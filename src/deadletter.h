@@ -9,8 +9,7 @@ typedef struct evd_dl evd_dl_t;
 
 /* Opens (creating, appending) path; its directory must exist. max_bytes <= 0 means no limit.
  * Returns 0 or a negative errno. Loop thread only, like everything below. */
-int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes,
-                evd_dl_t **out) EVD_MUST_CHECK;
+int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t **out) EVD_MUST_CHECK;
 
 /* Writes lines (one JSON object per line, each ending in '\n') on the thread pool, fsyncs, then
  * calls done(status, arg) on the loop with 0 or a negative errno. Batches are written one at a
@@ -18,8 +17,7 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes,
  * `bad_input` lines are dropped (counted, done(0)) once the file is past max_bytes.
  * Returns 0 with the buffer taken over (*lines is left empty), or -ENOMEM with nothing queued,
  * *lines untouched and done never called. May be called from done. */
-int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input,
-                 void (*done)(int status, void *arg), void *arg);
+int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(int status, void *arg), void *arg);
 
 /* Reopens the file by path (SIGHUP), possibly at a new path. The new file is opened now, so
  * an error (negative errno) leaves the old file in use; batches queued before this call still

@@ -115,8 +115,7 @@ static bool url_secret(const char *s, size_t n, size_t i, size_t *start, size_t 
     if (n - i < 3 || memcmp(s + i, "://", 3) != 0)
         return false;
     size_t u = i + 3;
-    while (u < n && s[u] != ':' && s[u] != '@' && s[u] != '/' && s[u] != '?' && s[u] != '#' &&
-           !is_space(s[u]))
+    while (u < n && s[u] != ':' && s[u] != '@' && s[u] != '/' && s[u] != '?' && s[u] != '#' && !is_space(s[u]))
         u++;
     if (u == n || s[u] != ':')
         return false;
@@ -235,24 +234,12 @@ static void put_u00(unsigned char c)
 static void put_escape(unsigned char c)
 {
     switch (c) {
-    case '"':
-        out_puts("\\\"");
-        break;
-    case '\\':
-        out_puts("\\\\");
-        break;
-    case '\n':
-        out_puts("\\n");
-        break;
-    case '\r':
-        out_puts("\\r");
-        break;
-    case '\t':
-        out_puts("\\t");
-        break;
-    default:
-        put_u00(c);
-        break;
+    case '"': out_puts("\\\""); break;
+    case '\\': out_puts("\\\\"); break;
+    case '\n': out_puts("\\n"); break;
+    case '\r': out_puts("\\r"); break;
+    case '\t': out_puts("\\t"); break;
+    default: put_u00(c); break;
     }
 }
 
@@ -441,13 +428,9 @@ static void put_value(const evd_field_t *f, bool json)
         format_double(f->u.d, num, sizeof(num));
         out_puts(num);
         return;
-    case EVD_F_BOOL:
-        out_puts(f->u.b ? "true" : "false");
-        return;
+    case EVD_F_BOOL: out_puts(f->u.b ? "true" : "false"); return;
     case EVD_F_END:
-    default:
-        out_puts(json ? "null" : "\"\"");
-        return;
+    default: out_puts(json ? "null" : "\"\""); return;
     }
 }
 
@@ -492,8 +475,7 @@ static void put_field(const evd_field_t *f, bool json)
 }
 
 /* extra, if not NULL, is written after the caller's fields. */
-static void emit_line(evd_log_level_t level, const char *msg, const evd_field_t *fields,
-                      const evd_field_t *extra)
+static void emit_line(evd_log_level_t level, const char *msg, const evd_field_t *fields, const evd_field_t *extra)
 {
     bool json = log_format == EVD_LOG_JSON;
     line_start = out_len;

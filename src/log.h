@@ -43,10 +43,10 @@ int evd_log_parse_format(const char *s, evd_log_format_t *out);
 void evd_log_fields(evd_log_level_t level, const char *msg, const evd_field_t *fields);
 
 /* The level check happens before any argument is evaluated. */
-#define EVD_LOG(level, msg, ...)                                                                   \
-    do {                                                                                           \
-        if ((level) >= evd_log_min_level)                                                          \
-            evd_log_fields((level), (msg), (const evd_field_t[]){__VA_ARGS__ __VA_OPT__(, ){0}});  \
+#define EVD_LOG(level, msg, ...)                                                                                       \
+    do {                                                                                                               \
+        if ((level) >= evd_log_min_level)                                                                              \
+            evd_log_fields((level), (msg), (const evd_field_t[]){__VA_ARGS__ __VA_OPT__(, ){0}});                      \
     } while (0)
 
 /* Rate-limited warning: at most one line per reason per second; suppressed lines are counted

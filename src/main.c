@@ -7,16 +7,15 @@
 #include "config.h"
 #include "daemon.h"
 
-static const char usage[] =
-    "usage: evictd run    --config FILE [--dry-run] [--log-format text|json]\n"
-    "                     [--log-level debug|info|warn|error]\n"
-    "       evictd check  --config FILE [--connect]\n"
-    "       evictd sql    --config FILE\n"
-    "       evictd replay --config FILE DEAD_LETTER_FILE\n"
-    "       evictd --help | --version\n"
-    "\n"
-    "evictd deletes the Redis keys that committed PostgreSQL changes make stale.\n"
-    "Exit status: 0 success, 1 runtime failure, 2 usage or config error.\n";
+static const char usage[] = "usage: evictd run    --config FILE [--dry-run] [--log-format text|json]\n"
+                            "                     [--log-level debug|info|warn|error]\n"
+                            "       evictd check  --config FILE [--connect]\n"
+                            "       evictd sql    --config FILE\n"
+                            "       evictd replay --config FILE DEAD_LETTER_FILE\n"
+                            "       evictd --help | --version\n"
+                            "\n"
+                            "evictd deletes the Redis keys that committed PostgreSQL changes make stale.\n"
+                            "Exit status: 0 success, 1 runtime failure, 2 usage or config error.\n";
 
 __attribute__((format(printf, 1, 2))) static int usage_error(const char *fmt, ...)
 {
@@ -92,8 +91,8 @@ int main(int argc, char **argv)
         return usage_error("%s", "--log-format and --log-level go with run");
     if (ro.log_format && strcmp(ro.log_format, "text") && strcmp(ro.log_format, "json"))
         return usage_error("--log-format must be text or json, not \"%s\"", ro.log_format);
-    if (ro.log_level && strcmp(ro.log_level, "debug") && strcmp(ro.log_level, "info") &&
-        strcmp(ro.log_level, "warn") && strcmp(ro.log_level, "error"))
+    if (ro.log_level && strcmp(ro.log_level, "debug") && strcmp(ro.log_level, "info") && strcmp(ro.log_level, "warn") &&
+        strcmp(ro.log_level, "error"))
         return usage_error("--log-level must be debug, info, warn or error, not \"%s\"", ro.log_level);
     if (strcmp(cmd, "run") && strcmp(cmd, "check") && strcmp(cmd, "sql") && strcmp(cmd, "replay"))
         return usage_error("unknown command \"%s\"", cmd);

@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *const evd_metrics_reasons[EVD_DL_REASONS] = {"retries_exhausted", "bad_payload",
-                                                         "unknown_table", "shutdown"};
+const char *const evd_metrics_reasons[EVD_DL_REASONS] = {"retries_exhausted", "bad_payload", "unknown_table",
+                                                         "shutdown"};
 const double evd_metrics_lag_bounds[EVD_LAG_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                         0.1,    0.25,  0.5,    1,     2.5,  5,     10};
 static const char *const op_names[4] = {"INSERT", "UPDATE", "DELETE", "TRUNCATE"};

@@ -9,8 +9,8 @@
 #define EVD_DL_REASONS 4
 
 typedef struct evd_table_counts {
-    char name[130];     /* schema.table */
-    uint64_t ops[4];    /* INSERT, UPDATE, DELETE, TRUNCATE */
+    char name[130];  /* schema.table */
+    uint64_t ops[4]; /* INSERT, UPDATE, DELETE, TRUNCATE */
 } evd_table_counts_t;
 
 typedef struct evd_metrics {

@@ -11,28 +11,31 @@
 #include <malloc.h>
 #endif
 
-#define CLAIM_ROWS 2000 /* rows per claim at most (1000: 135k rows/s in the benchmark drain, 2000: 175k, 4000: 154k) */
-#define LINGER_MS 1 /* wait after an empty claim before setting the idle flag ... */
-#define LINGER_MIN_ROWS 4.0 /* ... when rows have been arriving at least this fast per LINGER_MS */
-#define RESTART_BACK 1000 /* ids below the lowest a pass found where the next pass starts */
+/* Rows per claim at most (1000: 135k rows/s in the benchmark drain, 2000: 175k, 4000: 154k). */
+#define CLAIM_ROWS 2000
+#define LINGER_MS 1           /* wait after an empty claim before setting the idle flag ... */
+#define LINGER_MIN_ROWS 4.0   /* ... when rows have been arriving at least this fast per LINGER_MS */
+#define RESTART_BACK 1000     /* ids below the lowest a pass found where the next pass starts */
 #define LIGHT_ROWS_PER_MS 2.5 /* below this arrival rate a hint sets the idle flag again at once, to a lease ... */
 #define HEAVY_ROWS_PER_MS 4.0 /* ... and from this one a lease goes back to 0 */
-#define RATE_WINDOW_MS 100 /* arrival_rate's window */
+#define RATE_WINDOW_MS 100    /* arrival_rate's window */
 #define LIGHT_MAX_PENDING 256 /* no lease while more changes than this are held (evictd is behind) */
-#define FLAG_LEASE 2 /* claim_flag / flag: a lease (the flag holds its end, epoch ms) */
-#define HINT_LINGER_MS 4 /* under a lease: the claim that acknowledges rows applied from their doorbell waits this long ... */
+#define FLAG_LEASE 2          /* claim_flag / flag: a lease (the flag holds its end, epoch ms) */
+/* Under a lease: the claim that acknowledges rows applied from their doorbell waits this long ... */
+#define HINT_LINGER_MS 4
 #define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
 #define LEASE_MS 1000 /* light load: writes ring until this long after the last claim that set the flag (then once) */
 #define LEASE_BAN_MS 1000 /* no lease for this long after a window in which most claimed rows rang none */
 #define FLAG_FRESH_MS 100 /* a claim that would set the lease skips the setval when one did lately */
-#define PACE_MS 4 /* the least time between claims that reach the end, without a lease ... */
-#define PACE_ROWS_PER_MS 4.0 /* ... and under one while rows arrive this fast (a burst after a
-                              * writer's stall at 2,000/s paced at 2.5 and cost the latency
-                              * benchmark's p99) */
-#define PACE_HEAVY_MS 12 /* ... and this long while rows arrive at least ... */
-#define PACE_HEAVY_ROWS_PER_MS 8.0 /* ... this fast: when the CPU is what limits the writers
-                                    * (pgbench, fsync off: 0.66x -> 0.73x of the bare trigger
-                                    * against 4 ms, 5 of 5 repetitions) */
+/* The least time between claims that reach the end, without a lease, and under one while rows
+ * arrive PACE_ROWS_PER_MS fast (a burst after a writer's stall at 2,000/s paced at 2.5 and cost
+ * the latency benchmark's p99); PACE_HEAVY_MS while they arrive PACE_HEAVY_ROWS_PER_MS fast, when
+ * the CPU is what limits the writers (pgbench, fsync off: 0.66x -> 0.73x of the bare trigger
+ * against 4 ms, 5 of 5 repetitions). */
+#define PACE_MS 4
+#define PACE_ROWS_PER_MS 4.0
+#define PACE_HEAVY_MS 12
+#define PACE_HEAVY_ROWS_PER_MS 8.0
 
 /* SQL the daemon runs. Claims and acks go through their own connection, never the LISTEN one. */
 static const char SQL_COMMIT[] = "COMMIT";
@@ -51,7 +54,7 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * at 150k rows/s that way against 116k deleting at the claim. Commits do not wait for their
  * WAL flush: an ack lost in a crash only brings its rows back, and deleting their keys again
  * is harmless. */
-#define CLAIM_SELECT(cols) \
+#define CLAIM_SELECT(cols)                                                                                             \
     "SELECT " cols " FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
 #define CLAIM_DELETE "DELETE FROM evictd.outbox WHERE id = ANY (ARRAY(" CLAIM_SELECT("id") ")) RETURNING id, payload"
 /* Claims walk the primary key in id order, whatever the statistics say: an outbox analyzed while
@@ -71,14 +74,13 @@ static const char SQL_CLAIM_SETUP[] =
     "CASE WHEN $4 THEN pg_catalog.txid_current() END, "
     "pg_catalog.pg_sequence_last_value('evictd.idle'::pg_catalog.regclass) "
     "FROM (SELECT pg_catalog.txid_current_snapshot() AS snap) AS s LEFT JOIN c ON true ORDER BY c.id; "
-    "PREPARE evictd_claim_lock(bigint, bigint[], int) AS " CLAIM_SELECT("id, payload") "; "
-    "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
-static const char SQL_PEEK[] =
-    "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
+    "PREPARE evictd_claim_lock(bigint, bigint[], int) AS " CLAIM_SELECT(
+        "id, payload") "; "
+                       "PREPARE evictd_ack(bigint[]) AS DELETE FROM evictd.outbox WHERE id = ANY($1)";
+static const char SQL_PEEK[] = "SELECT id, payload FROM evictd.outbox WHERE id > $1 ORDER BY id LIMIT $2";
 /* A claim that was released (retry backoff) acks only rows no other replica has locked. */
-static const char SQL_ACK_RELEASED[] =
-    "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
-    "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
+static const char SQL_ACK_RELEASED[] = "DELETE FROM evictd.outbox WHERE id IN (SELECT id FROM evictd.outbox "
+                                       "WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)";
 /* Sets the idle flag (0 or 1) in the same round trip as the claim that looks once more after it;
  * under light load, to a lease: the server's epoch ms LEASE_MS ahead. */
 static const char SQL_IDLE[] = "SELECT pg_catalog.setval('evictd.idle', %d); ";
@@ -297,13 +299,16 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         uint64_t now = uv_now(d->loop);
         bool fresh = d->claim_flag == FLAG_LEASE && d->flag == FLAG_LEASE && now - d->flag_set_at < FLAG_FRESH_MS;
         rc = d->claim_flag == FLAG_LEASE && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
-             : d->claim_flag >= 0 && !fresh ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag)
-                                            : 0;
+             : d->claim_flag >= 0 && !fresh        ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag)
+                                                   : 0;
         if (d->claim_flag >= 0 && !fresh)
             d->flag_set_at = now;
         d->claim_locks = !d->claim_snap && d->claimed_full;
         rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '",
-                                      d->claim_snap ? "_snap" : d->claim_locks ? "_lock" : "", cursor)
+                                      d->claim_snap    ? "_snap"
+                                      : d->claim_locks ? "_lock"
+                                                       : "",
+                                      cursor)
                      : rc;
         held_ids(d, &q);
         rc = rc == 0 ? evd_buf_printf(&q, "', %s%s)", limit,
@@ -443,11 +448,13 @@ static bool light_load(daemon_t *d)
     bool behind = d->pending > LIGHT_MAX_PENDING;
     if (d->flag != FLAG_LEASE)
         return !lease_banned(d) && !behind && rate < LIGHT_ROWS_PER_MS;
-    const char *why = lease_banned(d) ? "banned" : behind ? "behind"
-                      : rate >= HEAVY_ROWS_PER_MS && d->rate_prev >= HEAVY_ROWS_PER_MS ? "rate" : NULL;
+    const char *why = lease_banned(d)                                                  ? "banned"
+                      : behind                                                         ? "behind"
+                      : rate >= HEAVY_ROWS_PER_MS && d->rate_prev >= HEAVY_ROWS_PER_MS ? "rate"
+                                                                                       : NULL;
     if (why)
-        EVD_LOG(EVD_LOG_DEBUG, "lease_off", F_STR("reason", why), F_DBL("rate", rate), F_DBL("rate_before", d->rate_prev),
-                F_INT("held", (int64_t)d->pending));
+        EVD_LOG(EVD_LOG_DEBUG, "lease_off", F_STR("reason", why), F_DBL("rate", rate),
+                F_DBL("rate_before", d->rate_prev), F_INT("held", (int64_t)d->pending));
     return !why;
 }
 
@@ -601,10 +608,9 @@ static void floor_try(daemon_t *d)
     if (!pg)
         return;
     evd_buf_t q = {0};
-    int rc = evd_buf_printf(&q,
-                            "SELECT (SELECT min(id) FROM evictd.outbox WHERE id > %" PRId64 " AND id <= %" PRId64
-                            " AND id <> ALL('",
-                            d->floor_from, d->cursor);
+    int rc = evd_buf_printf(
+        &q, "SELECT (SELECT min(id) FROM evictd.outbox WHERE id > %" PRId64 " AND id <= %" PRId64 " AND id <> ALL('",
+        d->floor_from, d->cursor);
     held_ids(d, &q);
     rc = rc == 0 ? evd_buf_puts(&q, "'::bigint[])), pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot()), "
                                     "pg_catalog.txid_current()")
@@ -941,4 +947,3 @@ void claim_disconnected(evd_pg_t *pg, const char *why, void *ud)
     (void)why;
     claimer_lost(ud);
 }
-

@@ -461,18 +461,10 @@ static bool value(parser_t *ps, evd_value_t *v, int depth)
         return bad(ps, "not JSON: unexpected end");
     char c = *ps->p;
     switch (c) {
-    case '"':
-        v->type = EVD_V_STR;
-        return string(ps, &v->s, &v->len);
-    case 't':
-        v->type = EVD_V_TRUE;
-        return literal(ps, "true");
-    case 'f':
-        v->type = EVD_V_FALSE;
-        return literal(ps, "false");
-    case 'n':
-        v->type = EVD_V_NULL;
-        return literal(ps, "null");
+    case '"': v->type = EVD_V_STR; return string(ps, &v->s, &v->len);
+    case 't': v->type = EVD_V_TRUE; return literal(ps, "true");
+    case 'f': v->type = EVD_V_FALSE; return literal(ps, "false");
+    case 'n': v->type = EVD_V_NULL; return literal(ps, "null");
     case '{':
     case '[': {
         const char *s = ps->p;
@@ -498,8 +490,7 @@ static bool value(parser_t *ps, evd_value_t *v, int depth)
         v->len = (uint32_t)n;
         return true;
     }
-    default:
-        return number(ps, v);
+    default: return number(ps, v);
     }
 }
 
@@ -569,7 +560,7 @@ static bool image(parser_t *ps, const evd_image_t **out, int depth, const char *
 }
 
 enum { K_V, K_ID, K_TX, K_TS, K_SCHEMA, K_TABLE, K_OP, K_OLD, K_NEW, K_ROWS, K_REF, K_COUNT };
-static const char *const top_keys[K_COUNT] = {"v", "id", "tx", "ts", "schema", "table",
+static const char *const top_keys[K_COUNT] = {"v",  "id",  "tx",  "ts",   "schema", "table",
                                               "op", "old", "new", "rows", "ref"};
 static const uint32_t top_len[K_COUNT] = {1, 2, 2, 2, 6, 5, 2, 3, 3, 4, 3};
 
@@ -655,8 +646,7 @@ static bool rows(parser_t *ps, top_t *t)
                         t->row_bad = true;
                     } else {
                         seen |= (unsigned)which;
-                        if (!image(ps, which == 1 ? &row->old_img : &row->new_img, 4,
-                                   which == 1 ? "old" : "new")) {
+                        if (!image(ps, which == 1 ? &row->old_img : &row->new_img, 4, which == 1 ? "old" : "new")) {
                             if (ps->failed && strncmp(ps->err, "not JSON", 8) != 0 &&
                                 strcmp(ps->err, "out of memory") != 0) {
                                 /* A form error ("not an object"): keep scanning for syntax. */
@@ -801,8 +791,7 @@ static const char *check_row(evd_op_t op, const evd_row_t *row, bool chunk)
         if (chunk ? (!row->old_img && !row->new_img) : (!row->old_img || !row->new_img))
             return "UPDATE lacks \"old\" or \"new\"";
         break;
-    default:
-        break;
+    default: break;
     }
     return NULL;
 }
@@ -917,14 +906,13 @@ static bool check_form(top_t *t, evd_change_t *out, char *err, size_t errlen)
 #undef GIVEN
 }
 
-evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t *out, char *err,
-                                       size_t errlen)
+evd_payload_status_t evd_payload_parse(const char *buf, size_t len, evd_change_t *out, char *err, size_t errlen)
 {
     return evd_payload_parse_spare(buf, len, out, NULL, err, errlen);
 }
 
-evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out,
-                                             evd_arena_block_t **spare, char *err, size_t errlen)
+evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out, evd_arena_block_t **spare,
+                                             char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
     out->id = -1;
@@ -1054,8 +1042,8 @@ int evd_change_to_json(const evd_change_t *c, evd_buf_t *out)
         rc = evd_buf_printf(out, ",\"op\":\"%s\"", evd_op_name(c->op));
     if (rc == 0 && c->ref)
         rc = evd_buf_puts(out, ",\"ref\":true");
-    bool chunk = c->nrows > 1 || (c->nrows == 1 && c->op == EVD_OP_UPDATE &&
-                                  (!c->rows[0].old_img || !c->rows[0].new_img));
+    bool chunk =
+        c->nrows > 1 || (c->nrows == 1 && c->op == EVD_OP_UPDATE && (!c->rows[0].old_img || !c->rows[0].new_img));
     if (rc == 0 && chunk)
         rc = evd_buf_puts(out, ",\"rows\":[");
     for (size_t i = 0; i < c->nrows && rc == 0; i++) {

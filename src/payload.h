@@ -12,13 +12,7 @@
 #include <stddef.h>
 #include "util.h"
 
-typedef enum {
-    EVD_OP_INSERT = 1,
-    EVD_OP_UPDATE = 2,
-    EVD_OP_DELETE = 4,
-    EVD_OP_TRUNCATE = 8,
-    EVD_OP_ALL = 15
-} evd_op_t;
+typedef enum { EVD_OP_INSERT = 1, EVD_OP_UPDATE = 2, EVD_OP_DELETE = 4, EVD_OP_TRUNCATE = 8, EVD_OP_ALL = 15 } evd_op_t;
 
 const char *evd_op_name(evd_op_t op);
 /* Returns the op for "INSERT".. or 0. */
@@ -26,12 +20,12 @@ evd_op_t evd_op_parse(const char *s);
 
 typedef enum {
     EVD_V_NULL = 0,
-    EVD_V_INT,   /* i holds the value (s is NULL) */
-    EVD_V_REAL,  /* a JSON number with a fraction or exponent: d holds it, s as written */
-    EVD_V_STR,   /* s holds the decoded UTF-8 text (never a NUL inside) */
+    EVD_V_INT,  /* i holds the value (s is NULL) */
+    EVD_V_REAL, /* a JSON number with a fraction or exponent: d holds it, s as written */
+    EVD_V_STR,  /* s holds the decoded UTF-8 text (never a NUL inside) */
     EVD_V_TRUE,
     EVD_V_FALSE,
-    EVD_V_JSON   /* an object or array (json/jsonb columns): s holds it as compact JSON */
+    EVD_V_JSON /* an object or array (json/jsonb columns): s holds it as compact JSON */
 } evd_vtype_t;
 
 typedef struct evd_value {
@@ -72,13 +66,13 @@ typedef enum {
 typedef struct evd_arena_block evd_arena_block_t;
 
 typedef struct evd_change {
-    int64_t id;     /* outbox id, or -1 when null (not durable) */
-    int64_t tx;     /* -1 when absent */
-    double ts;      /* epoch ms, 0 when absent */
+    int64_t id; /* outbox id, or -1 when null (not durable) */
+    int64_t tx; /* -1 when absent */
+    double ts;  /* epoch ms, 0 when absent */
     char schema[64];
     char table[64];
-    evd_op_t op;    /* 0 when the change holds nothing (cleared) */
-    bool ref;       /* oversize reference: images unknown */
+    evd_op_t op; /* 0 when the change holds nothing (cleared) */
+    bool ref;    /* oversize reference: images unknown */
     bool has_ts;
     size_t nrows;
     evd_row_t *rows; /* in the arena */
@@ -96,9 +90,8 @@ void evd_change_clear(evd_change_t *c);
  * when it is big enough, and evd_change_clear_spare keeps that block (up to 64 KiB) in *spare
  * for the next parse, so a steady stream of changes allocates nothing per change.
  * evd_arena_spare_free releases it. */
-evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out,
-                                             evd_arena_block_t **spare, char *err,
-                                             size_t errlen) EVD_MUST_CHECK;
+evd_payload_status_t evd_payload_parse_spare(const char *buf, size_t len, evd_change_t *out, evd_arena_block_t **spare,
+                                             char *err, size_t errlen) EVD_MUST_CHECK;
 void evd_change_clear_spare(evd_change_t *c, evd_arena_block_t **spare);
 void evd_arena_spare_free(evd_arena_block_t **spare);
 

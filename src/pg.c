@@ -26,8 +26,8 @@ typedef struct query {
     int nparams;
     char **params;
     bool prepare;
-    int stmt;        /* prepared statement slot, -1 if unnamed */
-    bool preparing;  /* the PREPARE step is in flight */
+    int stmt;       /* prepared statement slot, -1 if unnamed */
+    bool preparing; /* the PREPARE step is in flight */
     evd_pg_result_cb cb;
     void *arg;
 } query_t;
@@ -65,10 +65,10 @@ struct evd_pg {
     size_t nprepared;
 
     int backoff_ms;
-    bool was_up;         /* logged `connected` since the last `disconnected` */
+    bool was_up; /* logged `connected` since the last `disconnected` */
     char last_error[256];
     uint64_t reconnects;
-    int closing;         /* handles still to close */
+    int closing; /* handles still to close */
     void (*closed)(void *);
     void *closed_arg;
 };
@@ -331,8 +331,8 @@ static void became_ready(evd_pg_t *pg)
     if (!pg->was_up) {
         pg->was_up = true;
         pg->reconnects++;
-        EVD_LOG(EVD_LOG_INFO, "connected", F_STR("conn", pg->name),
-                F_STR("server", PQhost(pg->conn)), F_STR("port", PQport(pg->conn)));
+        EVD_LOG(EVD_LOG_INFO, "connected", F_STR("conn", pg->name), F_STR("server", PQhost(pg->conn)),
+                F_STR("port", PQport(pg->conn)));
     }
     if (pg->h.connected)
         pg->h.connected(pg, pg->ud);
@@ -390,16 +390,14 @@ static bool send_next(evd_pg_t *pg)
         if (slot >= 0) {
             char name[16];
             snprintf(name, sizeof(name), "evd%d", slot);
-            ok = PQsendQueryPrepared(pg->conn, name, q->nparams, (const char *const *)q->params, NULL,
-                                     NULL, 0);
+            ok = PQsendQueryPrepared(pg->conn, name, q->nparams, (const char *const *)q->params, NULL, NULL, 0);
             goto sent;
         }
     }
     if (q->nparams == 0) /* the simple protocol: may hold several statements */
         ok = PQsendQuery(pg->conn, q->sql);
     else
-        ok = PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL,
-                               NULL, 0);
+        ok = PQsendQueryParams(pg->conn, q->sql, q->nparams, NULL, (const char *const *)q->params, NULL, NULL, 0);
 sent:
     pg->busy = ok;
     if (!ok) {
@@ -464,10 +462,8 @@ static void step(evd_pg_t *pg)
         break; /* fall through to flushing the LISTEN */
     }
     case PG_LISTENING:
-    case PG_READY:
-        break;
-    default:
-        return;
+    case PG_READY: break;
+    default: return;
     }
 
     /* Flush pending output, read input, collect results and notifications. */
@@ -539,8 +535,8 @@ static void step(evd_pg_t *pg)
         pg_reset(pg, "cannot watch socket: %s", uv_strerror(rc));
 }
 
-int evd_pg_new(uv_loop_t *loop, const char *name, const char *conninfo, char *const *channels,
-               size_t nchannels, const evd_pg_handlers_t *h, void *ud, evd_pg_t **out)
+int evd_pg_new(uv_loop_t *loop, const char *name, const char *conninfo, char *const *channels, size_t nchannels,
+               const evd_pg_handlers_t *h, void *ud, evd_pg_t **out)
 {
     evd_pg_t *pg = calloc(1, sizeof(*pg));
     if (!pg)

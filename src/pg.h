@@ -25,8 +25,8 @@ typedef struct evd_pg_handlers {
 
 /* Starts connecting at once; never fails because the server is unreachable (it retries with
  * backoff). name appears in log lines. conninfo and channels are copied. */
-int evd_pg_new(uv_loop_t *loop, const char *name, const char *conninfo, char *const *channels,
-               size_t nchannels, const evd_pg_handlers_t *h, void *ud, evd_pg_t **out) EVD_MUST_CHECK;
+int evd_pg_new(uv_loop_t *loop, const char *name, const char *conninfo, char *const *channels, size_t nchannels,
+               const evd_pg_handlers_t *h, void *ud, evd_pg_t **out) EVD_MUST_CHECK;
 
 /* Queues a query with text parameters (copied). Returns -ENOTCONN when the connection is not
  * up (cb is then not called), else 0; cb runs exactly once. prepare: use a named prepared

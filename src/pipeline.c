@@ -100,14 +100,14 @@ void unit_free(unit_t *u)
  * pattern pointers, then nbytes of strings. */
 static size_t rec_size(size_t njobs, size_t nptrs, size_t nbytes)
 {
-    return ALIGN8(sizeof(rec_t)) + njobs * sizeof(evd_job_t) + ALIGN8(njobs * sizeof(int)) +
-           nptrs * sizeof(char *) + nbytes;
+    return ALIGN8(sizeof(rec_t)) + njobs * sizeof(evd_job_t) + ALIGN8(njobs * sizeof(int)) + nptrs * sizeof(char *) +
+           nbytes;
 }
 
 /* A rec in one allocation, with room for njobs jobs, nptrs pointers and nbytes of strings (at
  * *strings); table and the payload (raw, or NULL) are copied in. */
-static rec_t *rec_alloc(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen,
-                        size_t njobs, size_t nptrs, size_t nbytes, char ***ptrs, char **strings)
+static rec_t *rec_alloc(unit_t *u, int64_t id, const char *table, const char *raw, size_t rawlen, size_t njobs,
+                        size_t nptrs, size_t nbytes, char ***ptrs, char **strings)
 {
     size_t tlen = table ? strlen(table) + 1 : 0;
     size_t rlen = raw ? rawlen + 1 : 0;
@@ -213,8 +213,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
-            F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error),
-            F_INT("attempts", attempts));
+            F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error), F_INT("attempts", attempts));
 }
 
 static void dl_written(int status, void *arg)
@@ -390,8 +389,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     } else if (status == -ECANCELED) {
         /* Shutting down: notify-only changes cannot wait in the outbox. */
         if (r->id == ID_NOTIFY)
-            dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed",
-                    job->attempts);
+            dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed", job->attempts);
     } else {
         d->n_keys += job->nkeys;
         d->n_patterns += job->npatterns;
@@ -437,8 +435,8 @@ static lres_t *lres_find(unit_t *u, const evd_rule_t *rule, size_t lookup, const
     return NULL;
 }
 
-static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t lookup,
-                                        const char *const *args, size_t nargs)
+static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t lookup, const char *const *args,
+                                        size_t nargs)
 {
     unit_t *u = ud;
     char *key = args_key(args, nargs);
@@ -530,9 +528,9 @@ static int need_lookup(void *ud, const evd_rule_t *rule, size_t lookup, const ch
     u->lres = l;
     q->l = l;
     q->u = u;
-    int rc = d->lookupc ? evd_pg_query(d->lookupc, rule->lookups[lookup].sql, (int)nargs, args, true,
-                                       lookup_req_done, q)
-                        : -ENOTCONN;
+    int rc = d->lookupc
+                 ? evd_pg_query(d->lookupc, rule->lookups[lookup].sql, (int)nargs, args, true, lookup_req_done, q)
+                 : -ENOTCONN;
     if (rc < 0) {
         /* Unknown: the template widens. */
         l->done = true;
@@ -592,9 +590,12 @@ static int expand_change(unit_t *u, const evd_change_t *c, const char *table, in
     int rc = evd_rules_expand(&cfg->rules, c, resolve, u, &d->x);
     if (rc == 0 && d->x.widened)
         evd_log_ratelimited("widened", "widened",
-                            (const evd_field_t[]){F_STR("table", table), F_STR("op", evd_op_name(c->op)),
-                                                  F_INT("id", id), F_INT("templates", d->x.widened),
-                                                  F_STR("reason", d->x.widen_reason), {0}});
+                            (const evd_field_t[]){F_STR("table", table),
+                                                  F_STR("op", evd_op_name(c->op)),
+                                                  F_INT("id", id),
+                                                  F_INT("templates", d->x.widened),
+                                                  F_STR("reason", d->x.widen_reason),
+                                                  {0}});
     return rc;
 }
 
@@ -726,8 +727,8 @@ static void rec_finish(unit_t *u, rec_t *r, const char *reason, const char *err)
 
 /* Adds a rec that is done before expansion (bad input, unmatched): dead-lettered when reason
  * is set. The payload is kept for the line only when it parsed (op set): else it is quoted. */
-static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload,
-                            size_t len, const char *reason, const char *err)
+static void accept_finished(unit_t *u, int64_t id, const char *table, evd_op_t op, const char *payload, size_t len,
+                            const char *reason, const char *err)
 {
     rec_t *r = rec_add_bare(u, id, table, reason ? payload : NULL, len);
     if (!r)
@@ -782,8 +783,7 @@ static void expand_unit(unit_t *u)
 
 /* A rec that keeps its parse c (taken from the caller) until expand_unit; NULL, logged, when out
  * of memory. */
-static rec_t *rec_add_parsed(unit_t *u, int64_t id, const char *table, const char *payload, size_t len,
-                             evd_change_t *c)
+static rec_t *rec_add_parsed(unit_t *u, int64_t id, const char *table, const char *payload, size_t len, evd_change_t *c)
 {
     evd_change_t *keep = malloc(sizeof(*keep));
     rec_t *w = keep ? rec_add_bare(u, id, table, payload, len) : NULL;
@@ -813,9 +813,9 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         if (st == EVD_PAYLOAD_DOORBELL)
             snprintf(err, sizeof(err), "empty payload");
         d->n_bad++;
-        evd_log_ratelimited("bad_payload", "bad_input",
-                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err),
-                                                  F_INT("id", id), {0}});
+        evd_log_ratelimited(
+            "bad_payload", "bad_input",
+            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("error", err), F_INT("id", id), {0}});
         accept_finished(u, id, NULL, 0, payload, len, "bad_payload", err);
         evd_change_clear_spare(c, &d->spare);
         return;
@@ -851,11 +851,12 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
          * refuse it. */
         d->n_bad++;
         snprintf(err, sizeof(err), "change for durably watched table %s arrived by NOTIFY", table);
-        evd_log_ratelimited("notify_for_durable", "bad_input",
-                            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table),
-                                                  F_STR("error", err), {0}});
+        evd_log_ratelimited(
+            "notify_for_durable", "bad_input",
+            (const evd_field_t[]){F_STR("reason", "bad_payload"), F_STR("table", table), F_STR("error", err), {0}});
         accept_finished(u, id, table, c->op, payload, len, "bad_payload", err);
-    } else if (u->claim && (h = hint_same(d, id, payload, len)) && (h->confirmed || (h->flight && !h->flight->waiter))) {
+    } else if (u->claim && (h = hint_same(d, id, payload, len)) &&
+               (h->confirmed || (h->flight && !h->flight->waiter))) {
         if (h->confirmed) { /* the doorbell rang after its commit and Redis confirmed the hint */
             count_change(d, table, c->op);
             accept_finished(u, id, table, c->op, payload, len, NULL, NULL);
@@ -876,9 +877,9 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         } else {
             d->n_bad++;
             snprintf(err, sizeof(err), "table %s is not watched by evictd", table);
-            evd_log_ratelimited("unknown_table", "bad_input",
-                                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", table),
-                                                      F_INT("id", id), {0}});
+            evd_log_ratelimited(
+                "unknown_table", "bad_input",
+                (const evd_field_t[]){F_STR("reason", "unknown_table"), F_STR("table", table), F_INT("id", id), {0}});
             accept_finished(u, id, table, c->op, payload, len, "unknown_table", err);
         }
     } else {
@@ -918,4 +919,3 @@ void update_pause(daemon_t *d)
         EVD_LOG(EVD_LOG_DEBUG, pause ? "paused" : "resumed", F_INT("pending", (int64_t)d->pending));
     }
 }
-

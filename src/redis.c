@@ -144,8 +144,8 @@ struct evd_redis {
 
     evd_job_t *queue, *queue_tail; /* submitted, not yet in a batch */
     size_t queued_items;
-    uint64_t fill_deadline;    /* loop time when the queue goes even if not full */
-    batch_t *inflight;         /* batches in flight (linked by next), MAX_INFLIGHT at most */
+    uint64_t fill_deadline; /* loop time when the queue goes even if not full */
+    batch_t *inflight;      /* batches in flight (linked by next), MAX_INFLIGHT at most */
     size_t ninflight;
     batch_t *backoff;          /* failed batches waiting for their retry, by due */
     batch_t *done, *done_tail; /* finished batches whose jobs are being called back */
@@ -342,8 +342,7 @@ static void timeout_start(evd_redis_t *r)
 
 /* Queues one command on the live context. Returns 0, or -ENOMEM / -EIO (hiredis refused it,
  * which happens only on a context that is already going away). */
-static int send_cmd(evd_redis_t *r, cmd_kind_t kind, void *obj, size_t argc, const char **argv,
-                    const size_t *argvlen)
+static int send_cmd(evd_redis_t *r, cmd_kind_t kind, void *obj, size_t argc, const char **argv, const size_t *argvlen)
 {
     cmd_t *c = malloc(sizeof(*c));
     if (!c)
@@ -410,8 +409,8 @@ static void teardown(evd_redis_t *r)
     while (r->redeletes) {
         batch_t *b = r->redeletes;
         r->redeletes = b->next;
-        EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name),
-                F_INT("keys", b->nkeys), F_STR("error", "connection dropped"));
+        EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", b->nkeys),
+                F_STR("error", "connection dropped"));
         batch_free(b);
     }
 }
@@ -430,12 +429,11 @@ static void reset(evd_redis_t *r, const char *fmt, ...)
     teardown(r);
     r->conn_failures++;
     if (!r->down_logged) {
-        EVD_LOG(EVD_LOG_WARN, "disconnected", F_STR("target", r->cfg.name),
-                F_STR("error", r->last_error));
+        EVD_LOG(EVD_LOG_WARN, "disconnected", F_STR("target", r->cfg.name), F_STR("error", r->last_error));
         r->down_logged = true;
     } else {
-        EVD_LOG(EVD_LOG_DEBUG, "disconnected", F_STR("target", r->cfg.name),
-                F_STR("error", r->last_error), F_INT("failures", r->conn_failures));
+        EVD_LOG(EVD_LOG_DEBUG, "disconnected", F_STR("target", r->cfg.name), F_STR("error", r->last_error),
+                F_INT("failures", r->conn_failures));
     }
     batch_t *b;
     while ((b = r->inflight)) {
@@ -632,8 +630,8 @@ static void set_addr(evd_redis_t *r)
 static void start_connect(evd_redis_t *r)
 {
     set_addr(r);
-    redisAsyncContext *ac = r->cfg.unix_path ? redisAsyncConnectUnix(r->cfg.unix_path)
-                                             : redisAsyncConnect(r->ip, r->cfg.port);
+    redisAsyncContext *ac =
+        r->cfg.unix_path ? redisAsyncConnectUnix(r->cfg.unix_path) : redisAsyncConnect(r->ip, r->cfg.port);
     if (!ac) {
         reset(r, "connect %s failed: out of memory", r->addr);
         return;
@@ -703,12 +701,8 @@ static void advance(evd_redis_t *r, state_t next)
             advance(r, ST_RESOLVING);
         }
         break;
-    case ST_RESOLVING:
-        start_resolve(r);
-        break;
-    case ST_CONNECTING:
-        start_connect(r);
-        break;
+    case ST_RESOLVING: start_resolve(r); break;
+    case ST_CONNECTING: start_connect(r); break;
     case ST_AUTH: {
         if (!r->cfg.password) {
             advance(r, ST_SELECT);
@@ -755,8 +749,8 @@ static void advance(evd_redis_t *r, state_t next)
         uv_timer_start(&r->fill_timer, on_kick_timer, 0, 0);
         break;
     case ST_BACKOFF: {
-        int64_t d = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms,
-                                      r->conn_failures, rnd_unit(r));
+        int64_t d =
+            evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms, r->conn_failures, rnd_unit(r));
         uv_timer_start(&r->conn_timer, on_conn_timer, (uint64_t)d, 0);
         /* What waited for this connection now fails its attempt (counted: a Redis that stays
          * down exhausts max_attempts), from the loop like the kick on ST_READY. */
@@ -764,8 +758,7 @@ static void advance(evd_redis_t *r, state_t next)
             uv_timer_start(&r->fill_timer, on_kick_timer, 0, 0);
         break;
     }
-    case ST_CLOSED:
-        break;
+    case ST_CLOSED: break;
     }
 }
 
@@ -773,19 +766,14 @@ static void on_conn_timer(uv_timer_t *t)
 {
     evd_redis_t *r = evd_container_of(t, evd_redis_t, conn_timer);
     switch (r->state) {
-    case ST_BACKOFF:
-        advance(r, ST_DISCONNECTED);
-        break;
+    case ST_BACKOFF: advance(r, ST_DISCONNECTED); break;
     case ST_RESOLVING:
     case ST_CONNECTING:
     case ST_AUTH:
     case ST_SELECT:
-    case ST_READY:
-        reset(r, "timeout after %d ms", r->cfg.timeout_ms);
-        break;
+    case ST_READY: reset(r, "timeout after %d ms", r->cfg.timeout_ms); break;
     case ST_DISCONNECTED:
-    case ST_CLOSED:
-        return;
+    case ST_CLOSED: return;
     }
     end(r);
 }
@@ -812,8 +800,7 @@ static int dedup_init(dedup_t *d, size_t n)
 
 /* True when s is among the strings indexed so far; otherwise indexes it at position `at`, which
  * the caller fills right after. */
-static bool dedup_seen(dedup_t *d, const char *const *v, const size_t *lens, const char *s,
-                       size_t n, size_t at)
+static bool dedup_seen(dedup_t *d, const char *const *v, const size_t *lens, const char *s, size_t n, size_t at)
 {
     size_t i = (size_t)evd_hash(s, n) & d->mask;
     while (d->tab[i]) {
@@ -966,13 +953,11 @@ static void attempt_failed(evd_redis_t *r, batch_t *b)
         done_push(r, b, -EIO);
         return;
     }
-    int64_t delay = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms,
-                                      b->attempts, rnd_unit(r));
+    int64_t delay = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms, b->attempts, rnd_unit(r));
     r->stats.retries++;
     /* attempt= is the attempt that failed; delay_ms is the wait before the next one. */
     EVD_LOG(EVD_LOG_WARN, "retry", F_STR("target", r->cfg.name), F_INT("attempt", b->attempts),
-            F_INT("delay_ms", delay), F_INT("keys", b->nkeys), F_INT("patterns", b->npats),
-            F_STR("error", b->error));
+            F_INT("delay_ms", delay), F_INT("keys", b->nkeys), F_INT("patterns", b->npats), F_STR("error", b->error));
     b->due = uv_now(r->loop) + (uint64_t)delay;
     /* Tell the owner once that these jobs wait in backoff (it releases its outbox claim). The
      * callback must not submit or close; it only takes note. */
@@ -1000,8 +985,8 @@ static void log_invalidated(evd_redis_t *r, const batch_t *b)
             continue;
         size_t n = strlen(j->table);
         int rc = evd_set_add(&seen, j->table, n);
-        if (rc < 0 || (rc == 1 && ((tables.len && evd_buf_putc(&tables, ',') < 0) ||
-                                   evd_buf_append(&tables, j->table, n) < 0)))
+        if (rc < 0 ||
+            (rc == 1 && ((tables.len && evd_buf_putc(&tables, ',') < 0) || evd_buf_append(&tables, j->table, n) < 0)))
             break; /* out of memory: log the tables gathered so far */
     }
     char lag[32];
@@ -1058,8 +1043,7 @@ static void attempt(evd_redis_t *r, batch_t *b)
     b->scans_left = 0;
     if (r->state != ST_READY) {
         /* Counts as an attempt, so a Redis that stays down exhausts max_attempts. */
-        set_error(b->error, "not connected: %s",
-                  r->last_error[0] ? r->last_error : "connection in progress");
+        set_error(b->error, "not connected: %s", r->last_error[0] ? r->last_error : "connection in progress");
         attempt_failed(r, b);
         return;
     }
@@ -1231,8 +1215,7 @@ static void scan_reply(evd_redis_t *r, scan_t *s, cmd_kind_t kind, const redisRe
         else
             first_error(s->error, reply, "UNLINK");
     } else if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 2 ||
-               reply->element[0]->type != REDIS_REPLY_STRING ||
-               reply->element[1]->type != REDIS_REPLY_ARRAY) {
+               reply->element[0]->type != REDIS_REPLY_STRING || reply->element[1]->type != REDIS_REPLY_ARRAY) {
         first_error(s->error, reply, "SCAN");
     } else if (!s->error[0]) {
         scan_page(r, s, reply->element[0], reply->element[1]);
@@ -1285,8 +1268,7 @@ static void redelete_send(evd_redis_t *r, size_t end)
         nkeys += r->redel_store.data[i] == '\0';
     dedup_t d = {0};
     batch_t *b = calloc(1, sizeof(*b));
-    if (!b || !(b->store = malloc(end)) ||
-        batch_alloc_keys(b, &d, nkeys, (size_t)r->opts.max_keys) < 0)
+    if (!b || !(b->store = malloc(end)) || batch_alloc_keys(b, &d, nkeys, (size_t)r->opts.max_keys) < 0)
         goto fail;
     b->redelete = true;
     memcpy(b->store, r->redel_store.data, end);
@@ -1314,8 +1296,7 @@ static void redelete_send(evd_redis_t *r, size_t end)
     r->redeletes = b;
     return;
 fail:
-    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", nkeys),
-            F_STR("error", err));
+    EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", nkeys), F_STR("error", err));
     free(d.tab);
     batch_free(b);
 }
@@ -1358,8 +1339,8 @@ static void unlink_reply(evd_redis_t *r, batch_t *b, const redisReply *reply)
     if (b->outstanding)
         return;
     if (b->error[0])
-        EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name),
-                F_INT("keys", b->nkeys), F_STR("error", b->error));
+        EVD_LOG(EVD_LOG_DEBUG, "redelete_failed", F_STR("target", r->cfg.name), F_INT("keys", b->nkeys),
+                F_STR("error", b->error));
     batch_t **p = &r->redeletes;
     while (*p != b)
         p = &(*p)->next;
@@ -1388,19 +1369,14 @@ static void on_reply(redisAsyncContext *ac, void *reply_, void *privdata)
     case CMD_AUTH:
     case CMD_SELECT:
         if (reply->type == REDIS_REPLY_ERROR) {
-            reset(r, "%s failed: %.*s", cmd.kind == CMD_AUTH ? "AUTH" : "SELECT", (int)reply->len,
-                  reply->str);
+            reset(r, "%s failed: %.*s", cmd.kind == CMD_AUTH ? "AUTH" : "SELECT", (int)reply->len, reply->str);
             break;
         }
         advance(r, cmd.kind == CMD_AUTH ? ST_SELECT : ST_READY);
         break;
-    case CMD_UNLINK:
-        unlink_reply(r, cmd.obj, reply);
-        break;
+    case CMD_UNLINK: unlink_reply(r, cmd.obj, reply); break;
     case CMD_SCAN:
-    case CMD_SCAN_UNLINK:
-        scan_reply(r, cmd.obj, cmd.kind, reply);
-        break;
+    case CMD_SCAN_UNLINK: scan_reply(r, cmd.obj, cmd.kind, reply); break;
     }
     timeout_replied(r);
     end(r);
@@ -1434,8 +1410,7 @@ static void kick(evd_redis_t *r)
         }
         batch_t *b = form_batch(r);
         if (!b) {
-            EVD_LOG(EVD_LOG_ERROR, "retry", F_STR("target", r->cfg.name),
-                    F_INT("delay_ms", r->opts.initial_backoff_ms),
+            EVD_LOG(EVD_LOG_ERROR, "retry", F_STR("target", r->cfg.name), F_INT("delay_ms", r->opts.initial_backoff_ms),
                     F_STR("error", "cannot form a batch: out of memory"));
             uv_timer_start(&r->fill_timer, on_kick_timer, (uint64_t)r->opts.initial_backoff_ms, 0);
             break;
@@ -1517,8 +1492,8 @@ static void maybe_free(evd_redis_t *r)
         closed(arg);
 }
 
-int evd_redis_new(uv_loop_t *loop, const evd_target_cfg_t *cfg, const evd_redis_opts_t *opts,
-                  evd_redis_job_cb cb, void *ud, evd_redis_t **out)
+int evd_redis_new(uv_loop_t *loop, const evd_target_cfg_t *cfg, const evd_redis_opts_t *opts, evd_redis_job_cb cb,
+                  void *ud, evd_redis_t **out)
 {
     *out = NULL;
     evd_redis_t *r = calloc(1, sizeof(*r));
@@ -1624,9 +1599,8 @@ bool evd_redis_cfg_differs(const evd_redis_t *r, const evd_target_cfg_t *cfg)
         return true;
     }
     const evd_target_cfg_t *a = &r->cfg;
-    bool differs = !str_eq(a->host, c.host) || a->port != c.port ||
-                   !str_eq(a->unix_path, c.unix_path) || a->db != c.db ||
-                   !str_eq(a->username, c.username) || !str_eq(a->password, c.password) ||
+    bool differs = !str_eq(a->host, c.host) || a->port != c.port || !str_eq(a->unix_path, c.unix_path) ||
+                   a->db != c.db || !str_eq(a->username, c.username) || !str_eq(a->password, c.password) ||
                    a->timeout_ms != c.timeout_ms;
     cfg_free(&c);
     return differs;

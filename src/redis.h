@@ -10,15 +10,15 @@
 /* One change's work on one target. Owned by the caller; the target holds it (through `next`)
  * from evd_redis_submit until the job callback has run, and never frees it. */
 typedef struct evd_job {
-    char **keys;          /* borrowed until the callback */
+    char **keys; /* borrowed until the callback */
     size_t nkeys;
-    char **patterns;      /* borrowed until the callback */
+    char **patterns; /* borrowed until the callback */
     size_t npatterns;
-    const char *table;    /* for the `invalidated` log line ("schema.table") */
-    double ts;            /* the change's ts (epoch ms) or 0 */
-    void *ud;             /* the caller's */
+    const char *table; /* for the `invalidated` log line ("schema.table") */
+    double ts;         /* the change's ts (epoch ms) or 0 */
+    void *ud;          /* the caller's */
     /* set by the target */
-    int attempts;         /* attempts made when the callback runs */
+    int attempts; /* attempts made when the callback runs */
     struct evd_job *next;
 } evd_job_t;
 
@@ -43,9 +43,9 @@ typedef struct evd_redis_opts {
 } evd_redis_opts_t;
 
 typedef struct evd_redis_stats {
-    uint64_t keys;        /* keys sent in confirmed UNLINKs */
-    uint64_t deleted;     /* keys Redis reported removed */
-    uint64_t patterns;    /* pattern scans completed */
+    uint64_t keys;     /* keys sent in confirmed UNLINKs */
+    uint64_t deleted;  /* keys Redis reported removed */
+    uint64_t patterns; /* pattern scans completed */
     uint64_t retries;
     uint64_t batches;
     uint64_t reconnects;
@@ -53,8 +53,8 @@ typedef struct evd_redis_stats {
 
 /* Creates the target and starts connecting (never fails because the server is unreachable:
  * it retries with backoff and logs `connected` / `disconnected`). cfg is copied. */
-int evd_redis_new(uv_loop_t *loop, const evd_target_cfg_t *cfg, const evd_redis_opts_t *opts,
-                  evd_redis_job_cb cb, void *ud, evd_redis_t **out) EVD_MUST_CHECK;
+int evd_redis_new(uv_loop_t *loop, const evd_target_cfg_t *cfg, const evd_redis_opts_t *opts, evd_redis_job_cb cb,
+                  void *ud, evd_redis_t **out) EVD_MUST_CHECK;
 
 /* Queues a job. A batch goes at once when none is in flight; else it fills up to max_keys or
  * max_delay_ms. The first attempt is immediate; retry k waits uniform [0, min(max, init*2^k)]. */

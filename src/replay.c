@@ -15,7 +15,7 @@
 #include "redis.h"
 
 typedef struct item {
-    char *line;            /* the original line */
+    char *line; /* the original line */
     evd_keyvec_t keys, patterns;
     evd_job_t job;
     int target;
@@ -61,7 +61,7 @@ static int push_strings(evd_keyvec_t *sv, json_t *arr)
 {
     size_t i;
     json_t *v;
-    json_array_foreach(arr, i, v) {
+    json_array_foreach (arr, i, v) {
         if (!json_is_string(v))
             return -EINVAL;
         if (evd_keyvec_push(sv, json_string_value(v), json_string_length(v)) < 0)
@@ -181,7 +181,7 @@ int evd_replay_run(const char *config_path, const char *dl_file)
     first_item[lines.n] = rp.nitems;
     evd_expansion_free(&x);
 
-    evd_redis_opts_t o = {cfg->batch_max_keys, cfg->batch_max_delay_ms, cfg->retry_max_attempts,
+    evd_redis_opts_t o = {cfg->batch_max_keys,           cfg->batch_max_delay_ms,   cfg->retry_max_attempts,
                           cfg->retry_initial_backoff_ms, cfg->retry_max_backoff_ms, 0};
     for (size_t i = 0; i < cfg->ntargets; i++)
         if (evd_redis_new(rp.loop, &cfg->targets[i], &o, job_cb, &rp, &rp.targets[i]) < 0) {

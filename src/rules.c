@@ -12,8 +12,7 @@
 
 static bool name_char(char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-           c == '$';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '$';
 }
 
 int evd_template_compile(evd_template_t *t, const char *src, bool is_pattern, const evd_lookup_t *lookups,
@@ -44,8 +43,7 @@ int evd_template_compile(evd_template_t *t, const char *src, bool is_pattern, co
             c = '}';
             i += 2;
         } else if (c == '}') {
-            snprintf(err, errlen, "unbalanced '}' at offset %zu in \"%s\" (write '}}' for a literal brace)",
-                     i, src);
+            snprintf(err, errlen, "unbalanced '}' at offset %zu in \"%s\" (write '}}' for a literal brace)", i, src);
             goto fail;
         } else if (c == '{') {
             size_t j = i + 1;
@@ -231,8 +229,7 @@ static int render_real(double d, evd_buf_t *b)
 int evd_render_value(const evd_value_t *v, evd_buf_t *b)
 {
     switch (v->type) {
-    case EVD_V_NULL:
-        return 1;
+    case EVD_V_NULL: return 1;
     case EVD_V_INT: {
         /* Decimal, as Python's str(int). */
         char tmp[24];
@@ -246,16 +243,11 @@ int evd_render_value(const evd_value_t *v, evd_buf_t *b)
         return evd_buf_append(b, q, (size_t)(e - q));
     }
     case EVD_V_STR:
-    case EVD_V_JSON: /* json/jsonb values as compact JSON */
-        return evd_buf_append(b, v->s, v->len);
-    case EVD_V_REAL:
-        return render_real(v->d, b);
-    case EVD_V_TRUE:
-        return evd_buf_puts(b, "True");
-    case EVD_V_FALSE:
-        return evd_buf_puts(b, "False");
-    default:
-        return -EINVAL;
+    case EVD_V_JSON: /* json/jsonb values as compact JSON */ return evd_buf_append(b, v->s, v->len);
+    case EVD_V_REAL: return render_real(v->d, b);
+    case EVD_V_TRUE: return evd_buf_puts(b, "True");
+    case EVD_V_FALSE: return evd_buf_puts(b, "False");
+    default: return -EINVAL;
     }
 }
 
@@ -361,7 +353,8 @@ static int emit(ectx_t *e, const char *s, size_t n, bool pattern)
 {
     for (size_t i = 0; i < e->rule->ntargets; i++) {
         evd_keyset_t *k = &e->x->per_target[e->rule->targets[i]];
-        int rc = pattern ? add_unique(&k->patterns, &k->seen_patterns, s, n) : add_unique(&k->keys, &k->seen_keys, s, n);
+        int rc =
+            pattern ? add_unique(&k->patterns, &k->seen_patterns, s, n) : add_unique(&k->keys, &k->seen_keys, s, n);
         if (rc < 0)
             return rc;
     }
@@ -372,8 +365,8 @@ static void note_widen(ectx_t *e, const evd_template_t *t, const char *why, cons
 {
     e->x->widened++;
     if (!e->x->widen_reason[0])
-        snprintf(e->x->widen_reason, sizeof(e->x->widen_reason), "%s%s%s in \"%s\"", why,
-                 name ? " " : "", name ? name : "", t->src);
+        snprintf(e->x->widen_reason, sizeof(e->x->widen_reason), "%s%s%s in \"%s\"", why, name ? " " : "",
+                 name ? name : "", t->src);
 }
 
 /* Emits t as a pattern with every unknown part as '*'. vals[i] holds the rendered known value of
@@ -597,8 +590,8 @@ static int expand_template(ectx_t *e, const evd_template_t *t)
     return 0;
 }
 
-int evd_rules_expand(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_resolve_fn resolve,
-                     void *ud, evd_expansion_t *x)
+int evd_rules_expand(const evd_rules_t *rs, const evd_change_t *c, evd_lookup_resolve_fn resolve, void *ud,
+                     evd_expansion_t *x)
 {
     ectx_t e = {.rs = rs, .c = c, .resolve = resolve, .ud = ud, .x = x};
     int rc = 0;

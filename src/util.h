@@ -9,7 +9,7 @@
 #define EVD_MUST_CHECK __attribute__((warn_unused_result))
 #define EVD_PRINTF(a, b) __attribute__((format(printf, a, b)))
 
-#define evd_container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define evd_container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 #define EVD_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
 /* A growable byte buffer, always NUL-terminated when len > 0 or after evd_buf_cstr(). */

@@ -12,11 +12,10 @@
 #define EVD_SOURCE_DIR "."
 #endif
 
-static const char payload[] =
-    "{\"v\":1,\"id\":42,\"tx\":901,\"ts\":1763765000123.4,\"schema\":\"public\","
-    "\"table\":\"shipments\",\"op\":\"UPDATE\","
-    "\"old\":{\"id\":7,\"product_id\":3,\"driver_id\":2},"
-    "\"new\":{\"id\":7,\"product_id\":4,\"driver_id\":2}}";
+static const char payload[] = "{\"v\":1,\"id\":42,\"tx\":901,\"ts\":1763765000123.4,\"schema\":\"public\","
+                              "\"table\":\"shipments\",\"op\":\"UPDATE\","
+                              "\"old\":{\"id\":7,\"product_id\":3,\"driver_id\":2},"
+                              "\"new\":{\"id\":7,\"product_id\":4,\"driver_id\":2}}";
 
 static char *bench_env(const char *name)
 {
@@ -72,10 +71,10 @@ int main(int argc, char **argv)
     }
 
     /* Sanity: the change maps to 5 keys and 2 patterns, or the figure means nothing. */
-    if (evd_rules_expand(&cfg->rules, &c, bench_resolve, NULL, &x) < 0 ||
-        x.per_target[0].keys.n != 5 || x.per_target[0].patterns.n != 2 || x.widened) {
-        fprintf(stderr, "unexpected expansion: %zu keys, %zu patterns, %u widened\n",
-                x.per_target[0].keys.n, x.per_target[0].patterns.n, x.widened);
+    if (evd_rules_expand(&cfg->rules, &c, bench_resolve, NULL, &x) < 0 || x.per_target[0].keys.n != 5 ||
+        x.per_target[0].patterns.n != 2 || x.widened) {
+        fprintf(stderr, "unexpected expansion: %zu keys, %zu patterns, %u widened\n", x.per_target[0].keys.n,
+                x.per_target[0].patterns.n, x.widened);
         return 1;
     }
     evd_expansion_reset(&x);
@@ -95,8 +94,7 @@ int main(int argc, char **argv)
     size_t rows = 0;
     for (long i = 0; i < n; i++) {
         evd_change_t p;
-        if (evd_payload_parse(payload, sizeof(payload) - 1, &p, err, sizeof(err)) !=
-            EVD_PAYLOAD_OK) {
+        if (evd_payload_parse(payload, sizeof(payload) - 1, &p, err, sizeof(err)) != EVD_PAYLOAD_OK) {
             fprintf(stderr, "payload: %s\n", err);
             return 1;
         }
@@ -105,10 +103,8 @@ int main(int argc, char **argv)
     }
     double t2 = now_ns();
 
-    printf("config %s, %ld changes (shipments UPDATE, %zu keys + 2 patterns each)\n", path, n,
-           keys / (size_t)n);
-    printf("expand:        %8.1f ns/change  (%.2f M changes/s)\n", (t1 - t0) / (double)n,
-           (double)n / (t1 - t0) * 1e3);
+    printf("config %s, %ld changes (shipments UPDATE, %zu keys + 2 patterns each)\n", path, n, keys / (size_t)n);
+    printf("expand:        %8.1f ns/change  (%.2f M changes/s)\n", (t1 - t0) / (double)n, (double)n / (t1 - t0) * 1e3);
     printf("payload parse: %8.1f ns/change  (%.2f M changes/s, %zu rows)\n", (t2 - t1) / (double)n,
            (double)n / (t2 - t1) * 1e3, rows);
 

@@ -16,12 +16,12 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 /* A broken invariant: say which and abort, so libFuzzer (and the replay driver) report a crash. */
-#define FUZZ_CHECK(cond)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);           \
-            abort();                                                                               \
-        }                                                                                          \
+#define FUZZ_CHECK(cond)                                                                                               \
+    do {                                                                                                               \
+        if (!(cond)) {                                                                                                 \
+            fprintf(stderr, "%s:%d: invariant failed: %s\n", __FILE__, __LINE__, #cond);                               \
+            abort();                                                                                                   \
+        }                                                                                                              \
     } while (0)
 
 /* ---- a fixed set of lookups and their resolver ---------------------------------------------- */
@@ -77,7 +77,7 @@ static inline const evd_lookup_vals_t *fuzz_resolve(void *ud, const evd_rule_t *
                                                     const char *const *args, size_t nargs)
 {
     static const evd_lookup_vals_t one = {0, 1, fv_one}, tags = {0, 3, fv_tags}, none = {0, 0, NULL},
-                                    err = {-1, 0, NULL}, nullv = {0, 1, fv_null}, pair = {0, 2, fv_pair};
+                                   err = {-1, 0, NULL}, nullv = {0, 1, fv_null}, pair = {0, 2, fv_pair};
     (void)ud;
     FUZZ_CHECK(rule != NULL && lookup_idx < rule->nlookups);
     FUZZ_CHECK(nargs == rule->lookups[lookup_idx].nargs && nargs >= 1 && nargs <= 16);
@@ -103,8 +103,7 @@ static inline const evd_lookup_vals_t *fuzz_resolve(void *ud, const evd_rule_t *
     return &one;
 }
 
-static inline int fuzz_need(void *ud, const evd_rule_t *rule, size_t lookup_idx, const char *const *args,
-                            size_t nargs)
+static inline int fuzz_need(void *ud, const evd_rule_t *rule, size_t lookup_idx, const char *const *args, size_t nargs)
 {
     (void)ud;
     FUZZ_CHECK(rule != NULL && lookup_idx < rule->nlookups);
@@ -116,13 +115,13 @@ static inline int fuzz_need(void *ud, const evd_rule_t *rule, size_t lookup_idx,
 
 /* ---- fixed changes (schema public, table t) -------------------------------------------------- */
 
-#define FUZZ_OLD_IMG                                                                               \
-    "{\"id\":7,\"product_id\":3,\"driver_id\":2,\"name\":\"a*b?[c]\\\\d\",\"flag\":true,"          \
-    "\"price\":\"3.50\",\"r\":1.5,\"n\":null,\"j\":{\"k\":[1,2]},\"s\":\"x{y}\",\"big\":"          \
+#define FUZZ_OLD_IMG                                                                                                   \
+    "{\"id\":7,\"product_id\":3,\"driver_id\":2,\"name\":\"a*b?[c]\\\\d\",\"flag\":true,"                              \
+    "\"price\":\"3.50\",\"r\":1.5,\"n\":null,\"j\":{\"k\":[1,2]},\"s\":\"x{y}\",\"big\":"                              \
     "9223372036854775807,\"neg\":-1e-300}"
-#define FUZZ_NEW_IMG                                                                               \
-    "{\"id\":7,\"product_id\":4,\"driver_id\":null,\"name\":\"plain\",\"flag\":false,"            \
-    "\"price\":\"1e-07\",\"r\":-0.0,\"n\":5,\"j\":[],\"s\":\"\",\"big\":-9223372036854775808,"     \
+#define FUZZ_NEW_IMG                                                                                                   \
+    "{\"id\":7,\"product_id\":4,\"driver_id\":null,\"name\":\"plain\",\"flag\":false,"                                 \
+    "\"price\":\"1e-07\",\"r\":-0.0,\"n\":5,\"j\":[],\"s\":\"\",\"big\":-9223372036854775808,"                         \
     "\"neg\":1e300}"
 
 static const char *const fuzz_change_json[] = {

@@ -15,13 +15,20 @@ static char *fuzz_env(const char *name)
     if (!long_value[0])
         memset(long_value, 'x', sizeof(long_value) - 1);
     static const char *const tab[] = {
-        "DATABASE_URL", "postgres://evictd@127.0.0.1/app",
-        "REDIS_URL", "redis://127.0.0.1:6379/1",
-        "REDIS_PASSWORD", "s3cret-from-env",
-        "REDIS_USER", "cache",
-        "EMPTY", "",
-        "BRACES", "${NOT_EXPANDED_AGAIN}",
-        "PORT", "6380",
+        "DATABASE_URL",
+        "postgres://evictd@127.0.0.1/app",
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/1",
+        "REDIS_PASSWORD",
+        "s3cret-from-env",
+        "REDIS_USER",
+        "cache",
+        "EMPTY",
+        "",
+        "BRACES",
+        "${NOT_EXPANDED_AGAIN}",
+        "PORT",
+        "6380",
         NULL,
     };
     FUZZ_CHECK(name != NULL && name[0] != '\0');
@@ -96,8 +103,9 @@ static int image_text(evd_buf_t *b, const evd_strv_t *cols, bool old)
             rc = evd_buf_putc(b, ':');
         if (rc == 0) {
             if (old)
-                rc = k % 3 == 0 ? evd_buf_puts(b, "\"o*[?]\"") : k % 3 == 1 ? evd_buf_printf(b, "%zu", k)
-                                                                           : evd_buf_puts(b, "null");
+                rc = k % 3 == 0   ? evd_buf_puts(b, "\"o*[?]\"")
+                     : k % 3 == 1 ? evd_buf_printf(b, "%zu", k)
+                                  : evd_buf_puts(b, "null");
             else
                 rc = k % 2 == 0 ? evd_buf_printf(b, "-%zu", k) : evd_buf_puts(b, "\"n\\\\\"");
         }

@@ -18,8 +18,12 @@
 #include "payload_cross.h"
 
 static const char *const key_srcs[] = {
-    "k:{id}", "k:{old.product_id}_{new.product_id}", "k:{driver_user_id}:{tags}", "k:list",
-    "k:{name}:{flag}:{r}:{j}", "k:{pair}{{x}}{nullv}",
+    "k:{id}",
+    "k:{old.product_id}_{new.product_id}",
+    "k:{driver_user_id}:{tags}",
+    "k:list",
+    "k:{name}:{flag}:{r}:{j}",
+    "k:{pair}{{x}}{nullv}",
 };
 static const char *const pattern_srcs[] = {"p:{name}*", "p:{new.s}:{old.s}?", "p:{gone}"};
 #define NKEYS (sizeof(key_srcs) / sizeof(key_srcs[0]))
@@ -38,8 +42,7 @@ static void init_rules(void)
     for (size_t i = 0; i < NKEYS; i++)
         FUZZ_CHECK(evd_template_compile(&keys[i], key_srcs[i], false, lookups, FL_COUNT, err, sizeof(err)) == 0);
     for (size_t i = 0; i < NPATTERNS; i++)
-        FUZZ_CHECK(evd_template_compile(&patterns[i], pattern_srcs[i], true, lookups, FL_COUNT, err,
-                                        sizeof(err)) == 0);
+        FUZZ_CHECK(evd_template_compile(&patterns[i], pattern_srcs[i], true, lookups, FL_COUNT, err, sizeof(err)) == 0);
     ready = 1;
 }
 
@@ -55,9 +58,7 @@ static void check_value(const evd_value_t *v)
     case EVD_V_NULL:
     case EVD_V_TRUE:
     case EVD_V_FALSE:
-    case EVD_V_INT:
-        FUZZ_CHECK(v->s == NULL);
-        break;
+    case EVD_V_INT: FUZZ_CHECK(v->s == NULL); break;
     case EVD_V_REAL:
     case EVD_V_STR:
     case EVD_V_JSON:
@@ -65,8 +66,7 @@ static void check_value(const evd_value_t *v)
         FUZZ_CHECK(v->s != NULL && strlen(v->s) == v->len);
         FUZZ_CHECK(v->type != EVD_V_JSON || v->s[0] == '{' || v->s[0] == '[');
         break;
-    default:
-        FUZZ_CHECK(!"unknown value type");
+    default: FUZZ_CHECK(!"unknown value type");
     }
 }
 
@@ -85,8 +85,7 @@ static void check_image(const evd_image_t *img)
 static void check_change(const evd_change_t *c)
 {
     FUZZ_CHECK(c->arena != NULL);
-    FUZZ_CHECK(c->op == EVD_OP_INSERT || c->op == EVD_OP_UPDATE || c->op == EVD_OP_DELETE ||
-               c->op == EVD_OP_TRUNCATE);
+    FUZZ_CHECK(c->op == EVD_OP_INSERT || c->op == EVD_OP_UPDATE || c->op == EVD_OP_DELETE || c->op == EVD_OP_TRUNCATE);
     size_t sl = strnlen(c->schema, sizeof(c->schema)), tl = strnlen(c->table, sizeof(c->table));
     FUZZ_CHECK(sl >= 1 && sl < sizeof(c->schema) && tl >= 1 && tl < sizeof(c->table));
     FUZZ_CHECK(c->id == -1 || c->id > 0);
@@ -238,8 +237,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         check_roundtrip(&c);
         expand(&c);
         break;
-    default:
-        FUZZ_CHECK(!"unknown status");
+    default: FUZZ_CHECK(!"unknown status");
     }
     evd_change_clear(&c);
     check_cleared(&c);

@@ -40,8 +40,8 @@ static void unparse(const evd_template_t *t, evd_buf_t *b)
     }
 }
 
-static void check_compiled(const evd_template_t *t, const char *src, bool is_pattern,
-                           const evd_lookup_t *lookups, size_t nlookups)
+static void check_compiled(const evd_template_t *t, const char *src, bool is_pattern, const evd_lookup_t *lookups,
+                           size_t nlookups)
 {
     FUZZ_CHECK(t->src != NULL && strcmp(t->src, src) == 0);
     FUZZ_CHECK(t->is_pattern == is_pattern);

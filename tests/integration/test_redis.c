@@ -92,9 +92,8 @@ static void server_start(void)
             dup2(null, 1);
             dup2(null, 2);
         }
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", srv_dir, "--unixsocket", srv_sock, "--logfile",
-               srv_log, (char *)NULL);
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly",
+               "no", "--dir", srv_dir, "--unixsocket", srv_sock, "--logfile", srv_log, (char *)NULL);
         _exit(127);
     }
     srv_pid = pid;
@@ -163,8 +162,7 @@ static long long sync_int(redisContext *c, const char *fmt, ...)
     va_end(ap);
     assert_non_null(rep);
     if (rep->type != REDIS_REPLY_INTEGER)
-        fail_msg("%s: expected an integer, got type %d (%s)", fmt, rep->type,
-                 rep->str ? rep->str : "");
+        fail_msg("%s: expected an integer, got type %d (%s)", fmt, rep->type, rep->str ? rep->str : "");
     long long v = rep->integer;
     freeReplyObject(rep);
     return v;
@@ -308,8 +306,7 @@ static void t_init(tctx_t *t)
     t->aux.data = t;
     snprintf(t->name, sizeof(t->name), "default");
     snprintf(t->host, sizeof(t->host), "127.0.0.1");
-    t->cfg = (evd_target_cfg_t){
-        .name = t->name, .host = t->host, .port = srv_port, .timeout_ms = 2000, .db = 0};
+    t->cfg = (evd_target_cfg_t){.name = t->name, .host = t->host, .port = srv_port, .timeout_ms = 2000, .db = 0};
     t->opts = (evd_redis_opts_t){.max_keys = 512,
                                  .max_delay_ms = 1,
                                  .max_attempts = 10,
@@ -318,12 +315,12 @@ static void t_init(tctx_t *t)
                                  .redelete_after_ms = 0};
 }
 
-#define RUN_UNTIL(t, cond)                                                                         \
-    do {                                                                                           \
-        while (!(cond)) {                                                                          \
-            uv_run(&(t)->loop, UV_RUN_ONCE);                                                       \
-            evd_log_flush();                                                                       \
-        }                                                                                          \
+#define RUN_UNTIL(t, cond)                                                                                             \
+    do {                                                                                                               \
+        while (!(cond)) {                                                                                              \
+            uv_run(&(t)->loop, UV_RUN_ONCE);                                                                           \
+            evd_log_flush();                                                                                           \
+        }                                                                                                              \
     } while (0)
 
 static void t_start(tctx_t *t)

@@ -17,12 +17,9 @@ static int differ(char *why, size_t whylen, const char *what)
 static int same_value(const evd_value_t *v, const json_t *j, char *why, size_t whylen)
 {
     switch (json_typeof(j)) {
-    case JSON_NULL:
-        return v->type == EVD_V_NULL ? 0 : differ(why, whylen, "null differs");
-    case JSON_TRUE:
-        return v->type == EVD_V_TRUE ? 0 : differ(why, whylen, "true differs");
-    case JSON_FALSE:
-        return v->type == EVD_V_FALSE ? 0 : differ(why, whylen, "false differs");
+    case JSON_NULL: return v->type == EVD_V_NULL ? 0 : differ(why, whylen, "null differs");
+    case JSON_TRUE: return v->type == EVD_V_TRUE ? 0 : differ(why, whylen, "true differs");
+    case JSON_FALSE: return v->type == EVD_V_FALSE ? 0 : differ(why, whylen, "false differs");
     case JSON_INTEGER:
         return v->type == EVD_V_INT && v->i == json_integer_value(j) ? 0 : differ(why, whylen, "integer differs");
     case JSON_REAL:
@@ -53,7 +50,7 @@ static int same_image(const evd_image_t *img, const json_t *j, char *why, size_t
         return differ(why, whylen, "column count differs");
     const char *key;
     json_t *val;
-    json_object_foreach((json_t *)j, key, val) {
+    json_object_foreach ((json_t *)j, key, val) {
         const evd_value_t *v = evd_image_get(img, key, strlen(key));
         if (!v)
             return differ(why, whylen, "column missing");
@@ -72,8 +69,8 @@ int payload_cross_check(const uint8_t *data, size_t size, char *why, size_t whyl
     evd_payload_status_t sb = ref_payload_parse((const char *)data, size, &b, eb, sizeof(eb));
     int rc = 0;
     if (sa != sb) {
-        snprintf(why, whylen, "status %d vs reference %d (%s | %s)", (int)sa, (int)sb,
-                 sa == EVD_PAYLOAD_BAD ? ea : "", sb == EVD_PAYLOAD_BAD ? eb : "");
+        snprintf(why, whylen, "status %d vs reference %d (%s | %s)", (int)sa, (int)sb, sa == EVD_PAYLOAD_BAD ? ea : "",
+                 sb == EVD_PAYLOAD_BAD ? eb : "");
         rc = -1;
     } else if (sa == EVD_PAYLOAD_OK) {
         if (a.id != b.id || a.tx != b.tx || a.ts != b.ts || a.op != b.op || a.ref != b.ref ||

@@ -47,8 +47,7 @@ static bool check_row(evd_op_t op, ref_row_t *row, bool chunk, char *err, size_t
         if (chunk ? (!row->old_img && !row->new_img) : (!row->old_img || !row->new_img))
             return bad(err, errlen, "%s lacks \"old\" or \"new\"", "UPDATE");
         break;
-    default:
-        break;
+    default: break;
     }
     return true;
 }
@@ -65,8 +64,7 @@ static bool copy_name(char *dst, size_t cap, json_t *v, const char *field, char 
     return true;
 }
 
-evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t *out, char *err,
-                                       size_t errlen)
+evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
     out->id = -1;
@@ -98,9 +96,8 @@ evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t
     }
     const char *key;
     json_t *val;
-    static const char *const known[] = {"v", "id", "tx", "ts", "schema", "table", "op",
-                                        "old", "new", "rows", "ref"};
-    json_object_foreach(root, key, val) {
+    static const char *const known[] = {"v", "id", "tx", "ts", "schema", "table", "op", "old", "new", "rows", "ref"};
+    json_object_foreach (root, key, val) {
         size_t i;
         for (i = 0; i < EVD_ARRAY_LEN(known); i++)
             if (strcmp(key, known[i]) == 0)
@@ -131,10 +128,8 @@ evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t
         bad(err, errlen, "%s", "\"ts\" is not a number");
         goto fail;
     }
-    if (!copy_name(out->schema, sizeof(out->schema), json_object_get(root, "schema"), "schema", err,
-                   errlen) ||
-        !copy_name(out->table, sizeof(out->table), json_object_get(root, "table"), "table", err,
-                   errlen))
+    if (!copy_name(out->schema, sizeof(out->schema), json_object_get(root, "schema"), "schema", err, errlen) ||
+        !copy_name(out->table, sizeof(out->table), json_object_get(root, "table"), "table", err, errlen))
         goto fail;
     v = json_object_get(root, "op");
     out->op = json_is_string(v) ? evd_op_parse(json_string_value(v)) : 0;
@@ -162,8 +157,7 @@ evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t
         return EVD_PAYLOAD_OK;
     }
     if (rows) {
-        if (old_img || new_img || !json_is_array(rows) || json_array_size(rows) == 0 ||
-            json_array_size(rows) > 500) {
+        if (old_img || new_img || !json_is_array(rows) || json_array_size(rows) == 0 || json_array_size(rows) > 500) {
             bad(err, errlen, "%s", "\"rows\" must be an array of 1..500 images, without old/new");
             goto fail;
         }
@@ -180,7 +174,7 @@ evd_payload_status_t ref_payload_parse(const char *buf, size_t len, ref_change_t
                 bad(err, errlen, "%s", "\"rows\" entry is not an object with old/new");
                 goto fail;
             }
-            json_object_foreach(r, key, val) {
+            json_object_foreach (r, key, val) {
                 if (strcmp(key, "old") && strcmp(key, "new")) {
                     bad(err, errlen, "unknown field \"%s\" in a row", key);
                     goto fail;

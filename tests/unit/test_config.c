@@ -20,8 +20,8 @@
 
 /* NULL-terminated name, value pairs. */
 static const char *const *env_tab;
-static const char *const default_env[] = {"DATABASE_URL", "postgres://evictd@127.0.0.1/app",
-                                          "REDIS_PASSWORD", "from-env", NULL};
+static const char *const default_env[] = {"DATABASE_URL", "postgres://evictd@127.0.0.1/app", "REDIS_PASSWORD",
+                                          "from-env", NULL};
 static char env_asked[1024];
 
 static char *test_env(const char *name)
@@ -156,9 +156,8 @@ static void test_invalid_fixtures(void **state)
         }
         if (why) {
             nfail++;
-            assert_int_equal(evd_buf_printf(&failures, "  %s: %s%s%s\n    got: %s\n", cases.v[i],
-                                            why, strchr(why, ':') ? " " : "",
-                                            strchr(why, ':') ? line : "", err),
+            assert_int_equal(evd_buf_printf(&failures, "  %s: %s%s%s\n    got: %s\n", cases.v[i], why,
+                                            strchr(why, ':') ? " " : "", strchr(why, ':') ? line : "", err),
                              0);
         }
         free(want);
@@ -378,8 +377,7 @@ static void test_full(void **state)
     assert_int_equal(r1->ntargets, 1);
     assert_int_equal(r1->targets[0], 0);
     assert_int_equal(r1->durable, 0);
-    assert_string_equal(r1->lookups[0].sql,
-                        "SELECT user_id FROM accounts WHERE id = $1 AND '$9' <> ''");
+    assert_string_equal(r1->lookups[0].sql, "SELECT user_id FROM accounts WHERE id = $1 AND '$9' <> ''");
     assert_true(r1->keys[0].has_old);
     assert_false(r1->keys[0].has_any);
     evd_config_free(cfg);
@@ -435,8 +433,8 @@ static void test_env_expansion(void **state)
     assert_string_equal(cfg->rules.v[0].keys[0].src, "cost$$5:{id}");
     assert_string_equal(cfg->rules.v[0].keys[1].src, "a$b");
     evd_config_free(cfg);
-    static const char *const asked[] = {"DATABASE_URL", "REDIS_URL", "REDIS_PASSWORD",
-                                        "EVD_TEST_DIR", "EVD_TEST_SUFFIX"};
+    static const char *const asked[] = {"DATABASE_URL", "REDIS_URL", "REDIS_PASSWORD", "EVD_TEST_DIR",
+                                        "EVD_TEST_SUFFIX"};
     size_t commas = 0;
     for (const char *p = env_asked; *p; p++)
         commas += *p == ',';
@@ -472,9 +470,8 @@ static void test_env_expansion(void **state)
     /* A variable with an empty value and no default is used as it is. */
     static const char *const empty[] = {"DATABASE_URL", "", NULL};
     env_tab = empty;
-    cfg =
-        parse_ok("{\"postgres\": {\"url\": \"${DATABASE_URL}\"}, \"redis\": {\"default\": "
-                 "{\"url\": \"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}");
+    cfg = parse_ok("{\"postgres\": {\"url\": \"${DATABASE_URL}\"}, \"redis\": {\"default\": "
+                   "{\"url\": \"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}");
     assert_string_equal(cfg->pg_url, "");
     evd_config_free(cfg);
 }
@@ -586,13 +583,12 @@ static void test_redis_credentials(void **state)
     (void)state;
     static const char *const env[] = {"DATABASE_URL", "x", "PW", "s3cret", NULL};
     env_tab = env;
-    evd_config_t *cfg =
-        parse_ok("{\"postgres\": {\"url\": \"${DATABASE_URL}\"}, \"redis\": {"
-                 "\"default\": {\"url\": \"redis://u:p@h/1\", \"username\": \"admin\", "
-                 "\"password\": \"${PW}\"},"
-                 "\"b\": {\"url\": \"redis://u:p@h/2\", \"password\": \"${PW_UNSET:-}\"},"
-                 "\"c\": {\"url\": \"redis://h/3\", \"username\": \"\", \"password\": \"only\"}},"
-                 " \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}");
+    evd_config_t *cfg = parse_ok("{\"postgres\": {\"url\": \"${DATABASE_URL}\"}, \"redis\": {"
+                                 "\"default\": {\"url\": \"redis://u:p@h/1\", \"username\": \"admin\", "
+                                 "\"password\": \"${PW}\"},"
+                                 "\"b\": {\"url\": \"redis://u:p@h/2\", \"password\": \"${PW_UNSET:-}\"},"
+                                 "\"c\": {\"url\": \"redis://h/3\", \"username\": \"\", \"password\": \"only\"}},"
+                                 " \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}");
     assert_int_equal(cfg->ntargets, 3);
     assert_string_equal(cfg->targets[0].username, "admin");
     assert_string_equal(cfg->targets[0].password, "s3cret");
@@ -633,13 +629,12 @@ static void test_sqlgen_routex(void **state)
     char *sql = sqlgen_of(cfg);
     evd_buf_t sel = {0};
     select_lines(sql, &sel);
-    assert_string_equal(
-        sel.data,
-        "SELECT evictd.watch('\"public\".\"products\"', ARRAY['id']::text[], 'evictd', true);\n"
-        "SELECT evictd.watch('\"public\".\"shipments\"', ARRAY['driver_id', 'product_id']::text[], "
-        "'evictd', true);\n"
-        "SELECT evictd.watch('\"public\".\"drivers\"', ARRAY['user_id']::text[], 'evictd', "
-        "true);\n");
+    assert_string_equal(sel.data,
+                        "SELECT evictd.watch('\"public\".\"products\"', ARRAY['id']::text[], 'evictd', true);\n"
+                        "SELECT evictd.watch('\"public\".\"shipments\"', ARRAY['driver_id', 'product_id']::text[], "
+                        "'evictd', true);\n"
+                        "SELECT evictd.watch('\"public\".\"drivers\"', ARRAY['user_id']::text[], 'evictd', "
+                        "true);\n");
     assert_non_null(strstr(sql, "\nBEGIN;\n"));
     assert_int_equal(strcmp(sql + strlen(sql) - 8, "COMMIT;\n"), 0);
     assert_null(strstr(sql, "evictd.unwatch("));
@@ -660,26 +655,25 @@ static void test_sqlgen_routex(void **state)
 static void test_sqlgen_durable(void **state)
 {
     (void)state;
-    evd_config_t *cfg = parse_ok(
-        "{\"postgres\": {\"url\": \"x\", \"channels\": [\"inval\", \"second\"]},"
-        " \"redis\": {\"default\": {\"url\": \"redis://h\"}},"
-        " \"rules\": ["
-        "{\"table\": \"a\", \"keys\": [\"a_{x}\"], \"durable\": false},"
-        "{\"table\": \"b\", \"keys\": [\"b_{new.y}\"], \"durable\": false},"
-        "{\"table\": \"public.a\", \"keys\": [\"a2_{old.z}_{x}\"], \"durable\": false},"
-        "{\"table\": \"b\", \"keys\": [\"b2\"]},"
-        "{\"table\": \"App$.C_1\", \"keys\": [\"c\"], \"durable\": true},"
-        "{\"table\": \"d\", \"lookups\": [{\"as\": \"w\", \"sql\": \"SELECT w FROM x WHERE p = $1 "
-        "AND q = $2\", \"args\": [\"q_id\", \"p_id\"]}], \"keys\": [\"d_{w}_{w}_{old.w}\"]}]}");
+    evd_config_t *cfg =
+        parse_ok("{\"postgres\": {\"url\": \"x\", \"channels\": [\"inval\", \"second\"]},"
+                 " \"redis\": {\"default\": {\"url\": \"redis://h\"}},"
+                 " \"rules\": ["
+                 "{\"table\": \"a\", \"keys\": [\"a_{x}\"], \"durable\": false},"
+                 "{\"table\": \"b\", \"keys\": [\"b_{new.y}\"], \"durable\": false},"
+                 "{\"table\": \"public.a\", \"keys\": [\"a2_{old.z}_{x}\"], \"durable\": false},"
+                 "{\"table\": \"b\", \"keys\": [\"b2\"]},"
+                 "{\"table\": \"App$.C_1\", \"keys\": [\"c\"], \"durable\": true},"
+                 "{\"table\": \"d\", \"lookups\": [{\"as\": \"w\", \"sql\": \"SELECT w FROM x WHERE p = $1 "
+                 "AND q = $2\", \"args\": [\"q_id\", \"p_id\"]}], \"keys\": [\"d_{w}_{w}_{old.w}\"]}]}");
     char *sql = sqlgen_of(cfg);
     evd_buf_t sel = {0};
     select_lines(sql, &sel);
-    assert_string_equal(
-        sel.data,
-        "SELECT evictd.watch('\"public\".\"a\"', ARRAY['x', 'z']::text[], 'inval', false);\n"
-        "SELECT evictd.watch('\"public\".\"b\"', ARRAY['y']::text[], 'inval', true);\n"
-        "SELECT evictd.watch('\"App$\".\"C_1\"', ARRAY[]::text[], 'inval', true);\n"
-        "SELECT evictd.watch('\"public\".\"d\"', ARRAY['p_id', 'q_id']::text[], 'inval', true);\n");
+    assert_string_equal(sel.data,
+                        "SELECT evictd.watch('\"public\".\"a\"', ARRAY['x', 'z']::text[], 'inval', false);\n"
+                        "SELECT evictd.watch('\"public\".\"b\"', ARRAY['y']::text[], 'inval', true);\n"
+                        "SELECT evictd.watch('\"App$\".\"C_1\"', ARRAY[]::text[], 'inval', true);\n"
+                        "SELECT evictd.watch('\"public\".\"d\"', ARRAY['p_id', 'q_id']::text[], 'inval', true);\n");
     evd_buf_free(&sel);
     free(sql);
 
@@ -731,13 +725,10 @@ static void test_describe(void **state)
     assert_non_null(strstr(buf, "postgres: listening on evictd evictd_b\n"));
     assert_non_null(strstr(buf, "  default: cache.internal:6380 db 3 user cache (password set) "
                                 "timeout 500ms\n"));
-    assert_non_null(strstr(buf,
-                           "  products: unix /run/redis/redis.sock db 5 user svc (password set)"
-                           " timeout 2000ms\n"));
-    assert_non_null(
-        strstr(buf, "rule 0: public.products on INSERT UPDATE -> targets default products\n"));
-    assert_non_null(
-        strstr(buf, "rule 1: sales.orders on DELETE TRUNCATE -> targets default (notify-only)\n"));
+    assert_non_null(strstr(buf, "  products: unix /run/redis/redis.sock db 5 user svc (password set)"
+                                " timeout 2000ms\n"));
+    assert_non_null(strstr(buf, "rule 0: public.products on INSERT UPDATE -> targets default products\n"));
+    assert_non_null(strstr(buf, "rule 1: sales.orders on DELETE TRUNCATE -> targets default (notify-only)\n"));
     assert_null(strstr(buf, "hunter2"));
     assert_null(strstr(buf, "from-env"));
     evd_config_free(cfg);
@@ -790,8 +781,7 @@ static void test_readme_documents_settings(void **state)
             char def[40];
             snprintf(def, sizeof(def), "| %lld", (long long)s->def);
             if (!strstr(line, def)) {
-                print_error("README row for %s does not show default %lld: %s\n", s->name, (long long)s->def,
-                            line);
+                print_error("README row for %s does not show default %lld: %s\n", s->name, (long long)s->def, line);
                 fail();
             }
         } else if (s->def_str && !strstr(line, s->def_str)) {

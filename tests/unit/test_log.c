@@ -100,8 +100,7 @@ static void test_text_basic(void **state)
 {
     (void)state;
     capture_begin();
-    EVD_LOG(EVD_LOG_INFO, "invalidated", F_STR("target", "default"), F_INT("keys", 3),
-            F_DBL("lag_ms", 0.7));
+    EVD_LOG(EVD_LOG_INFO, "invalidated", F_STR("target", "default"), F_INT("keys", 3), F_DBL("lag_ms", 0.7));
     EVD_LOG(EVD_LOG_WARN, "shutdown");
     const char *out = capture_end();
     const char *nl = strchr(out, '\n');
@@ -129,24 +128,22 @@ static void test_text_quoting(void **state)
                                          F_RAW("ids", "[1,2]"),
                                          {0}});
     const char *out = capture_end();
-    assert_string_equal(text_body(out),
-                        " level=error msg=\"redis retry\" plain=abc space=\"connection refused\""
-                        " eq=\"a=b\" quote=\"say \\\"hi\\\"\" empty=\"\" null=\"\" nl=\"a\\nb\\tc\""
-                        " bs=a\\b bsq=\"a \\\\b\" ctl=\"a\\u0001z\" keys=\"[\\\"a\\\",\\\"b\\\"]\""
-                        " ids=[1,2]\n");
+    assert_string_equal(text_body(out), " level=error msg=\"redis retry\" plain=abc space=\"connection refused\""
+                                        " eq=\"a=b\" quote=\"say \\\"hi\\\"\" empty=\"\" null=\"\" nl=\"a\\nb\\tc\""
+                                        " bs=a\\b bsq=\"a \\\\b\" ctl=\"a\\u0001z\" keys=\"[\\\"a\\\",\\\"b\\\"]\""
+                                        " ids=[1,2]\n");
 }
 
 static void test_text_numbers(void **state)
 {
     (void)state;
     capture_begin();
-    EVD_LOG(EVD_LOG_INFO, "stats", F_DBL("a", 12.0), F_DBL("b", 0.0004), F_DBL("c", 3.14159),
-            F_DBL("d", -2.5), F_DBL("e", 1e6), F_DBL("f", -0.0001), F_DBL("g", 0.1 + 0.2),
-            F_INT("h", -42), F_INT("i", INT64_MAX), F_BOOL("j", true), F_BOOL("k", false));
+    EVD_LOG(EVD_LOG_INFO, "stats", F_DBL("a", 12.0), F_DBL("b", 0.0004), F_DBL("c", 3.14159), F_DBL("d", -2.5),
+            F_DBL("e", 1e6), F_DBL("f", -0.0001), F_DBL("g", 0.1 + 0.2), F_INT("h", -42), F_INT("i", INT64_MAX),
+            F_BOOL("j", true), F_BOOL("k", false));
     const char *out = capture_end();
-    assert_string_equal(text_body(out),
-                        " level=info msg=stats a=12 b=0 c=3.142 d=-2.5 e=1000000 f=0 g=0.3 h=-42"
-                        " i=9223372036854775807 j=true k=false\n");
+    assert_string_equal(text_body(out), " level=info msg=stats a=12 b=0 c=3.142 d=-2.5 e=1000000 f=0 g=0.3 h=-42"
+                                        " i=9223372036854775807 j=true k=false\n");
 }
 
 /* ---- JSON ------------------------------------------------------------------------------ */
@@ -155,14 +152,13 @@ static void test_json_fields(void **state)
 {
     (void)state;
     capture_begin();
-    EVD_LOG(EVD_LOG_INFO, "invalidated", F_STR("target", "default"), F_INT("keys", 3),
-            F_DBL("lag_ms", 0.7), F_BOOL("dry", false), F_RAW("list", "[\"a\",\"b\"]"),
-            F_STR("none", NULL), F_RAW("raw_none", NULL), F_DBL("nan", 0.0 / 0.0));
+    EVD_LOG(EVD_LOG_INFO, "invalidated", F_STR("target", "default"), F_INT("keys", 3), F_DBL("lag_ms", 0.7),
+            F_BOOL("dry", false), F_RAW("list", "[\"a\",\"b\"]"), F_STR("none", NULL), F_RAW("raw_none", NULL),
+            F_DBL("nan", 0.0 / 0.0));
     const char *out = capture_end();
-    assert_string_equal(json_body(out),
-                        "\",\"level\":\"info\",\"msg\":\"invalidated\",\"target\":\"default\","
-                        "\"keys\":3,\"lag_ms\":0.7,\"dry\":false,\"list\":[\"a\",\"b\"],"
-                        "\"none\":null,\"raw_none\":null,\"nan\":null}\n");
+    assert_string_equal(json_body(out), "\",\"level\":\"info\",\"msg\":\"invalidated\",\"target\":\"default\","
+                                        "\"keys\":3,\"lag_ms\":0.7,\"dry\":false,\"list\":[\"a\",\"b\"],"
+                                        "\"none\":null,\"raw_none\":null,\"nan\":null}\n");
     json_error_t err;
     json_t *j = json_loads(out, JSON_DECODE_ANY, &err);
     assert_non_null(j);
@@ -180,11 +176,10 @@ static void test_json_escaping(void **state)
                          "b\xc3"),
             F_STR("sur", "\xed\xa0\x80"));
     const char *out = capture_end();
-    assert_string_equal(json_body(out),
-                        "\",\"level\":\"warn\",\"msg\":\"bad_input\","
-                        "\"s\":\"q\\\"b\\\\n\\nt\\tc\\u0001\\u001f\\u007f\","
-                        "\"utf8\":\"caf\xc3\xa9 \xe2\x82\xac\",\"bad\":\"a\\ufffdb\\ufffd\","
-                        "\"sur\":\"\\ufffd\\ufffd\\ufffd\"}\n");
+    assert_string_equal(json_body(out), "\",\"level\":\"warn\",\"msg\":\"bad_input\","
+                                        "\"s\":\"q\\\"b\\\\n\\nt\\tc\\u0001\\u001f\\u007f\","
+                                        "\"utf8\":\"caf\xc3\xa9 \xe2\x82\xac\",\"bad\":\"a\\ufffdb\\ufffd\","
+                                        "\"sur\":\"\\ufffd\\ufffd\\ufffd\"}\n");
     json_error_t err;
     json_t *j = json_loads(out, 0, &err);
     assert_non_null(j);
@@ -331,8 +326,7 @@ static void test_ratelimit(void **state)
     fake_now = 2000;
     capture_begin();
     evd_log_ratelimited("bad_payload", "bad_input", fields);
-    assert_string_equal(text_body(capture_end()),
-                        " level=warn msg=bad_input reason=bad_payload suppressed=2\n");
+    assert_string_equal(text_body(capture_end()), " level=warn msg=bad_input reason=bad_payload suppressed=2\n");
 
     fake_now = 3500;
     capture_begin();
@@ -390,16 +384,14 @@ static void test_long_and_many_lines(void **state)
     s[big] = '\0';
     capture_begin();
     for (int i = 0; i < 3000; i++)
-        EVD_LOG(EVD_LOG_INFO, "stats", F_INT("i", i),
-                F_STR("pad", "0123456789012345678901234567890123456789"));
+        EVD_LOG(EVD_LOG_INFO, "stats", F_INT("i", i), F_STR("pad", "0123456789012345678901234567890123456789"));
     EVD_LOG(EVD_LOG_INFO, "big", F_STR("s", s));
     EVD_LOG(EVD_LOG_INFO, "after");
     const char *out = capture_end();
     const char *p = out;
     char want[128];
     for (int i = 0; i < 3000; i++) {
-        snprintf(want, sizeof(want),
-                 " level=info msg=stats i=%d pad=0123456789012345678901234567890123456789\n", i);
+        snprintf(want, sizeof(want), " level=info msg=stats i=%d pad=0123456789012345678901234567890123456789\n", i);
         const char *nl = strchr(p, '\n');
         assert_non_null(nl);
         assert_prefix(text_body(p), want);

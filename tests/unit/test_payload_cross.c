@@ -72,9 +72,7 @@ static void test_mutations(void **state)
         for (int e = 0; e < edits && n > 0; e++) {
             size_t at = next() % n;
             switch (next() % 4) {
-            case 0: /* replace */
-                buf[at] = (uint8_t)alphabet[next() % (sizeof(alphabet) - 1)];
-                break;
+            case 0: /* replace */ buf[at] = (uint8_t)alphabet[next() % (sizeof(alphabet) - 1)]; break;
             case 1: /* delete */
                 memmove(buf + at, buf + at + 1, n - at - 1);
                 n--;
@@ -86,9 +84,7 @@ static void test_mutations(void **state)
                     n++;
                 }
                 break;
-            default: /* truncate */
-                n = at;
-                break;
+            default: /* truncate */ n = at; break;
             }
         }
         check(buf, n);

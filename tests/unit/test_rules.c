@@ -79,8 +79,7 @@ static void change_from(evd_change_t *c, const char *json)
 
 /* Parses payload, expands it into a fresh *x (release with evd_expansion_free). The change is
  * released before returning, so the expansion must not borrow from it. */
-static void expand(const evd_config_t *cfg, const char *payload, evd_lookup_resolve_fn fn, void *ud,
-                   evd_expansion_t *x)
+static void expand(const evd_config_t *cfg, const char *payload, evd_lookup_resolve_fn fn, void *ud, evd_expansion_t *x)
 {
     evd_change_t c;
     change_from(&c, payload);
@@ -152,8 +151,7 @@ static void assert_strs_set(const strs_t *sv, const char *const *want, const cha
     assert_true(same);
 }
 
-static void expect_target(const evd_expansion_t *x, size_t t, const char *const *keys,
-                          const char *const *patterns)
+static void expect_target(const evd_expansion_t *x, size_t t, const char *const *keys, const char *const *patterns)
 {
     assert_true(t < x->ntargets);
     assert_strv_set(&x->per_target[t].keys, keys, "keys");
@@ -201,8 +199,8 @@ static void join_call(evd_buf_t *b, const char *as, const char *const *args, siz
     assert_int_equal(evd_buf_putc(b, ')'), 0);
 }
 
-static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t li,
-                                        const char *const *args, size_t nargs)
+static const evd_lookup_vals_t *resolve(void *ud, const evd_rule_t *rule, size_t li, const char *const *args,
+                                        size_t nargs)
 {
     resolver_t *r = ud;
     assert_true(li < rule->nlookups);
@@ -257,8 +255,7 @@ static void resolver_free(resolver_t *r)
 }
 
 /* Collects distinct "as(args)" strings from evd_rules_lookups. */
-static int need_cb(void *ud, const evd_rule_t *rule, size_t li, const char *const *args,
-                   size_t nargs)
+static int need_cb(void *ud, const evd_rule_t *rule, size_t li, const char *const *args, size_t nargs)
 {
     evd_strv_t *out = ud;
     assert_true(li < rule->nlookups);
@@ -330,8 +327,7 @@ static void test_compile_errors(void **state)
     evd_buf_free(&big);
 }
 
-static void assert_part(const evd_tpl_part_t *p, bool is_ref, evd_img_t img, int lookup,
-                        const char *text)
+static void assert_part(const evd_tpl_part_t *p, bool is_ref, evd_img_t img, int lookup, const char *text)
 {
     assert_int_equal(p->is_ref, is_ref);
     if (is_ref) {
@@ -348,8 +344,7 @@ static void test_compile_ok(void **state)
     evd_template_t t;
     char err[256] = "";
 
-    assert_int_equal(
-        evd_template_compile(&t, "routex:1:product_{id}", false, NULL, 0, err, sizeof(err)), 0);
+    assert_int_equal(evd_template_compile(&t, "routex:1:product_{id}", false, NULL, 0, err, sizeof(err)), 0);
     assert_string_equal(t.src, "routex:1:product_{id}");
     assert_false(t.is_pattern);
     assert_int_equal(t.nparts, 2);
@@ -360,8 +355,7 @@ static void test_compile_ok(void **state)
     assert_false(t.has_new);
     evd_template_free(&t);
 
-    assert_int_equal(evd_template_compile(&t, "{old.a}-{new.b_2}", true, NULL, 0, err, sizeof(err)),
-                     0);
+    assert_int_equal(evd_template_compile(&t, "{old.a}-{new.b_2}", true, NULL, 0, err, sizeof(err)), 0);
     assert_true(t.is_pattern);
     assert_int_equal(t.nparts, 3);
     assert_part(&t.parts[0], true, EVD_IMG_OLD, -1, "a");
@@ -399,9 +393,8 @@ static void test_compile_ok(void **state)
     /* References resolve to lookups by name; other names stay columns. */
     char as0[] = "driver_user_id", as1[] = "slug2";
     evd_lookup_t lks[2] = {{.as = as0}, {.as = as1}};
-    assert_int_equal(evd_template_compile(&t, "{new.slug2}:{driver_user_id}:{driver_id}", false,
-                                          lks, 2, err, sizeof(err)),
-                     0);
+    assert_int_equal(
+        evd_template_compile(&t, "{new.slug2}:{driver_user_id}:{driver_id}", false, lks, 2, err, sizeof(err)), 0);
     assert_int_equal(t.nparts, 5);
     assert_part(&t.parts[0], true, EVD_IMG_NEW, 1, "slug2");
     assert_part(&t.parts[2], true, EVD_IMG_ANY, 0, "driver_user_id");
@@ -455,9 +448,7 @@ static void test_col_each_image(void **state)
            "\"old\":{\"id\":7,\"product_id\":3,\"driver_id\":2},"
            "\"new\":{\"id\":7,\"product_id\":4,\"driver_id\":2}}",
            resolve, &r, &x);
-    expect(&x,
-           LIST(RX "products_list", RX "product_3", RX "product_4", RX "drivers_list",
-                RX "driver_status_20"),
+    expect(&x, LIST(RX "products_list", RX "product_3", RX "product_4", RX "drivers_list", RX "driver_status_20"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     assert_int_equal(x.matched, 1);
     assert_int_equal(x.widened, 0);
@@ -470,8 +461,8 @@ static void test_col_each_image(void **state)
            "\"new\":{\"id\":7,\"product_id\":3,\"driver_id\":5}}",
            resolve, &r, &x);
     expect(&x,
-           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20",
-                RX "driver_status_50", RX "driver_status_51"),
+           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20", RX "driver_status_50",
+                RX "driver_status_51"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     evd_expansion_free(&x);
 
@@ -569,10 +560,9 @@ static void test_literal_braces(void **state)
 static void test_rendering(void **state)
 {
     (void)state;
-    evd_config_t *cfg = cfg_rules(
-        "[{\"table\": \"t\", \"keys\": [\"i_{i}\", \"neg_{neg}\", \"big_{big}\", \"s_{s}\","
-        " \"e_{e}\", \"t_{t}\", \"f_{f}\", \"num_{num}\", \"exp_{exp}\", \"u_{u}\","
-        " \"z_{z}\"]}]");
+    evd_config_t *cfg = cfg_rules("[{\"table\": \"t\", \"keys\": [\"i_{i}\", \"neg_{neg}\", \"big_{big}\", \"s_{s}\","
+                                  " \"e_{e}\", \"t_{t}\", \"f_{f}\", \"num_{num}\", \"exp_{exp}\", \"u_{u}\","
+                                  " \"z_{z}\"]}]");
     evd_expansion_t x;
     expand(cfg,
            "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\","
@@ -581,8 +571,8 @@ static void test_rendering(void **state)
            "\"u\":\"caf\\u00e9 \\\"q\\\"\",\"z\":0}}",
            NULL, NULL, &x);
     expect(&x,
-           LIST("i_42", "neg_-5", "big_9007199254740993", "s_hello world", "e_", "t_True",
-                "f_False", "num_3.50", "exp_1e-07", "u_caf\xc3\xa9 \"q\"", "z_0"),
+           LIST("i_42", "neg_-5", "big_9007199254740993", "s_hello world", "e_", "t_True", "f_False", "num_3.50",
+                "exp_1e-07", "u_caf\xc3\xa9 \"q\"", "z_0"),
            NONE);
     assert_int_equal(x.widened, 0);
     evd_expansion_free(&x);
@@ -635,8 +625,7 @@ static void test_render_value(void **state)
         assert_int_equal(evd_buf_puts(&b, ""), 0);
         int rc = evd_render_value(v, &b);
         if (rc != cases[i].rc || strcmp(b.data, cases[i].out) != 0)
-            fail_msg("%s: rc %d \"%s\", want %d \"%s\"", cases[i].json, rc, b.data, cases[i].rc,
-                     cases[i].out);
+            fail_msg("%s: rc %d \"%s\", want %d \"%s\"", cases[i].json, rc, b.data, cases[i].rc, cases[i].out);
         evd_buf_free(&b);
         evd_change_clear(&c);
     }
@@ -726,8 +715,7 @@ static void test_truncate_widens(void **state)
     /* Literal glob characters of a widened key template are escaped; a pattern's are not. */
     evd_config_t *c2 = cfg_rules("[{\"table\": \"t\", \"keys\": [\"a*b:{id}\", \"k[{x}]?\"],"
                                  " \"patterns\": [\"p*:{id}\", \"lit*\"]}]");
-    expand(c2, "{\"v\":1,\"id\":5,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", NULL,
-           NULL, &x);
+    expand(c2, "{\"v\":1,\"id\":5,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", NULL, NULL, &x);
     expect(&x, NONE, LIST("a\\*b:*", "k\\[*\\]\\?", "p*:*", "lit*"));
     assert_int_equal(x.widened, 3);
     evd_expansion_free(&x);
@@ -765,36 +753,28 @@ static void test_ref_widens(void **state)
 
     /* A reference still carries its op: a template naming an image the op lacks gives no key. */
     cfg = cfg_rules("[{\"table\": \"t\", \"keys\": [\"o_{old.a}\", \"n_{new.a}\", \"a_{a}\"]}]");
-    expand(
-        cfg,
-        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\"}",
-        NULL, NULL, &x);
+    expand(cfg, "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\"}", NULL, NULL,
+           &x);
     expect(&x, NONE, LIST("n_*", "a_*"));
     assert_int_equal(x.widened, 2);
     evd_expansion_free(&x);
-    expand(
-        cfg,
-        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"DELETE\"}",
-        NULL, NULL, &x);
+    expand(cfg, "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"DELETE\"}", NULL, NULL,
+           &x);
     expect(&x, NONE, LIST("o_*", "a_*"));
     evd_expansion_free(&x);
-    expand(
-        cfg,
-        "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"UPDATE\"}",
-        NULL, NULL, &x);
+    expand(cfg, "{\"v\":1,\"id\":2,\"ref\":true,\"schema\":\"public\",\"table\":\"t\",\"op\":\"UPDATE\"}", NULL, NULL,
+           &x);
     expect(&x, NONE, LIST("o_*", "n_*", "a_*"));
     evd_expansion_free(&x);
-    expand(cfg, "{\"v\":1,\"id\":2,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}",
-           NULL, NULL, &x);
+    expand(cfg, "{\"v\":1,\"id\":2,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", NULL, NULL, &x);
     expect(&x, NONE, LIST("o_*", "n_*", "a_*"));
     assert_int_equal(x.widened, 3);
     evd_expansion_free(&x);
     evd_config_free(cfg);
 }
 
-static const char chunk_rules[] =
-    "[{\"table\": \"t\", \"keys\": [\"any_{a}\", \"o_{old.a}\", \"n_{new.a}\","
-    " \"m_{old.a}_{new.a}\"]}]";
+static const char chunk_rules[] = "[{\"table\": \"t\", \"keys\": [\"any_{a}\", \"o_{old.a}\", \"n_{new.a}\","
+                                  " \"m_{old.a}_{new.a}\"]}]";
 
 static void test_chunk_rows(void **state)
 {
@@ -841,8 +821,7 @@ static void test_chunk_unpaired(void **state)
            "{\"v\":1,\"id\":9,\"schema\":\"public\",\"table\":\"t\",\"op\":\"UPDATE\","
            "\"rows\":[{\"old\":{\"a\":1}},{\"new\":{\"a\":2}},{\"old\":{\"a\":3}}]}",
            NULL, NULL, &x);
-    expect(&x, LIST("any_1", "any_2", "any_3", "o_1", "o_3", "n_2"),
-           LIST("m_1_*", "m_*_2", "m_3_*"));
+    expect(&x, LIST("any_1", "any_2", "any_3", "o_1", "o_3", "n_2"), LIST("m_1_*", "m_*_2", "m_3_*"));
     assert_int_equal(x.widened, 3);
     assert_contains(x.widen_reason, "m_{old.a}_{new.a}");
     evd_expansion_free(&x);
@@ -852,14 +831,13 @@ static void test_chunk_unpaired(void **state)
 static void test_rules_and_on(void **state)
 {
     (void)state;
-    evd_config_t *cfg =
-        cfg_rules("[{\"table\": \"t\", \"keys\": [\"all_{a}\", \"shared\"]},"
-                  " {\"table\": \"public.t\", \"on\": [\"DELETE\"], \"keys\": [\"del_{a}\"]},"
-                  " {\"table\": \"t\", \"on\": [\"INSERT\", \"UPDATE\"], \"keys\": [\"iu\","
-                  " \"shared\"]},"
-                  " {\"table\": \"t\", \"on\": [\"TRUNCATE\"], \"keys\": [\"tr\"]},"
-                  " {\"table\": \"s2.t\", \"keys\": [\"other_schema\"]},"
-                  " {\"table\": \"u\", \"keys\": [\"other_table\"]}]");
+    evd_config_t *cfg = cfg_rules("[{\"table\": \"t\", \"keys\": [\"all_{a}\", \"shared\"]},"
+                                  " {\"table\": \"public.t\", \"on\": [\"DELETE\"], \"keys\": [\"del_{a}\"]},"
+                                  " {\"table\": \"t\", \"on\": [\"INSERT\", \"UPDATE\"], \"keys\": [\"iu\","
+                                  " \"shared\"]},"
+                                  " {\"table\": \"t\", \"on\": [\"TRUNCATE\"], \"keys\": [\"tr\"]},"
+                                  " {\"table\": \"s2.t\", \"keys\": [\"other_schema\"]},"
+                                  " {\"table\": \"u\", \"keys\": [\"other_table\"]}]");
     evd_expansion_t x;
     expand(cfg,
            "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\","
@@ -877,8 +855,7 @@ static void test_rules_and_on(void **state)
     assert_int_equal(x.matched, 2);
     evd_expansion_free(&x);
 
-    expand(cfg, "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}",
-           NULL, NULL, &x);
+    expand(cfg, "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"TRUNCATE\"}", NULL, NULL, &x);
     expect(&x, LIST("shared", "tr"), LIST("all_*"));
     assert_int_equal(x.matched, 2);
     evd_expansion_free(&x);
@@ -926,9 +903,8 @@ static void test_targets(void **state)
            "\"new\":{\"id\":1,\"slug\":\"blue-boot\",\"category_id\":2}}",
            resolve, &r, &x);
     expect_target(&x, prod,
-                  LIST("ecommerce:1:product_detail_red-shoe",
-                       "ecommerce:1:product_detail_blue-boot", "ecommerce:1:product_list",
-                       "ecommerce:1:category_shoes", "ecommerce:1:category_boots"),
+                  LIST("ecommerce:1:product_detail_red-shoe", "ecommerce:1:product_detail_blue-boot",
+                       "ecommerce:1:product_list", "ecommerce:1:category_shoes", "ecommerce:1:category_boots"),
                   NONE);
     expect_target(&x, def, LIST("ecommerce:1:homepage"), NONE);
     assert_int_equal(x.matched, 2);
@@ -982,8 +958,8 @@ static void test_lookup_values(void **state)
            "\"driver_id\":5}}",
            resolve, &r, &x);
     expect(&x,
-           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20",
-                RX "driver_status_50", RX "driver_status_51"),
+           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_20", RX "driver_status_50",
+                RX "driver_status_51"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     assert_int_equal(x.widened, 0);
     assert_strv_set(&r.calls, LIST("driver_user_id(2)", "driver_user_id(5)"), "calls");
@@ -995,8 +971,7 @@ static void test_lookup_values(void **state)
            "\"new\":{\"product_id\":3,\"driver_id\":15}}",
            resolve, &r, &x);
     expect(&x,
-           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_70",
-                RX "driver_status_71"),
+           LIST(RX "products_list", RX "product_3", RX "drivers_list", RX "driver_status_70", RX "driver_status_71"),
            LIST(CACHE_PAGE, CACHE_HEADER));
     assert_int_equal(x.widened, 0);
     evd_expansion_free(&x);
@@ -1047,17 +1022,14 @@ static void expect_driver_widened(const char *driver, const char *reason)
 static void test_lookup_failed(void **state)
 {
     (void)state;
-    expect_driver_widened("13", "lookup failed: driver_user_id in \"" RX
-                                "driver_status_{driver_user_id}\"");
-    expect_driver_widened("14", "lookup failed: driver_user_id in \"" RX
-                                "driver_status_{driver_user_id}\"");
+    expect_driver_widened("13", "lookup failed: driver_user_id in \"" RX "driver_status_{driver_user_id}\"");
+    expect_driver_widened("14", "lookup failed: driver_user_id in \"" RX "driver_status_{driver_user_id}\"");
 }
 
 static void test_lookup_no_row(void **state)
 {
     (void)state;
-    expect_driver_widened("9", "lookup found no row: driver_user_id in \"" RX
-                               "driver_status_{driver_user_id}\"");
+    expect_driver_widened("9", "lookup found no row: driver_user_id in \"" RX "driver_status_{driver_user_id}\"");
 }
 
 static void test_lookup_missing_arg(void **state)
@@ -1081,12 +1053,11 @@ static void test_lookup_missing_arg(void **state)
     evd_config_free(cfg);
 }
 
-static const char cross_rules[] =
-    "[{\"table\": \"t\", \"lookups\": ["
-    "{\"as\": \"l1\", \"sql\": \"SELECT x FROM a WHERE id = $1\", \"args\": [\"a\"]},"
-    "{\"as\": \"l2\", \"sql\": \"SELECT y FROM b WHERE id = $1 AND f = $2\","
-    " \"args\": [\"b\", \"f\"]}],"
-    " \"keys\": [\"x_{l1}_{l2}\", \"k_{a}_{l1}\"], \"patterns\": [\"p*_{l1}\"]}]";
+static const char cross_rules[] = "[{\"table\": \"t\", \"lookups\": ["
+                                  "{\"as\": \"l1\", \"sql\": \"SELECT x FROM a WHERE id = $1\", \"args\": [\"a\"]},"
+                                  "{\"as\": \"l2\", \"sql\": \"SELECT y FROM b WHERE id = $1 AND f = $2\","
+                                  " \"args\": [\"b\", \"f\"]}],"
+                                  " \"keys\": [\"x_{l1}_{l2}\", \"k_{a}_{l1}\"], \"patterns\": [\"p*_{l1}\"]}]";
 
 static const lk_entry_t cross_tab[] = {
     {"l1", "1", 0, "a,b*"},
@@ -1153,8 +1124,7 @@ static void test_glob_escaping(void **state)
            "\"new\":{\"x\":\"a*b?[c]\\\\\"}}",
            NULL, NULL, &x);
     expect(&x, LIST("w_a*b?[c]\\"),
-           LIST("k\\*\\[a\\*b\\?\\[c\\]\\\\\\]_*", "p*:a\\*b\\?\\[c\\]\\\\:*",
-                "q?:a\\*b\\?\\[c\\]\\\\"));
+           LIST("k\\*\\[a\\*b\\?\\[c\\]\\\\\\]_*", "p*:a\\*b\\?\\[c\\]\\\\:*", "q?:a\\*b\\?\\[c\\]\\\\"));
     assert_int_equal(x.widened, 2);
     evd_expansion_free(&x);
     evd_config_free(cfg);
@@ -1285,9 +1255,7 @@ static void test_rules_lookups(void **state)
            "\"old\":{\"product_id\":3,\"driver_id\":null}}",
            &got);
     assert_int_equal(got.n, 0);
-    needed(cfg,
-           "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"shipments\",\"op\":\"TRUNCATE\"}",
-           &got);
+    needed(cfg, "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"shipments\",\"op\":\"TRUNCATE\"}", &got);
     assert_int_equal(got.n, 0);
     needed(cfg,
            "{\"v\":1,\"id\":1,\"ref\":true,\"schema\":\"public\",\"table\":\"shipments\","
@@ -1303,14 +1271,13 @@ static void test_rules_lookups(void **state)
 
     /* Args are rendered as SQL text parameters; lookups follow the image their templates
      * name and the rule's ops. */
-    cfg = cfg_rules(
-        "[{\"table\": \"t\", \"lookups\": ["
-        "{\"as\": \"l2\", \"sql\": \"SELECT 1 WHERE $1 AND $2 = 0\", \"args\": [\"f\", \"b\"]},"
-        "{\"as\": \"ln\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]},"
-        "{\"as\": \"lo\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]}],"
-        " \"keys\": [\"k_{l2}\", \"n_{new.ln}\", \"o_{old.lo}\"]},"
-        " {\"table\": \"t\", \"on\": [\"DELETE\"], \"lookups\": ["
-        "{\"as\": \"ld\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]}], \"keys\": [\"d_{ld}\"]}]");
+    cfg = cfg_rules("[{\"table\": \"t\", \"lookups\": ["
+                    "{\"as\": \"l2\", \"sql\": \"SELECT 1 WHERE $1 AND $2 = 0\", \"args\": [\"f\", \"b\"]},"
+                    "{\"as\": \"ln\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]},"
+                    "{\"as\": \"lo\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]}],"
+                    " \"keys\": [\"k_{l2}\", \"n_{new.ln}\", \"o_{old.lo}\"]},"
+                    " {\"table\": \"t\", \"on\": [\"DELETE\"], \"lookups\": ["
+                    "{\"as\": \"ld\", \"sql\": \"SELECT $1\", \"args\": [\"a\"]}], \"keys\": [\"d_{ld}\"]}]");
     needed(cfg,
            "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"UPDATE\","
            "\"old\":{\"f\":false,\"b\":1,\"a\":\"x y\"},\"new\":{\"f\":true,\"b\":2,"
