@@ -63,9 +63,12 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * not bound a sort under FOR UPDATE: a million-row backlog then drained at ~20k rows/s instead of
  * ~200k (benchmark, auto_explain). Without sorts the only plan left is the ordered index scan.
  * The sort the claim still needs (its rows in id order) then costs 1e10 in the plan, over
- * jit_above_cost: without jit = off every claim was compiled, 30-100 ms each. */
+ * jit_above_cost: without jit = off every claim was compiled, 30-100 ms each. Nor sequential
+ * scans: a claim prepared while the outbox is a page or two (drained and vacuumed) deleted its
+ * rows through one, and its plan stayed while the table grew between vacuums: at 2,000 writes/s
+ * most claims read all of its 70-odd pages (pg_stat_user_tables.seq_scan; heapgetpage in perf). */
 static const char SQL_CLAIM_SETUP[] =
-    "SET synchronous_commit = off; SET enable_sort = off; SET jit = off; "
+    "SET synchronous_commit = off; SET enable_sort = off; SET enable_seqscan = off; SET jit = off; "
     "PREPARE evictd_claim(bigint, bigint[], int) AS "
     "WITH c AS (" CLAIM_DELETE ") SELECT id, payload FROM c ORDER BY id; "
     "PREPARE evictd_claim_snap(bigint, bigint[], int, bool) AS "

@@ -1519,6 +1519,35 @@ class DaemonTest(unittest.TestCase):
         self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 3, "a lease after the ring", d)
         self.assertEqual(d.stop(), 0, d.tail())
 
+    def outbox_seq_scans(self):
+        """Sequential scans of evictd.outbox so far (what the backends flushed: idle ones flush at
+        most once a second, evictd's at its polls)."""
+        self.sql("SELECT pg_catalog.pg_stat_clear_snapshot()")
+        return self.q1("SELECT seq_scan FROM pg_catalog.pg_stat_user_tables WHERE relid = 'evictd.outbox'::regclass")
+
+    def test_13l_claims_do_not_scan_the_outbox(self):
+        """Claims are prepared once per connection. One planned while the outbox was a page
+        (drained and vacuumed) deleted its rows through a sequential scan, and went on so while
+        the table grew: a backlog then cost every claim a read of all its pages. Claims use the
+        primary key whatever the outbox's size when they were planned."""
+        d = self.start_ready(self.daemon())  # poll_interval_ms 100: claims on both connections
+        self.pg.psql("VACUUM ANALYZE evictd.outbox")  # a page or none; plans made again, at that size
+        time.sleep(1.5)  # the polls' claims run 6+ times on each connection: generic plans from the 6th
+        before = self.outbox_seq_scans()
+        n = 20000
+        self.fill([P(i) for i in range(1, 5)] + [PL])
+        self.sql("INSERT INTO evictd.outbox (id, payload) SELECT pg_catalog.nextval('evictd.outbox_id_seq'), "
+                 "pg_catalog.format('{\"v\":1,\"id\":%%s,\"tx\":1,\"ts\":1,\"schema\":\"public\",\"table\":"
+                 "\"products\",\"op\":\"UPDATE\",\"rows\":[{\"old\":{\"id\":%%s},\"new\":{\"id\":%%s}}]}', "
+                 "pg_catalog.currval('evictd.outbox_id_seq'), 1 + g %% 4, 1 + g %% 4) FROM generate_series(1, %d) AS g" % n)
+        self.wait_gone([P(i) for i in range(1, 5)] + [PL], d)
+        self.wait(lambda: self.sql("SET enable_seqscan = off", "SELECT count(*) FROM evictd.outbox")[0][0] == 0,
+                  15, "the backlog drained", d)
+        time.sleep(2.5)  # evictd's backends flush their counts at a poll, a second apart at most
+        self.assertEqual(self.outbox_seq_scans() - before, 0, "claims scanned the outbox sequentially")
+        self.assertEqual(d.dead_letters(), [])
+        self.assertEqual(d.stop(), 0, d.tail())
+
     def test_13e_lease_ends_when_evictd_stops_reading(self):
         """Under light load the flag is a lease evictd renews. An evictd that stops reading (here
         SIGSTOP; a hung process or a dead connection alike) stops renewing it, and within a
