@@ -47,8 +47,10 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * released or failed claim rolls back, which puts them back. Each row is still locked (FOR
  * UPDATE SKIP LOCKED in the ARRAY() init plan) and then deleted, a LOCK and a DELETE WAL record
  * as before (pg_waldump), but in one statement: no ack statement with its own index scan, which
- * the writers feel under steady load. The init plan makes the delete an index scan whatever
- * the plan. While a backlog is drained (the last claim came back full) a claim
+ * the writers feel under steady load. The init plan hands the delete the rows' ctids, a TID
+ * scan (enable_seqscan is off): no second index descent per row (10-15 % less backend CPU a row
+ * than deleting by id, claimbench). A row locked by this transaction stays where it is until
+ * the delete. While a backlog is drained (the last claim came back full) a claim
  * locks its rows instead and the ack deletes them: the delete then runs while the other
  * connection's batch is in flight rather than before this one's, and a million-row drain went
  * at 150k rows/s that way against 116k deleting at the claim. Commits do not wait for their
@@ -56,7 +58,8 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * is harmless. */
 #define CLAIM_SELECT(cols)                                                                                             \
     "SELECT " cols " FROM evictd.outbox WHERE id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
-#define CLAIM_DELETE "DELETE FROM evictd.outbox WHERE id = ANY (ARRAY(" CLAIM_SELECT("id") ")) RETURNING id, payload"
+#define CLAIM_DELETE                                                                                                   \
+    "DELETE FROM evictd.outbox WHERE ctid = ANY (ARRAY(" CLAIM_SELECT("ctid") ")) RETURNING id, payload"
 /* Claims walk the primary key in id order, whatever the statistics say: an outbox analyzed while
  * empty (its pages full of deleted rows) is estimated at one row, and a claim planned on that
  * took a bitmap scan and sorted every row above the cursor, spilling to disk, because LIMIT does
