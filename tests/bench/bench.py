@@ -1064,7 +1064,7 @@ def report(b, elapsed):
             goal = ""
             if mode in ("durable", "durable_trigger"):
                 r = med(t) / med(bare) if t and bare else None
-                goal = "≥ 0.90× bare" + verdict(r >= 0.9 if r else None)
+                goal = "≥ 0.90× bare" + (" (%.3f)" % r if r else "") + verdict(r >= 0.9 if r else None)
             left = g(sec, "backlog_" + mode)
             if left and max(left) > 0:
                 goal += "; rows left at the end %s" % cell(left)
