@@ -658,12 +658,16 @@ class Bench:
             self.stop_worker(proc)
 
     # -- 3. write path ----------------------------------------------------------------------------
-    def pgbench(self, seconds):
+    def pgbench(self, seconds, rate=None):
+        """TPS of pgbench -c 8 -j 2, a single-row UPDATE of a random product; flat out, or at
+        rate transactions/s (-R)."""
         script = os.path.join(self.work, "update.sql")
         with open(script, "w") as f:
             f.write("\\set id random(1, %d)\nUPDATE products SET stock = stock + 1 WHERE id = :id;\n" % self.products_rows)
         argv = [os.path.join(self.pg.bindir, "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(self.pg.port),
                 "-U", "postgres", "-c", "8", "-j", "2", "-T", str(seconds), "-M", "prepared", "-f", script, "postgres"]
+        if rate:
+            argv[-3:-3] = ["-R", str(rate)]  # before -f script postgres
         p = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
         if p.returncode != 0:
             raise HarnessError("pgbench failed: %s %s" % (p.stdout[-2000:], p.stderr[-2000:]))
@@ -672,21 +676,28 @@ class Bench:
             raise HarnessError("no tps in pgbench output: %s" % p.stdout)
         return float(m.group(1))
 
-    def write_path_run(self, mode, seconds, section):
-        """mode: none, bare, bare_drained (bare trigger + BareDrain), durable_trigger (durable capture,
-        no evictd), durable, notify (evictd running)."""
+    def write_mode(self, mode, seconds):
+        """Sets up a write-path mode for a run of seconds: none, bare, bare_drained (bare trigger +
+        BareDrain), durable_trigger (durable capture, no evictd, the flag at 0), durable, notify
+        (evictd running). Returns (evictd Proc or None, BareDrain or None), both started."""
         self.set_capture({"none": None, "durable_trigger": "durable", "bare_drained": "bare"}.get(mode, mode))
+        self.sql("SELECT setval('evictd.idle', 0)")
         self.sql("TRUNCATE bench_outbox")
         self.clear_outbox()
         self.sql("VACUUM products")
         self.sql("CHECKPOINT")
-        proc = drain = None
+        if mode in ("durable", "notify"):
+            return self.start_worker(mode), None
+        if mode == "bare_drained":
+            drain = BareDrain(self.pg, seconds)
+            drain.start()
+            return None, drain
+        return None, None
+
+    def write_path_run(self, mode, seconds, section):
+        """One pgbench run of a write-path mode (write_mode)."""
+        proc, drain = self.write_mode(mode, seconds)
         try:
-            if mode in ("durable", "notify"):
-                proc = self.start_worker(mode)
-            elif mode == "bare_drained":
-                drain = BareDrain(self.pg, seconds)
-                drain.start()
             cpu0 = proc.cpu() if proc else 0.0
             wal = "SELECT wal_bytes, wal_sync FROM pg_stat_wal"
             wal0 = self.sql(wal)[0]

@@ -11,7 +11,7 @@ the writers' NOTIFYs, autovacuum).
     python3 tests/bench/drain_cost.py [--rate 2000] [--secs 10] [--reps 3] [--fsync off]
 
 Modes: durable_trigger (evictd's capture, evictd not running, the flag at 0), durable (evictd
-running: at light load under a lease every write rings), bare (bench_capture.sql's trigger) and
+running: at light load under a lease every write rings), bare (bare_capture.sql's trigger) and
 bare_drained (the same, emptied by bench.py's BareDrain loop every 12 ms). Prints the CPU per
 transaction of each (median of the repetitions) and the two drains' cost per change, and, with
 --counts, evictd's own counts at exit (doorbells, claims, rows claimed). Uses bench.py's
@@ -21,9 +21,7 @@ bounded by a timeout.
 
 import argparse
 import os
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402  (re-executes under /usr/bin/python3 when psycopg2 is missing)
-from bench import BareDrain, Bench  # noqa: E402
+from bench import Bench  # noqa: E402
 
 MODES = ("durable_trigger", "durable", "bare", "bare_drained")
 
@@ -68,23 +66,9 @@ def main():
     per_tx = {m: [] for m in modes}
     try:
         b.reset_products(100000)
-        script = os.path.join(b.work, "update.sql")
-        with open(script, "w") as f:
-            f.write("\\set id random(1, 100000)\nUPDATE products SET stock = stock + 1 WHERE id = :id;\n")
         for rep in range(a.reps):
             for mode in modes:
-                b.set_capture({"durable_trigger": "durable", "bare_drained": "bare"}.get(mode, mode))
-                b.sql("SELECT setval('evictd.idle', 0)")
-                b.sql("TRUNCATE bench_outbox")
-                b.clear_outbox()
-                b.sql("VACUUM products")
-                b.sql("CHECKPOINT")
-                proc = drain = None
-                if mode == "durable":
-                    proc = b.start_worker("durable")
-                elif mode == "bare_drained":
-                    drain = BareDrain(b.pg, a.secs)
-                    drain.start()
+                proc, drain = b.write_mode(mode, a.secs)
                 got = {}
 
                 def sample():
@@ -96,20 +80,15 @@ def main():
                 th = threading.Thread(target=sample)
                 th.start()
                 try:
-                    p = subprocess.run([os.path.join(b.pg.bindir, "pgbench"), "-n", "-h", "127.0.0.1", "-p",
-                                        str(b.pg.port), "-U", "postgres", "-c", "8", "-j", "2", "-R", str(a.rate),
-                                        "-T", str(a.secs), "-M", "prepared", "-f", script, "postgres"],
-                                       capture_output=True, text=True, timeout=a.secs + 60)
+                    tps = b.pgbench(a.secs, rate=a.rate)
                 finally:
                     th.join(a.secs + 5)
                     if drain:
                         drain.finish()
                     if proc:
                         b.stop_worker(proc)
-                m = re.search(r"tps = ([0-9.]+) \(without", p.stdout)
-                if p.returncode != 0 or not m or "cores" not in got:
-                    raise bench.HarnessError("pgbench failed: %s %s" % (p.stdout[-1000:], p.stderr[-1000:]))
-                tps = float(m.group(1))
+                if "cores" not in got:
+                    raise bench.HarnessError("the CPU sampler did not finish")
                 us = got["cores"] / tps * 1e6
                 per_tx[mode].append(us)
                 extra = ""
