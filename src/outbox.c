@@ -48,8 +48,8 @@ static const char SQL_ROLLBACK[] = "ROLLBACK";
  * UPDATE SKIP LOCKED in the ARRAY() init plan) and then deleted, a LOCK and a DELETE WAL record
  * as before (pg_waldump), but in one statement: no ack statement with its own index scan, which
  * the writers feel under steady load. The init plan hands the delete the rows' ctids, a TID
- * scan (enable_seqscan is off): no second index descent per row (10-15 % less backend CPU a row
- * than deleting by id, claimbench). A row locked by this transaction stays where it is until
+ * scan (enable_seqscan is off): no second index descent per row (5.25 -> 4.15 us of backend CPU a row
+ * against deleting by id, 200-row claims). A row locked by this transaction stays where it is until
  * the delete. While a backlog is drained (the last claim came back full) a claim
  * locks its rows instead and the ack deletes them: the delete then runs while the other
  * connection's batch is in flight rather than before this one's, and a million-row drain went
