@@ -142,9 +142,15 @@ class HttpTest(unittest.TestCase):
         self.redis().set("p:7", "x")
         self.pg.psql("UPDATE products SET stock = stock + 1 WHERE id = 7")
         wait_until(lambda: self.redis().exists("p:7") == 0, timeout=10, what="p:7 deleted")
+        # The key can go from the doorbell's payload before the row is claimed, and a change is
+        # counted when its row is claimed: wait for the count, not only for the key.
+        wait_until(lambda: metric(get(self.base + "/metrics")[1], "evictd_changes_total",
+                                  '{table="public.products",op="UPDATE"}') is not None,
+                   timeout=5, what="evictd_changes_total sample")
         text = get(self.base + "/metrics")[1]
         served = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
-        names = [line.split()[0] for line in open(names_file) if line.strip() and not line.startswith("#")]
+        with open(names_file) as f:
+            names = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
         self.assertGreaterEqual(len(names), 10)
         for name in names:
             self.assertIn(name, served, "dashboard metric %s is not served" % name)
