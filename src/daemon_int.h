@@ -175,6 +175,7 @@ struct daemon {
                             * reached the end, or a hint's linger (outbox_rung; other doorbells clear it) */
     struct hint_slot {
         int64_t id;     /* outbox id */
+        uint64_t at;    /* loop time it was heard */
         bool confirmed; /* Redis confirmed every deletion of the hint */
         rec_t *flight;  /* its rec while Redis has not answered all its deletions */
         uint16_t len;   /* payload bytes (0: longer than HINT_BYTES, never skipped) */
@@ -204,7 +205,7 @@ struct daemon {
     uint64_t lease_ban_until;     /* loop time before which evictd sets no lease */
     uint64_t lease_since;         /* loop time the flag became a lease */
     uint64_t win_rows, win_hints; /* under a lease: rows claimed, hints heard, in arrival_rate's window */
-    uint64_t miss_at;             /* loop time a claim last found a row that rang no doorbell (under a lease) */
+    int64_t covered;              /* every outbox id up to this one was hinted or claimed, or a claim passed it */
     bool clearing_flag;           /* stopping: a setval to 0 is in flight */
     bool last_claim;              /* stopping: one more claim takes the rows of hints applied but not claimed */
     bool rung_in_claim;           /* a doorbell was heard since the claim in flight was sent */
@@ -263,6 +264,7 @@ void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
 bool hinted(const daemon_t *d, int64_t id);
+bool claimed_lately(const daemon_t *d, int64_t id);
 int hint_state(const daemon_t *d, int64_t id);
 void claimed_keep(daemon_t *d, int64_t id);
 void hints_forget(daemon_t *d);

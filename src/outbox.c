@@ -23,7 +23,7 @@
 #define FLAG_LEASE 2          /* claim_flag / flag: a lease (the flag holds its end, epoch ms) */
 /* Under a lease: the claim that acknowledges rows applied from their doorbell waits this long ... */
 #define HINT_LINGER_MS 4
-#define MISS_WINDOW_MS 100 /* ... unless a claim found a row that rang none within this window */
+#define GAP_MS 1      /* ... or until an id below the newest hint has been missing this long (gap_since) */
 #define LEASE_MS 1000 /* light load: writes ring until this long after the last claim that set the flag (then once) */
 #define LEASE_BAN_MS 1000 /* no lease for this long after a window in which most claimed rows rang none */
 #define FLAG_FRESH_MS 100 /* a claim that would set the lease skips the setval when one did lately */
@@ -464,6 +464,29 @@ static bool light_load(daemon_t *d)
     return !why;
 }
 
+/* Under a lease: since when (loop ms) an outbox id below the newest hint has had no hint and no
+ * claim (since the first hint above it was heard); 0: none is missing. Its row rang none (its
+ * writer found another ringing transaction in flight), or it has not committed yet, or it
+ * rolled back, or its rules needed lookups: a claim goes for it GAP_MS after. Most gaps close
+ * sooner, commits out of id order whose hints are on the way, and need no claim of their own.
+ * A forged hint far ahead only makes claims go at once. */
+static uint64_t gap_since(daemon_t *d, uint64_t now)
+{
+    for (size_t i = 0; i < HINTS_KEPT && d->covered < d->max_hint_id; i++) {
+        int64_t next = d->covered + 1;
+        if (!hinted(d, next) && !claimed_lately(d, next))
+            break;
+        d->covered = next;
+    }
+    if (d->covered >= d->max_hint_id)
+        return 0;
+    uint64_t since = now;
+    for (size_t i = 0; i < HINTS_KEPT && i < d->nhinted; i++)
+        if (d->hints[i].id > d->covered && d->hints[i].at < since)
+            since = d->hints[i].at;
+    return since ? since : 1;
+}
+
 /* A doorbell rang (hint: it carried its change, applied already). Under light load the claim
  * that picks the row up sets the idle flag first, so the next write rings with its change too
  * and is applied without waiting for a claim; under heavier load the claims go on until the
@@ -474,19 +497,24 @@ void outbox_rung(daemon_t *d, bool hint)
     d->want_drain = true;
     if (hint && d->flag == FLAG_LEASE)
         d->win_hints++;
-    /* A lease with every recent row rung: the claim only acknowledges rows applied from their
-     * doorbells already, so it waits a little and takes several (fewer claims for the database
-     * and fewer wake-ups next to the writers). A row that rang none (its writer found another
-     * ringing transaction in flight) makes claims go at once again for a while. */
+    /* Under a lease the claim only acknowledges rows applied from their doorbells already, so it
+     * waits a little and takes several (fewer claims for the database and fewer wake-ups next to
+     * the writers), but for a row that may have rung none (gap_since). Claims going at once for
+     * 100 ms after one that found such a row went at once nearly always with 8 writers at 2,000
+     * writes/s (~6 % of rows ring none): 11,000 claims in 10 s for 20,000 rows. */
     uint64_t now = uv_now(d->loop);
-    bool linger = hint && d->flag == FLAG_LEASE && now - d->miss_at >= MISS_WINDOW_MS;
     /* The linger starts at the first hint after a claim went, and only then: restarting it
      * whenever it had run out let a hint that came in the millisecond it ran out (before the
      * timer's turn in the loop) start it again, and at 2,000 hints/s claims waited 10-400 ms. */
-    if (!linger)
+    if (!hint || d->flag != FLAG_LEASE) {
         d->pace_until = 0;
-    else if (!d->pace_until)
-        d->pace_until = now + HINT_LINGER_MS;
+    } else {
+        if (!d->pace_until)
+            d->pace_until = now + HINT_LINGER_MS;
+        uint64_t gap = gap_since(d, now);
+        if (gap && gap + GAP_MS < d->pace_until)
+            d->pace_until = gap + GAP_MS;
+    }
     d->idle = false;
     d->armed = false; /* the writer that rang cleared the flag (1), or another ring may be due (a lease) */
     d->rung_in_claim = true;
@@ -847,10 +875,10 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             d->cursor = id;
         if (id > d->max_claimed)
             d->max_claimed = id;
-        if (d->flag == FLAG_LEASE && hint_state(d, id) == 0) {
-            d->miss_at = uv_now(d->loop);
+        if (d->flag == FLAG_LEASE && hint_state(d, id) == 0)
             d->t_unrung++;
-        }
+        if (id > d->covered)
+            d->covered = id; /* an id below it that this claim did not take has not committed */
         claimed_keep(d, id);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }

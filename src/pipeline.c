@@ -293,6 +293,7 @@ static void hint_keep(daemon_t *d, int64_t id, const char *payload, size_t len)
 {
     struct hint_slot *h = &d->hints[d->nhinted++ % HINTS_KEPT];
     h->id = id;
+    h->at = uv_now(d->loop);
     h->confirmed = false;
     h->flight = NULL; /* a rec still in flight keeps its waiter (hint_answered) */
     h->len = len <= HINT_BYTES ? (uint16_t)len : 0;
@@ -319,7 +320,7 @@ void claimed_keep(daemon_t *d, int64_t id)
 }
 
 /* Was outbox row id claimed lately? Its doorbell, heard after, need not apply it again. */
-static bool claimed_lately(const daemon_t *d, int64_t id)
+bool claimed_lately(const daemon_t *d, int64_t id)
 {
     for (size_t i = 0; i < CLAIMED_KEPT && i < d->nclaimed_ids; i++)
         if (d->claimed_ids[i] == id)
