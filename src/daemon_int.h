@@ -264,7 +264,6 @@ void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 void outbox_rung(daemon_t *d, bool hint);
 bool hinted(const daemon_t *d, int64_t id);
-bool claimed_lately(const daemon_t *d, int64_t id);
 int hint_state(const daemon_t *d, int64_t id);
 void claimed_keep(daemon_t *d, int64_t id);
 void hints_forget(daemon_t *d);

@@ -320,7 +320,7 @@ void claimed_keep(daemon_t *d, int64_t id)
 }
 
 /* Was outbox row id claimed lately? Its doorbell, heard after, need not apply it again. */
-bool claimed_lately(const daemon_t *d, int64_t id)
+static bool claimed_lately(const daemon_t *d, int64_t id)
 {
     for (size_t i = 0; i < CLAIMED_KEPT && i < d->nclaimed_ids; i++)
         if (d->claimed_ids[i] == id)
