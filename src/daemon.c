@@ -23,7 +23,7 @@ static void on_notify(evd_pg_t *pg, const char *channel, const char *payload, si
         return;
     if (len == 0) {
         /* A doorbell: the outbox has rows. */
-        outbox_rung(d, false);
+        outbox_rung(d, RING_EMPTY);
         return;
     }
     if (!d->incoming && !(d->incoming = unit_new(d, false)))

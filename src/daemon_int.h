@@ -262,7 +262,10 @@ void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
 void claimer_lost(claimer_t *cl);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
-void outbox_rung(daemon_t *d, bool hint);
+/* What a doorbell brought: nothing, or the change of its one-row write (a hint), applied from it
+ * or not (its rules need lookups, which read the claimed row; or a dry run). */
+typedef enum { RING_EMPTY, RING_HINT_APPLIED, RING_HINT_UNAPPLIED } ring_t;
+void outbox_rung(daemon_t *d, ring_t ring);
 bool hinted(const daemon_t *d, int64_t id);
 int hint_state(const daemon_t *d, int64_t id);
 void claimed_keep(daemon_t *d, int64_t id);

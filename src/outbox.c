@@ -467,7 +467,8 @@ static bool light_load(daemon_t *d)
 /* Under a lease: since when (loop ms) an outbox id below the newest hint has had no hint and no
  * claim (since the first hint above it was heard); 0: none is missing. Its row rang none (its
  * writer found another ringing transaction in flight), or it has not committed yet, or it
- * rolled back, or its rules needed lookups: a claim goes for it GAP_MS after. Most gaps close
+ * rolled back: a claim goes for it GAP_MS after (one whose rules need lookups rang with its
+ * change, which evictd did not apply: its claim went at once, outbox_rung). Most gaps close
  * sooner, commits out of id order whose hints are on the way, and need no claim of their own.
  * A forged hint far ahead only makes claims go at once. */
 static uint64_t gap_since(daemon_t *d, uint64_t now)
@@ -488,8 +489,9 @@ static uint64_t gap_since(daemon_t *d, uint64_t now)
  * that picks the row up sets the idle flag first, so the next write rings with its change too
  * and is applied without waiting for a claim; under heavier load the claims go on until the
  * outbox is drained, without being rung (every ring costs a writer a NOTIFY). */
-void outbox_rung(daemon_t *d, bool hint)
+void outbox_rung(daemon_t *d, ring_t ring)
 {
+    bool hint = ring != RING_EMPTY;
     d->t_doorbells++;
     d->want_drain = true;
     if (hint && d->flag == FLAG_LEASE)
@@ -498,12 +500,13 @@ void outbox_rung(daemon_t *d, bool hint)
      * waits a little and takes several (fewer claims for the database and fewer wake-ups next to
      * the writers), but for a row that may have rung none (gap_since). Claims going at once for
      * 100 ms after one that found such a row went at once nearly always with 8 writers at 2,000
-     * writes/s (~6 % of rows ring none): 11,000 claims in 10 s for 20,000 rows. */
+     * writes/s (~6 % of rows ring none): 11,000 claims in 10 s for 20,000 rows. A change not
+     * applied from its doorbell (its rules need lookups) waits for its claim: that goes at once. */
     uint64_t now = uv_now(d->loop);
     /* The linger starts at the first hint after a claim went, and only then: restarting it
      * whenever it had run out let a hint that came in the millisecond it ran out (before the
      * timer's turn in the loop) start it again, and at 2,000 hints/s claims waited 10-400 ms. */
-    if (!hint || d->flag != FLAG_LEASE) {
+    if (ring != RING_HINT_APPLIED || d->flag != FLAG_LEASE) {
         d->pace_until = 0;
     } else {
         if (!d->pace_until)
@@ -512,6 +515,9 @@ void outbox_rung(daemon_t *d, bool hint)
         if (gap && gap + GAP_MS < d->pace_until)
             d->pace_until = gap + GAP_MS;
     }
+    EVD_LOG(EVD_LOG_DEBUG, "rung", F_BOOL("hint", hint), F_BOOL("applied", ring == RING_HINT_APPLIED),
+            F_BOOL("lease", d->flag == FLAG_LEASE),
+            F_INT("claim_in_ms", d->pace_until > now ? (int64_t)(d->pace_until - now) : 0));
     d->idle = false;
     d->armed = false; /* the writer that rang cleared the flag (1), or another ring may be due (a lease) */
     d->rung_in_claim = true;

@@ -835,8 +835,9 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
         /* A hint: the capture's doorbell carries the change of a one-row statement. Applied
          * at once, and again when its outbox row is claimed (the row is the source of truth:
          * a hint that fails, or that a role able to NOTIFY forged, loses nothing and hides
-         * nothing). One whose rules need lookups is only a doorbell. */
+         * nothing). One whose rules need lookups is only a doorbell: its claim goes at once. */
         lookup_ctx_t lc = {.u = u, .count_only = true};
+        ring_t ring = RING_HINT_UNAPPLIED;
         if (!d->opts.dry_run && evd_rules_watches(&cfg->rules, c->schema, c->table) &&
             evd_rules_lookups(&cfg->rules, c, need_lookup, &lc) == 0 && lc.calls == 0) {
             /* A row claimed before its doorbell was heard is applied by its claim. */
@@ -844,8 +845,9 @@ void accept_payload(unit_t *u, const char *payload, size_t len, int64_t id)
             hint_keep(d, c->id, payload, len);
             if (!claimed)
                 expand_and_submit(u, c, table, c->id, NULL, 0, NULL, 0, true);
+            ring = RING_HINT_APPLIED;
         }
-        outbox_rung(d, true);
+        outbox_rung(d, ring);
     } else if (durable_by_notify) {
         /* The capture of a durable table rings a doorbell, empty or with the change and its
          * outbox id; a full change without one came from elsewhere (any role may NOTIFY):

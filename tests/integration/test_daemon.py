@@ -1447,6 +1447,45 @@ class DaemonTest(unittest.TestCase):
         self.assertGreaterEqual(sum(claims) / len(claims), 2.5,
                                 "%d claims for %d rows (%s)" % (len(claims), sum(claims), claims[:40]))
 
+    def test_13n_lookup_change_is_claimed_at_once(self):
+        """Under a lease the claim that only acknowledges rows applied from their doorbells lingers
+        a few ms to take several. A change whose rules need lookups is not applied from its
+        doorbell (the lookup reads its claimed row): its claim goes at once, not after the
+        linger. The "rung" debug line says when the next claim may go."""
+        cfg = self.config()
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        seen = {}
+        for attempt in range(5):  # a claim in flight may take a row before its doorbell (hinted_write)
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 5, "a lease (light load)", d)
+            # A row the doorbell applies: its claim lingers.
+            oid, since = self.hinted_write(d, "UPDATE products SET stock = %d WHERE id = 1" % (30 + attempt),
+                                           [P(1), PL])
+            rung = d.wait_log("rung", 5, since=since, where=lambda r: r.get("hint") is True)
+            if rung.get("lease") is True:
+                seen["applied"] = rung
+            self.wait_outbox_empty(d)
+            # A shipment: its driver_status keys need the drivers lookup.
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 5, "a lease again", d)
+            self.fill([P(3), P(4), DS(101), DS(102)])
+            since = d.mark()
+            pid = 4 if attempt % 2 == 0 else 3
+            self.sql("UPDATE shipments SET product_id = %d, driver_id = %d WHERE id = 1" % (pid, 2 if pid == 4 else 1))
+            self.wait_gone([P(3), P(4), DS(101), DS(102)], d)
+            rung = d.find("rung", since)
+            if rung and rung[0].get("hint") is True and rung[0].get("lease") is True:
+                seen["lookup"] = rung[0]
+            self.wait_outbox_empty(d)
+            if len(seen) == 2:
+                break
+        self.assertEqual(set(seen), {"applied", "lookup"}, d.tail())
+        self.assertIs(seen["applied"]["applied"], True, seen)
+        self.assertGreater(seen["applied"]["claim_in_ms"], 0, seen)
+        self.assertIs(seen["lookup"]["applied"], False, seen)
+        self.assertEqual(seen["lookup"]["claim_in_ms"], 0, seen)
+        self.assertEqual(d.count("lookup_failed"), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+
     def test_13i_claim_waits_for_the_hint_on_its_way(self):
         """A claimed row whose hint is still on its way to Redis (its claim goes 4 ms after the
         doorbell; a hint with a cache_page scan, on a slow build, can take longer) waits for that
