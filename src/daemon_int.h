@@ -208,6 +208,7 @@ struct daemon {
     int64_t covered;              /* every outbox id up to this one was hinted or claimed, or a claim passed it */
     bool clearing_flag;           /* stopping: a setval to 0 is in flight */
     bool last_claim;              /* stopping: one more claim takes the rows of hints applied but not claimed */
+    const char *lease_off_why;    /* the reason light_load last logged under this lease, NULL none */
     bool rung_in_claim;           /* a doorbell was heard since the claim in flight was sent */
     bool claim_snap;              /* the claim in flight returns its snapshot (evictd_claim_snap) */
     bool claim_locks;             /* the claim in flight locks its rows (evictd_claim_lock) */

@@ -452,15 +452,19 @@ static bool light_load(daemon_t *d)
      * Redis round trip, on a slow build or a busy machine) it understates the writes, and the
      * lease would keep every writer ringing; a backlog in hand says the load is not light. */
     bool behind = d->pending > LIGHT_MAX_PENDING;
-    if (d->flag != FLAG_LEASE)
+    if (d->flag != FLAG_LEASE) {
+        d->lease_off_why = NULL;
         return !lease_banned(d) && !behind && rate < LIGHT_ROWS_PER_MS;
+    }
     const char *why = lease_banned(d)                                                  ? "banned"
                       : behind                                                         ? "behind"
                       : rate >= HEAVY_ROWS_PER_MS && d->rate_prev >= HEAVY_ROWS_PER_MS ? "rate"
                                                                                        : NULL;
-    if (why)
+    /* Once per reason while the lease lasts: light_load is asked at every doorbell and claim. */
+    if (why && why != d->lease_off_why)
         EVD_LOG(EVD_LOG_DEBUG, "lease_off", F_STR("reason", why), F_DBL("rate", rate),
                 F_DBL("rate_before", d->rate_prev), F_INT("held", (int64_t)d->pending));
+    d->lease_off_why = why;
     return !why;
 }
 
