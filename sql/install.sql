@@ -113,48 +113,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT d.oid FROM d ORDER BY d.depth DESC LIMIT 1
 $$;
 
--- SQL expression for the JSON image of `columns` read through `alias` (a table alias
--- or NEW/OLD). Only the listed columns; integers and booleans stay JSON numbers and
--- booleans, numeric/real/double precision become strings in PostgreSQL's text form,
--- anything else is what to_json() makes of it. json_build_object takes at most 100
--- arguments, so wider images are built in pieces of 50 columns and spliced.
-CREATE OR REPLACE FUNCTION evictd._image_expr(tbl regclass, columns text[], alias text) RETURNS text
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_pairs text[];
-    v_pieces text[] := '{}';
-    v_i int;
-BEGIN
-    SELECT coalesce(array_agg(
-               format('%L, %s', a.attname,
-                      CASE WHEN evictd._base_type(a.atttypid) IN ('pg_catalog.numeric'::regtype,
-                                                                  'pg_catalog.float4'::regtype,
-                                                                  'pg_catalog.float8'::regtype)
-                           THEN format('(%s.%I)::pg_catalog.text', alias, a.attname)
-                           ELSE format('%s.%I', alias, a.attname) END)
-               ORDER BY u.ord), '{}')
-      INTO v_pairs
-      FROM unnest(columns) WITH ORDINALITY AS u(col, ord)
-      JOIN pg_catalog.pg_attribute a
-        ON a.attrelid = tbl AND a.attname = u.col AND a.attnum > 0 AND NOT a.attisdropped;
+-- Earlier versions built notify-only images with json_build_object() (blanks after ':' and ',').
+DROP FUNCTION IF EXISTS evictd._image_expr(regclass, text[], text);
 
-    IF cardinality(v_pairs) <= 50 THEN
-        RETURN format('pg_catalog.json_build_object(%s)', array_to_string(v_pairs, ', '));
-    END IF;
-    FOR v_i IN 0 .. (cardinality(v_pairs) - 1) / 50 LOOP
-        v_pieces := v_pieces || format(
-            'pg_catalog.left(pg_catalog.substr((pg_catalog.json_build_object(%s))::pg_catalog.text, 2), -1)',
-            array_to_string(v_pairs[v_i * 50 + 1 : v_i * 50 + 50], ', '));
-    END LOOP;
-    RETURN format('((''{'' || %s || ''}'')::pg_catalog.json)', array_to_string(v_pieces, ' || '', '' || '));
-END
-$$;
-
--- The durable capture renders row images as text with format(): for `columns` read
--- through `alias`, keys[i] is '"column":%s' (the column name as a JSON string, % doubled
--- for format()) and args[i] an SQL expression whose text is the column's JSON value, never
--- NULL: the value json_build_object() gives (see _image_expr), built without its per-call
--- type lookups. Payloads are compact JSON (no blank after ':' or ','): each byte of an outbox
+-- Both captures render row images as text with format(): for `columns` read through
+-- `alias` (a table alias, or NEW/OLD), keys[i] is '"column":%s' (the column name as a JSON
+-- string, % doubled for format()) and args[i] an SQL expression whose text is the column's
+-- JSON value, never NULL: the value json_build_object() would give, built without its
+-- per-call type lookups. Payloads are compact JSON (no blank after ':' or ','): each byte of an outbox
 -- row is WAL a writer waits to flush. A primary key column of an integer type is passed as it
 -- is (format() prints it with the type's output function; it cannot be NULL); other integers
 -- become their text or null, booleans true/false/null, numeric/real/double precision a JSON
@@ -548,25 +514,30 @@ $b$;
 DECLARE
     v_p pg_catalog.text;
 BEGIN
-    v_p := (pg_catalog.json_build_object(%1$s))::pg_catalog.text;
+    v_p := %1$s;
     IF pg_catalog.octet_length(v_p) >= %2$s THEN
         -- Too big for NOTIFY: send a reference; evictd widens (nothing kept to resolve it).
-        v_p := (pg_catalog.json_build_object('v', 1, 'id', NULL, 'ref', true, 'schema', TG_TABLE_SCHEMA,
-                                             'table', TG_TABLE_NAME, 'op', TG_OP))::pg_catalog.text;
+        v_p := pg_catalog.format('{"v":1,"id":null,"ref":true,"schema":%%s,"table":%%s,"op":"%%s"}',
+                                 pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME), TG_OP);
     END IF;
     PERFORM pg_catalog.pg_notify(%3$L, v_p);
     RETURN NULL;
 END
 $b$;
-        -- json_build_object() arguments: the payload head "v","id","tx","ts","schema","table","op"
-        -- (tx and ts taken only here, where a row changed), then the row's images.
-        v_head := $h$'v', 1, 'id', NULL, 'tx', pg_catalog.txid_current(), $h$
-               || $h$'ts', pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
-               || $h$'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'op', TG_OP$h$;
-        v_new := ', ''new'', ' || evictd._image_expr(tbl, v_cols, 'NEW');
-        v_old := ', ''old'', ' || evictd._image_expr(tbl, v_cols, 'OLD');
-        v_bodies := ARRAY(SELECT format(v_body, v_head || a, c_notify_max, w.channel)
-                            FROM unnest(ARRAY[v_new, v_old || v_new, v_old, '']) WITH ORDINALITY AS u(a, i)
+        -- The payload, compact JSON like the durable capture's: its head "v","id","tx","ts",
+        -- "schema","table","op" (tx and ts taken only here, where a row changed), then the row's
+        -- images. ts keeps 3 decimals (fixed width: a payload's size against the NOTIFY limit
+        -- does not depend on the clock).
+        v_head := $h$pg_catalog.format('{"v":1,"id":null,"tx":%s,"ts":%s,"schema":%s,"table":%s,"op":"%s"', $h$
+               || $h$pg_catalog.txid_current(), pg_catalog.round(EXTRACT(epoch FROM pg_catalog.clock_timestamp()) * 1000, 3), $h$
+               || $h$pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME), TG_OP)$h$;
+        SELECT p.keys, p.args INTO v_okeys, v_oargs FROM evictd._image_parts(tbl, v_cols, NULL, 'OLD') AS p;
+        SELECT p.keys, p.args INTO v_nkeys, v_nargs FROM evictd._image_parts(tbl, v_cols, NULL, 'NEW') AS p;
+        v_new := evictd._image_sql(v_nkeys, v_nargs, ',"new":', '');
+        v_old := evictd._image_sql(v_okeys, v_oargs, ',"old":', '');
+        v_bodies := ARRAY(SELECT format(v_body, v_head || a || ' || ''}''', c_notify_max, w.channel)
+                            FROM unnest(ARRAY[' || ' || v_new, ' || ' || v_old || ' || ' || v_new, ' || ' || v_old, ''])
+                                 WITH ORDINALITY AS u(a, i)
                            ORDER BY u.i);
     END IF;
 

@@ -463,10 +463,22 @@ class CaptureTest(unittest.TestCase):
         self.assertEqual(list(img.keys()), ["id"] + ["c%02d" % i for i in range(60, 0, -1)])
         self.assertEqual([img["c%02d" % i] for i in range(1, 61)], [i * 10 for i in range(1, 61)])
 
+    @staticmethod
+    def json_build_object_sql(cols, as_text, alias):
+        """The oracle: json_build_object() of cols read through alias (the columns of as_text as
+        their text form, as the payload section says), 50 columns a call (it takes at most 100
+        arguments), spliced."""
+        def arg(c):
+            return "(%s.%s)::text" % (alias, c) if c in as_text else "%s.%s" % (alias, c)
+        pieces = ["left(substr((json_build_object(%s))::text, 2), -1)"
+                  % ", ".join("'%s', %s" % (c, arg(c)) for c in cols[i:i + 50]) for i in range(0, len(cols), 50)]
+        return "('{' || %s || '}')" % " || ', ' || ".join(pieces)
+
     def test_rendering_matches_json_build_object(self):
-        """The durable capture renders images itself (format(), per column type); on every path it
-        writes (one-row, many-row, >100 format() arguments, a renamed table, columns named like
-        its variables) each image must equal what json_build_object() gives for the row."""
+        """Both captures render images themselves (format(), per column type); on every path the
+        durable one writes (one-row, many-row, >100 format() arguments, a renamed table, columns
+        named like its variables), and in notify-only payloads, each image must equal what
+        json_build_object() gives for the row."""
         wide = ", ".join("w%03d int" % i for i in range(1, 121))
         self.q("CREATE TABLE typed (id bigint PRIMARY KEY, s smallint, i int, b bigint, n numeric, f4 real, "
                "f8 double precision, ok bool, t text, j json, jb jsonb, ts timestamptz, u uuid, a int[], "
@@ -475,11 +487,11 @@ class CaptureTest(unittest.TestCase):
                 "tg_table_name", "d"] + ["w%03d" % i for i in range(1, 121)]
         try:
             self.q("SELECT evictd.watch('typed', %s)", (cols,))
-            expr = self.q("SELECT evictd._image_expr('typed', %s, 'x')", (cols,))[0][0]
+            expr = self.json_build_object_sql(cols, ("n", "f4", "f8"), "x")
 
-            def expected(where):
+            def expected(where, table="typed"):
                 return [json.loads(r[0]) for r in self.q(
-                    "SELECT (%s)::text FROM typed AS x WHERE %s ORDER BY x.id" % (expr, where))]
+                    "SELECT (%s)::text FROM %s AS x WHERE %s ORDER BY x.id" % (expr, table, where))]
 
             values = ("(%d, -3, NULL, 9007199254740993, 12.500, 'NaN', '-Infinity', NULL, "
                       "E'q\"uo%%s\\\\te\\n\u00e9\u20ac \x01', '{\"k\": [1, 2.50]}', '{\"b\": 1, \"a\": null}', "
@@ -524,6 +536,25 @@ class CaptureTest(unittest.TestCase):
             (_, p), = self.outbox()
             self.assertEqual((p["table"], p["op"]), ("typed2", "DELETE"))
             self.assertEqual(sorted((r["old"] for r in p["rows"]), key=lambda img: img["id"]), new[:2])
+            self.q("DELETE FROM evictd.outbox")
+            # notify-only: the same images, in compact payloads (no blank after ':' or ',')
+            self.q("SELECT evictd.watch('typed2', %s, 'typed_fast', false)", (cols,))
+            lc = self.listen("typed_fast")
+            self.app_exec("INSERT INTO typed2 VALUES %s" % row(5))
+            self.app_exec("UPDATE typed2 SET t = 'u', f8 = 2.5 WHERE id = 5")
+            got = collect_notifies(lc, timeout=2, want=2)
+            self.assertEqual(len(got), 2, [n.payload for n in got])
+            ps = [json.loads(n.payload) for n in got]
+            self.assertEqual([(p["table"], p["op"], p["id"]) for p in ps], [("typed2", "INSERT", None), ("typed2", "UPDATE", None)])
+            now = expected("x.id = 5", "typed2")
+            self.assertEqual(ps[1]["new"], now[0])
+            self.assertEqual(ps[1]["old"], ps[0]["new"])
+            self.assertEqual(dict(ps[1]["old"], t="u", f8="2.5"), now[0])
+            self.assertTrue(got[0].payload.startswith('{"v":1,"id":null,"tx":'), got[0].payload[:80])
+            self.assertIn('"schema":"public","table":"typed2","op":"INSERT","new":{"id":5,"s":-3,"i":null,',
+                          got[0].payload)
+            self.assertIn('"op":"UPDATE","old":{"id":5,', got[1].payload)
+            self.assertEqual(self.outbox(), [])
         finally:
             self.q("DROP TABLE IF EXISTS typed; DROP TABLE IF EXISTS typed2; DELETE FROM evictd.watches "
                    "WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = tbl)")
