@@ -533,11 +533,10 @@ $b$;
                || $h$pg_catalog.to_json(TG_TABLE_SCHEMA), pg_catalog.to_json(TG_TABLE_NAME), TG_OP)$h$;
         SELECT p.keys, p.args INTO v_okeys, v_oargs FROM evictd._image_parts(tbl, v_cols, NULL, 'OLD') AS p;
         SELECT p.keys, p.args INTO v_nkeys, v_nargs FROM evictd._image_parts(tbl, v_cols, NULL, 'NEW') AS p;
-        v_new := evictd._image_sql(v_nkeys, v_nargs, ',"new":', '');
-        v_old := evictd._image_sql(v_okeys, v_oargs, ',"old":', '');
+        v_new := ' || ' || evictd._image_sql(v_nkeys, v_nargs, ',"new":', '');
+        v_old := ' || ' || evictd._image_sql(v_okeys, v_oargs, ',"old":', '');
         v_bodies := ARRAY(SELECT format(v_body, v_head || a || ' || ''}''', c_notify_max, w.channel)
-                            FROM unnest(ARRAY[' || ' || v_new, ' || ' || v_old || ' || ' || v_new, ' || ' || v_old, ''])
-                                 WITH ORDINALITY AS u(a, i)
+                            FROM unnest(ARRAY[v_new, v_old || v_new, v_old, '']) WITH ORDINALITY AS u(a, i)
                            ORDER BY u.i);
     END IF;
 

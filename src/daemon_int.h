@@ -264,7 +264,8 @@ void claimer_lost(claimer_t *cl);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 /* What a doorbell brought: nothing, or the change of its one-row write (a hint), applied from it
- * or not (its rules need lookups, which read the claimed row; or a dry run). */
+ * or not (its rules need lookups, which read the claimed row; no rule names its table; a dry
+ * run): then its claim does all, and goes at once. */
 typedef enum { RING_EMPTY, RING_HINT_APPLIED, RING_HINT_UNAPPLIED } ring_t;
 void outbox_rung(daemon_t *d, ring_t ring);
 bool hinted(const daemon_t *d, int64_t id);
