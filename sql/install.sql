@@ -65,6 +65,9 @@
 SET client_min_messages = warning;
 
 BEGIN;
+-- Every name below is schema-qualified or resolved in pg_catalog: the caller's search_path
+-- (a schema others can write to, listed before pg_catalog) cannot redirect this script.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 CREATE SCHEMA IF NOT EXISTS evictd;
 REVOKE ALL ON SCHEMA evictd FROM PUBLIC;
@@ -75,14 +78,32 @@ CREATE TABLE IF NOT EXISTS evictd.outbox (
     id      bigint PRIMARY KEY,
     payload text   NOT NULL
 );
-ALTER SEQUENCE evictd.outbox_id_seq OWNED BY evictd.outbox.id;
+-- ALTER SEQUENCE only when needed: it takes a lock that waits for every open transaction that
+-- wrote through a capture, and holds up new ones until this file commits.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                      AND d.objid = 'evictd.outbox_id_seq'::pg_catalog.regclass
+                      AND d.refobjid = 'evictd.outbox'::pg_catalog.regclass AND d.deptype = 'a') THEN
+        ALTER SEQUENCE evictd.outbox_id_seq OWNED BY evictd.outbox.id;
+    END IF;
+END
+$$;
 -- A queue table: rows are inserted and soon deleted; vacuum it often so claims stay cheap.
 ALTER TABLE evictd.outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
                                autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 1000);
 COMMENT ON TABLE evictd.outbox IS 'evictd: durable change payloads (JSON text), deleted by evictd once applied';
 
 CREATE SEQUENCE IF NOT EXISTS evictd.idle AS bigint MINVALUE 0 NO MAXVALUE START 0 NO CYCLE;
-ALTER SEQUENCE evictd.idle NO MAXVALUE; -- an install from before the light-load lease (MAXVALUE 1)
+DO $$
+BEGIN
+    IF (SELECT s.seqmax FROM pg_catalog.pg_sequence s
+         WHERE s.seqrelid = 'evictd.idle'::pg_catalog.regclass) <> 9223372036854775807 THEN
+        ALTER SEQUENCE evictd.idle NO MAXVALUE; -- an install from before the light-load lease (MAXVALUE 1)
+    END IF;
+END
+$$;
 COMMENT ON SEQUENCE evictd.idle IS
     'evictd idle flag: 0 busy (no ring); 1 idle (the next write rings and sets 0); > 1 light load until that epoch ms (every write rings unless another ringing transaction is in flight; past it, as 1)';
 
@@ -124,7 +145,12 @@ DROP FUNCTION IF EXISTS evictd._image_expr(regclass, text[], text);
 -- row is WAL a writer waits to flush. A primary key column of an integer type is passed as it
 -- is (format() prints it with the type's output function; it cannot be NULL); other integers
 -- become their text or null, booleans true/false/null, numeric/real/double precision a JSON
--- string of their text form (which needs no escaping) or null, anything else to_json() or null.
+-- string of their text form (which needs no escaping) or null, other built-in types to_json() or
+-- null. A type made after initdb (oid 16384 and up: enums, composites, ranges, domains over them,
+-- arrays of them, extension types) is a JSON string of its text form (its output function) or
+-- null: to_json() would call a cast to json that the type's owner may have created, and these
+-- functions run as their owner (SECURITY DEFINER), so that cast would run with the installer's
+-- rights.
 CREATE OR REPLACE FUNCTION evictd._image_parts(tbl regclass, columns text[], pk text[], alias text,
                                                OUT keys text[], OUT args text[])
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -141,6 +167,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                            alias, a.attname)
                     WHEN t.base IN ('pg_catalog.numeric'::regtype, 'pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype)
                     THEN pg_catalog.format('coalesce(''"'' || (%s.%I)::pg_catalog.text || ''"'', ''null'')', alias, a.attname)
+                    WHEN t.base >= 16384
+                    THEN pg_catalog.format('CASE WHEN pg_catalog.num_nulls(%1$s.%2$I) = 0 '
+                                           'THEN (pg_catalog.to_json(pg_catalog.format(''%%s'', %1$s.%2$I)))::pg_catalog.text '
+                                           'ELSE ''null'' END', alias, a.attname)
                     ELSE pg_catalog.format('coalesce((pg_catalog.to_json(%s.%I))::pg_catalog.text, ''null'')', alias, a.attname)
                END ORDER BY u.ord), '{}')
       FROM pg_catalog.unnest(columns) WITH ORDINALITY AS u(col, ord)
@@ -383,6 +413,7 @@ DECLARE
     v_body     text;
     v_trg      record;
     v_old_fns  oid[];
+    v_float    bool;
 BEGIN
     SELECT * INTO w FROM evictd.watches WHERE watches.tbl = _generate.tbl;
     IF NOT FOUND THEN
@@ -429,7 +460,14 @@ BEGIN
 
         -- UPDATE: pair old and new by primary key; without one, images come unpaired.
         IF v_pk IS NOT NULL THEN
-            v_pkeq := (SELECT string_agg(format('o_.%1$I = n_.%1$I', k), ' AND ') FROM unnest(v_pk) AS k);
+            -- Keys of a type made after initdb compare by their text forms: its '=' may not be in
+            -- pg_catalog (the pinned search_path: ltree, isn), and one that is found may be the
+            -- type owner's function, which would run with the installer's rights.
+            v_pkeq := (SELECT string_agg(CASE WHEN evictd._base_type(a.atttypid) >= 16384
+                                              THEN format('pg_catalog.format(''%%s'', o_.%1$I) = pg_catalog.format(''%%s'', n_.%1$I)', k.k)
+                                              ELSE format('o_.%1$I = n_.%1$I', k.k) END, ' AND ' ORDER BY k.ord)
+                         FROM unnest(v_pk) WITH ORDINALITY AS k(k, ord)
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = tbl AND a.attname = k.k);
             v_sep := format($s$CASE WHEN %s THEN ',"new":' ELSE '},{"new":' END$s$, v_pkeq);
             v_upd := CASE WHEN v_inline
                 THEN evictd._fast_sql('UPDATE', v_names, v_guard, 'evictd_old AS o_, evictd_new AS n_',
@@ -540,9 +578,16 @@ $b$;
                            ORDER BY u.i);
     END IF;
 
+    -- The text form of real and double precision depends on extra_float_digits, which a writer's
+    -- session may change: pinned to its default (the shortest exact form, as Python prints a
+    -- float) in the functions of a table that captures one. A SET costs every call, so only there.
+    v_float := EXISTS (SELECT 1 FROM unnest(v_cols) AS u(col)
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = tbl AND a.attname = u.col
+                        WHERE evictd._base_type(a.atttypid) IN ('pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype));
     FOR v_i IN 1 .. 4 LOOP
         EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
-                       'SET search_path = pg_catalog, pg_temp AS %L', v_fns[v_i], v_bodies[v_i]);
+                       'SET search_path = pg_catalog, pg_temp %s AS %L', v_fns[v_i],
+                       CASE WHEN v_float THEN 'SET extra_float_digits = 1' ELSE '' END, v_bodies[v_i]);
         EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_fns[v_i]);
         EXECUTE format('COMMENT ON FUNCTION %s() IS %L', v_fns[v_i],
                        format('evictd capture of %s for %s (%s, columns %s, channel %s); generated by evictd.watch()',
@@ -586,6 +631,12 @@ $b$;
     END IF;
 END
 $gen$;
+
+-- Is tbl a partition, an inheritance child or an inheritance parent?
+CREATE OR REPLACE FUNCTION evictd._in_tree(tbl oid) RETURNS bool
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = tbl OR i.inhparent = tbl)
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Public API.
@@ -639,6 +690,11 @@ BEGIN
     IF durable IS NULL THEN
         RAISE EXCEPTION 'evictd.watch: durable must be true or false' USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    IF durable AND evictd._in_tree(tbl) THEN
+        RAISE EXCEPTION 'evictd.watch: % is a partition or in an inheritance tree', tbl USING ERRCODE = 'wrong_object_type',
+            DETAIL = 'A durable watch captures with statement-level triggers, which miss writes addressed to another table of the tree.',
+            HINT = 'Watch it with durable => false: row-level triggers fire however a write is addressed.';
+    END IF;
 
     INSERT INTO evictd.watches AS w (tbl, columns, channel, durable)
     VALUES (watch.tbl, v_cols, watch.channel, watch.durable)
@@ -675,34 +731,59 @@ COMMENT ON FUNCTION evictd.unwatch(regclass) IS
 -- Keeping generated functions in step with DDL (event triggers: superuser only).
 -- ---------------------------------------------------------------------------
 
--- After ALTER TABLE on a watched table: regenerate its capture function (columns
--- renamed or dropped leave the capture; type and primary key changes are followed).
+-- After ALTER TABLE, CREATE TABLE or ALTER TYPE: regenerate the capture functions of the watched
+-- tables it may have changed (columns renamed or dropped leave the capture; type and primary key
+-- changes are followed): those the command names, inheritance children (a column renamed on the
+-- parent is renamed on them) and typed tables (ALTER TYPE ... CASCADE). Then refuse the command
+-- if it made a durably watched table part of an inheritance tree or a partition (ATTACH
+-- PARTITION, INHERIT, CREATE TABLE ... INHERITS): its statement-level triggers would miss the
+-- writes addressed to the rest of the tree.
 CREATE OR REPLACE FUNCTION evictd._on_alter_table() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_tbl regclass;
+    v_bad text;
 BEGIN
-    FOR v_tbl IN SELECT DISTINCT w.tbl
-                   FROM pg_catalog.pg_event_trigger_ddl_commands() AS c
-                   JOIN evictd.watches AS w ON w.tbl = c.objid
-                  WHERE c.classid = 'pg_catalog.pg_class'::regclass LOOP
+    FOR v_tbl IN SELECT w.tbl FROM evictd.watches AS w
+                  WHERE w.tbl::oid IN (SELECT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS c
+                                        WHERE c.classid = 'pg_catalog.pg_class'::regclass)
+                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = w.tbl)
+                     OR (TG_TAG = 'ALTER TYPE' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                                                            WHERE c.oid = w.tbl AND c.reloftype <> 0))
+                  ORDER BY 1 LOOP
         PERFORM evictd._generate(v_tbl, false);
     END LOOP;
+    SELECT string_agg(w.tbl::text, ', ' ORDER BY w.tbl) INTO v_bad
+      FROM evictd.watches AS w WHERE w.durable AND evictd._in_tree(w.tbl);
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'evictd: durably watched table(s) % would be part of a partitioned table or an inheritance tree', v_bad
+            USING ERRCODE = 'wrong_object_type',
+                  DETAIL = 'Their statement-level capture would miss writes addressed to another table of the tree.',
+                  HINT = 'Run evictd.watch() for them with durable => false first (or evictd.unwatch()).';
+    END IF;
 END
 $$;
 
--- After a watched table is dropped: forget its watch and drop its capture function.
+-- After a watched table is dropped: forget its watch and drop its capture function. After a
+-- column of one is dropped (also by DROP DOMAIN or DROP TYPE ... CASCADE, which run no ALTER
+-- TABLE): regenerate its capture, which would otherwise name the column at every write.
 CREATE OR REPLACE FUNCTION evictd._on_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_oid oid;
 BEGIN
-    FOR v_oid IN SELECT w.tbl::oid
+    FOR v_oid IN SELECT DISTINCT w.tbl::oid
                    FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
                    JOIN evictd.watches AS w ON w.tbl::oid = d.objid
                   WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0 LOOP
         DELETE FROM evictd.watches WHERE tbl::oid = v_oid;
         PERFORM evictd._drop_captures(v_oid);
+    END LOOP;
+    FOR v_oid IN SELECT DISTINCT w.tbl::oid
+                   FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
+                   JOIN evictd.watches AS w ON w.tbl::oid = d.objid
+                  WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid > 0 LOOP
+        PERFORM evictd._generate(v_oid::regclass, false);
     END LOOP;
 END
 $$;
@@ -715,8 +796,13 @@ BEGIN
         RAISE WARNING 'evictd: not a superuser, so no event triggers: after ALTER TABLE on a watched table run evictd.watch() for it again';
         RETURN;
     END IF;
+    -- Earlier versions listened to ALTER TABLE only.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger
+                WHERE evtname = 'evictd_alter_table' AND evttags <> ARRAY['ALTER TABLE', 'CREATE TABLE', 'ALTER TYPE']) THEN
+        DROP EVENT TRIGGER evictd_alter_table;
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'evictd_alter_table') THEN
-        CREATE EVENT TRIGGER evictd_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+        CREATE EVENT TRIGGER evictd_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER TYPE')
             EXECUTE FUNCTION evictd._on_alter_table();
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'evictd_drop') THEN

@@ -8,6 +8,8 @@
 SET client_min_messages = warning;
 
 BEGIN;
+-- The caller's search_path cannot redirect this script (see install.sql).
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 DROP EVENT TRIGGER IF EXISTS evictd_alter_table;
 DROP EVENT TRIGGER IF EXISTS evictd_drop;

@@ -747,8 +747,16 @@ class CaptureTest(unittest.TestCase):
         self.assertGreaterEqual(len(rows), 7)
         for name, secdef, config, owner in rows:
             self.assertTrue(secdef, name)
-            self.assertEqual(config, ["search_path=pg_catalog, pg_temp"], name)
+            self.assertEqual(config[0], "search_path=pg_catalog, pg_temp", name)
+            self.assertIn(config[1:], ([], ["extra_float_digits=1"]), name)
             self.assertEqual(owner, "postgres", name)
+        # the float text form is pinned where a float is captured, and nowhere else (a SET costs every call)
+        config = dict((t, self.q("SELECT DISTINCT proconfig FROM pg_proc WHERE proname LIKE %s",
+                                 ("capture\\_%s\\_%%" % self.q("SELECT %s::regclass::oid", (t,))[0][0],)))
+                      for t in ("products", "pings", "scratch"))
+        self.assertEqual(config["products"], [(["search_path=pg_catalog, pg_temp", "extra_float_digits=1"],)])
+        self.assertEqual(config["pings"], [(["search_path=pg_catalog, pg_temp", "extra_float_digits=1"],)])
+        self.assertEqual(config["scratch"], [(["search_path=pg_catalog, pg_temp"],)])
         priv = self.q("SELECT has_schema_privilege('app', 'evictd', 'USAGE'), "
                       "has_function_privilege('app', 'evictd.watch(regclass, text[], text, bool)', 'EXECUTE'), "
                       "has_function_privilege('app', 'evictd.unwatch(regclass)', 'EXECUTE'), "
@@ -760,6 +768,140 @@ class CaptureTest(unittest.TestCase):
         # search_path games by the writer do not reach the trigger
         self.app_exec("SET search_path = pg_temp, public", "INSERT INTO products (name) VALUES ('sp')")
         self.assertEqual(len(self.outbox()), 1)
+
+    def test_type_owner_cast_to_json_never_runs(self):
+        # app owns a schema, a table and its enum type, and makes a cast to json that would run with
+        # the installer's rights inside the SECURITY DEFINER capture (to_json() looks such casts up).
+        self.q("CREATE SCHEMA appx AUTHORIZATION app")
+        self.app_exec("CREATE TYPE appx.mood AS ENUM ('calm', 'glad')",
+                      "CREATE FUNCTION appx.mood_json(appx.mood) RETURNS json LANGUAGE plpgsql AS "
+                      "$f$BEGIN RAISE EXCEPTION 'cast to json ran as %', current_user; END$f$",
+                      "CREATE CAST (appx.mood AS json) WITH FUNCTION appx.mood_json(appx.mood)",
+                      "CREATE TABLE appx.moods (id int PRIMARY KEY, m appx.mood, ms appx.mood[], r int4range)",
+                      "CREATE TABLE appx.moods_n (id int PRIMARY KEY, m appx.mood, ms appx.mood[])")
+        try:
+            with self.assertRaisesRegex(psycopg2.Error, "cast to json ran as app"):
+                self.app_exec("SELECT to_json('calm'::appx.mood)")  # the cast is live
+            self.app.rollback()
+            self.q("SELECT evictd.watch('appx.moods', ARRAY['id', 'm', 'ms', 'r'])")
+            self.q("SELECT evictd.watch('appx.moods_n', ARRAY['id', 'm', 'ms'], %s, false)", (FAST_CHANNEL,))
+            lc = self.listen(FAST_CHANNEL)
+            self.app_exec("INSERT INTO appx.moods VALUES (1, 'calm', '{calm,glad}', '[1,3)'), (2, NULL, NULL, NULL)",
+                          "UPDATE appx.moods SET m = 'glad' WHERE id = 1",
+                          "INSERT INTO appx.moods_n VALUES (1, 'glad', '{glad}')")
+            images = [(r.get("old"), r.get("new")) for _, p in self.outbox(compact=True) for r in p["rows"]]
+            self.assertEqual(images, [
+                (None, {"id": 1, "m": "calm", "ms": "{calm,glad}", "r": "[1,3)"}),
+                (None, {"id": 2, "m": None, "ms": None, "r": None}),
+                ({"id": 1, "m": "calm", "ms": "{calm,glad}", "r": "[1,3)"},
+                 {"id": 1, "m": "glad", "ms": "{calm,glad}", "r": "[1,3)"})])
+            n, = collect_notifies(lc, timeout=5, want=1)
+            self.assertEqual(json.loads(n.payload)["new"], {"id": 1, "m": "glad", "ms": "{glad}"})
+            self.assertFalse(self.q("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'")[0][0])
+        finally:
+            self.app.rollback()
+            self.q("SELECT evictd.unwatch(t) FROM pg_tables, LATERAL (SELECT format('%I.%I', schemaname, tablename)) "
+                   "AS f(t) WHERE schemaname = 'appx'; DROP SCHEMA appx CASCADE")
+
+    def test_extension_key_type_pairs_by_text(self):
+        # ltree's '=' is not in pg_catalog (the capture's search_path): keys compare as text.
+        self.q("CREATE EXTENSION IF NOT EXISTS ltree")
+        self.q("CREATE TABLE paths (p ltree PRIMARY KEY, n int); GRANT ALL ON paths TO app")
+        try:
+            self.q("SELECT evictd.watch('paths', ARRAY['p', 'n'])")
+            self.app_exec("INSERT INTO paths VALUES ('a.b', 1), ('a.c', 2)")
+            self.app_exec("UPDATE paths SET n = n + 10")
+            self.app_exec("UPDATE paths SET n = 0 WHERE p = 'a.b'")
+            rows = [(p["op"], p["rows"]) for _, p in self.outbox(compact=True)]
+            self.assertEqual(rows, [
+                ("INSERT", [{"new": {"p": "a.b", "n": 1}}, {"new": {"p": "a.c", "n": 2}}]),
+                ("UPDATE", [{"old": {"p": "a.b", "n": 1}, "new": {"p": "a.b", "n": 11}},
+                            {"old": {"p": "a.c", "n": 2}, "new": {"p": "a.c", "n": 12}}]),
+                ("UPDATE", [{"old": {"p": "a.b", "n": 11}, "new": {"p": "a.b", "n": 0}}])])
+        finally:
+            self.q("SELECT evictd.unwatch('paths'); DROP TABLE paths; DROP EXTENSION ltree")
+
+    def test_durable_watch_stays_out_of_inheritance_trees(self):
+        self.q("CREATE TABLE pt (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY LIST (k);"
+               "CREATE TABLE pt1 PARTITION OF pt FOR VALUES IN (1);"
+               "CREATE TABLE ip (id int PRIMARY KEY, v text); CREATE TABLE ic (id int PRIMARY KEY, v text);"
+               "CREATE TABLE solo_a (id int PRIMARY KEY, w text); CREATE TABLE solo_b (id int PRIMARY KEY);"
+               "CREATE TABLE solo_c (id int, k int, v text, PRIMARY KEY (id, k));"
+               "GRANT ALL ON pt, pt1, ip, ic TO app")
+        try:
+            for t in ("pt1", "ip"):
+                if t == "ip":
+                    self.q("ALTER TABLE ic INHERIT ip")
+                with self.subTest(table=t), self.assertRaisesRegex(psycopg2.errors.WrongObjectType,
+                                                                   "partition or in an inheritance tree"):
+                    self.q("SELECT evictd.watch(%s, ARRAY['id', 'v'])", (t,))
+            self.assertEqual(self.q("SELECT count(*) FROM evictd.watches WHERE tbl::text IN ('pt1', 'ip')"), [(0,)])
+            # notify-only: row triggers fire however the write is addressed
+            self.q("SELECT evictd.watch('pt1', ARRAY['id', 'v'], %s, false)", (FAST_CHANNEL,))
+            self.q("SELECT evictd.watch('ic', ARRAY['id', 'v'], %s, false)", (FAST_CHANNEL,))
+            lc = self.listen(FAST_CHANNEL)
+            self.app_exec("INSERT INTO pt VALUES (1, 1, 'a')", "INSERT INTO ic VALUES (2, 'b')")
+            self.app_exec("UPDATE ip SET v = 'c'")
+            # a column renamed on the parent is renamed on the child: its capture follows
+            self.q("ALTER TABLE ip RENAME COLUMN v TO w")
+            self.app_exec("UPDATE ip SET w = 'd'")
+            got = [(p["table"], p["op"], p.get("new"))
+                   for p in (json.loads(n.payload) for n in collect_notifies(lc, timeout=5, want=4))]
+            self.assertEqual(got, [("pt1", "INSERT", {"id": 1, "v": "a"}), ("ic", "INSERT", {"id": 2, "v": "b"}),
+                                   ("ic", "UPDATE", {"id": 2, "v": "c"}), ("ic", "UPDATE", {"id": 2})])
+            # a durably watched table cannot join a tree afterwards (its writes would be missed)
+            for t, ddl in (("solo_a", "ALTER TABLE solo_a INHERIT ip"),
+                           ("solo_b", "CREATE TABLE solo_b_child () INHERITS (solo_b)"),
+                           ("solo_c", "ALTER TABLE pt ATTACH PARTITION solo_c FOR VALUES IN (2)")):
+                self.q("SELECT evictd.watch(%s, ARRAY['id'])", (t,))
+                with self.subTest(ddl=ddl), self.assertRaisesRegex(psycopg2.errors.WrongObjectType,
+                                                                   "%s would be part of" % t):
+                    self.q(ddl)
+                self.assertEqual(self.q("SELECT count(*) FROM pg_inherits WHERE %s::regclass IN (inhrelid, inhparent)",
+                                        (t,)), [(0,)])
+        finally:
+            self.q("SELECT evictd.unwatch('pt1'); SELECT evictd.unwatch('ic');"
+                   "SELECT evictd.unwatch(t) FROM unnest(ARRAY['solo_a', 'solo_b', 'solo_c']) AS t;"
+                   "DROP TABLE pt, ip, ic, solo_a, solo_b, solo_c CASCADE")
+
+    def test_column_dropped_with_its_domain(self):
+        self.q("CREATE DOMAIN qty AS int; CREATE TABLE stocked (id int PRIMARY KEY, q qty, note text);"
+               "GRANT ALL ON stocked TO app; SELECT evictd.watch('stocked', ARRAY['id', 'q', 'note'])")
+        try:
+            self.q("DROP DOMAIN qty CASCADE")  # drops stocked.q without an ALTER TABLE
+            self.app_exec("INSERT INTO stocked VALUES (1, 'n')")
+            (_, p), = self.outbox()
+            self.assertEqual(p["rows"], [{"new": {"id": 1, "note": "n"}}])
+            self.assertEqual(self.q("SELECT columns FROM evictd.watches WHERE tbl = 'stocked'::regclass"),
+                             [(["id", "note"],)])
+        finally:
+            self.q("SELECT evictd.unwatch('stocked'); DROP TABLE stocked")
+
+    def test_float_text_form_ignores_the_writers_setting(self):
+        self.q("CREATE TABLE floats (id int PRIMARY KEY, d double precision, r real); GRANT ALL ON floats TO app;"
+               "SELECT evictd.watch('floats', ARRAY['id', 'd', 'r'])")
+        try:
+            lc = self.listen(FAST_CHANNEL)
+            self.app_exec("SET extra_float_digits = 0", "INSERT INTO floats VALUES (1, 0.1::float8 + 0.2, 0.1)",
+                          "INSERT INTO pings (ratio) VALUES (0.1::float8 + 0.2)", "RESET extra_float_digits")
+            (_, p), = self.outbox()
+            self.assertEqual(p["rows"], [{"new": {"id": 1, "d": "0.30000000000000004", "r": "0.1"}}])
+            n, = collect_notifies(lc, timeout=5, want=1)
+            self.assertEqual(json.loads(n.payload)["new"]["ratio"], "0.30000000000000004")
+        finally:
+            self.q("SELECT evictd.unwatch('floats'); DROP TABLE floats")
+
+    def test_install_again_does_not_wait_for_writers(self):
+        # a writer's open transaction holds locks on the outbox's sequences until it ends;
+        # install.sql must not queue behind it (and every later writer behind install.sql)
+        self.app_exec("INSERT INTO products (name) VALUES ('before')")
+        with self.app.cursor() as cur:
+            cur.execute("INSERT INTO products (name) VALUES ('open')")
+        try:
+            self.pg.psql("SET lock_timeout = '3s';\n\\i %s" % INSTALL)
+        finally:
+            self.app.commit()
+        self.assertEqual(len(self.outbox()), 2)
 
     def test_install_again_with_watches(self):
         self.app_exec("INSERT INTO products (name) VALUES ('kept')")
