@@ -733,8 +733,8 @@ COMMENT ON FUNCTION evictd.unwatch(regclass) IS
 
 -- After ALTER TABLE, CREATE TABLE or ALTER TYPE: regenerate the capture functions of the watched
 -- tables it may have changed (columns renamed or dropped leave the capture; type and primary key
--- changes are followed): those the command names, inheritance children (a column renamed on the
--- parent is renamed on them) and typed tables (ALTER TYPE ... CASCADE). Then refuse the command
+-- changes are followed): those the command names, their inheritance descendants (a column renamed
+-- on the parent is renamed on them) and typed tables (ALTER TYPE ... CASCADE). Then refuse the command
 -- if it made a durably watched table part of an inheritance tree or a partition (ATTACH
 -- PARTITION, INHERIT, CREATE TABLE ... INHERITS): its statement-level triggers would miss the
 -- writes addressed to the rest of the tree.
@@ -744,10 +744,13 @@ DECLARE
     v_tbl regclass;
     v_bad text;
 BEGIN
-    FOR v_tbl IN SELECT w.tbl FROM evictd.watches AS w
-                  WHERE w.tbl::oid IN (SELECT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS c
-                                        WHERE c.classid = 'pg_catalog.pg_class'::regclass)
-                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i WHERE i.inhrelid = w.tbl)
+    FOR v_tbl IN WITH RECURSIVE tree(rel) AS (
+                      SELECT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS c
+                       WHERE c.classid = 'pg_catalog.pg_class'::regclass
+                      UNION
+                      SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.rel)
+                 SELECT w.tbl FROM evictd.watches AS w
+                  WHERE w.tbl::oid IN (SELECT tree.rel FROM tree)
                      OR (TG_TAG = 'ALTER TYPE' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                                                             WHERE c.oid = w.tbl AND c.reloftype <> 0))
                   ORDER BY 1 LOOP

@@ -877,6 +877,17 @@ class CaptureTest(unittest.TestCase):
         finally:
             self.q("SELECT evictd.unwatch('stocked'); DROP TABLE stocked")
 
+    def test_typed_table_attribute_renamed_by_alter_type(self):
+        self.q("CREATE TYPE cc AS (id int, b text); CREATE TABLE typed OF cc (PRIMARY KEY (id));"
+               "GRANT ALL ON typed TO app; SELECT evictd.watch('typed', ARRAY['id', 'b'])")
+        try:
+            self.q("ALTER TYPE cc RENAME ATTRIBUTE b TO c CASCADE")  # renames typed.b without an ALTER TABLE
+            self.app_exec("INSERT INTO typed VALUES (1, 'x')")
+            (_, p), = self.outbox()
+            self.assertEqual(p["rows"], [{"new": {"id": 1}}])
+        finally:
+            self.q("SELECT evictd.unwatch('typed'); DROP TABLE typed; DROP TYPE cc")
+
     def test_float_text_form_ignores_the_writers_setting(self):
         self.q("CREATE TABLE floats (id int PRIMARY KEY, d double precision, r real); GRANT ALL ON floats TO app;"
                "SELECT evictd.watch('floats', ARRAY['id', 'd', 'r'])")
