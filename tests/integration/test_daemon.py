@@ -1060,6 +1060,22 @@ class DaemonTest(unittest.TestCase):
             self.assertEqual(rc, 0, out)
         finally:
             self.apply_sql(self.base_config_path)  # back to the base capture
+        # A captured column renamed with no event trigger to follow it (a non-superuser install):
+        # the capture names it still and every write fails; check says so.
+        self.sql("ALTER EVENT TRIGGER evictd_alter_table DISABLE",
+                 "SELECT evictd.watch('products', ARRAY['id', 'stock'])")
+        try:
+            self.sql("ALTER TABLE products RENAME COLUMN stock TO stock_n")
+            with self.assertRaisesRegex(Exception, "column [on]_.stock does not exist"):
+                self.sql("UPDATE products SET stock_n = 1 WHERE id = 1")
+            rc, out = self.check(d.cfg_path)
+            self.assertEqual(rc, 1, out)
+            self.assertIn("FAIL public.products: captured column stock no longer exists", out)
+        finally:
+            self.sql("ALTER TABLE products RENAME COLUMN stock_n TO stock", "ALTER EVENT TRIGGER evictd_alter_table ENABLE")
+            self.apply_sql(self.base_config_path)
+        rc, out = self.check(d.cfg_path)
+        self.assertEqual(rc, 0, out)
         # Bad configs.
         bad = Evictd(self.tmp, cfg, name="bad")
         bad.write_config(raw='{"postgres": {"url": "x"},\n "redis": {,}}')
