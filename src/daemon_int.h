@@ -101,6 +101,10 @@ struct unit {
     evd_buf_t dl;        /* retries_exhausted / shutdown lines */
     evd_buf_t dl_bad;    /* bad-input lines */
     int dl_writes;       /* dead-letter writes in flight */
+    /* Not to be acknowledged (its rows roll back and are claimed again): a change was neither
+     * confirmed by Redis nor dead-lettered (cancelled at shutdown, or its dead-letter line
+     * could not be written). Says why. */
+    const char *keep;
     /* lookup results of this unit */
     struct lres *lres;
     unit_t *answered_next; /* in the daemon's list of units whose waits are over (hint_answered) */
@@ -157,6 +161,10 @@ struct daemon {
     unit_t *incoming; /* notifications of this iteration */
     size_t pending;   /* changes in memory */
     bool paused;
+    /* claim_done is accepting its rows: a claim sent now (a release from a synchronous Redis
+     * failure calls maybe_drain) would not yet skip the rows still to be accepted */
+    bool accepting;
+    bool drain_deferred; /* maybe_drain was called meanwhile */
 
     /* outbox claiming */
     int64_t cursor;

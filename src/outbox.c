@@ -189,6 +189,20 @@ void unit_send_ack(unit_t *u)
         maybe_drain(d);
         return;
     }
+    if (u->keep) {
+        /* Its rows go back to the outbox (rollback) or stay there (released): claimed again, not
+         * before the safety poll's interval (a dead-letter file that cannot be written would
+         * otherwise have them claimed and failed again at once). */
+        EVD_LOG(EVD_LOG_WARN, "ack_withheld", F_STR("reason", u->keep), F_INT("changes", (int64_t)u->nrecs));
+        d->pace_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
+        if (u->in_tx && evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
+            EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        if (u->cl->open == u)
+            u->cl->open = NULL;
+        unit_free(u);
+        maybe_drain(d);
+        return;
+    }
     evd_buf_t ids = {0};
     int rc = 0;
     if (u->in_tx && u->deleted && rec_ids(u) != u->claimed) {
@@ -338,6 +352,10 @@ static void on_poll_timer(uv_timer_t *t);
 
 void maybe_drain(daemon_t *d)
 {
+    if (d->accepting) {
+        d->drain_deferred = true;
+        return;
+    }
     update_pause(d);
     floor_try(d);
     /* Lookups need their connection: draining without it would widen every lookup. */
@@ -876,6 +894,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         if (d->restart < 0)
             d->restart = 0;
     }
+    d->accepting = true;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
         if (own && id > d->cursor)
@@ -889,6 +908,9 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         claimed_keep(d, id);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
+    d->accepting = false;
+    bool deferred = d->drain_deferred; /* goes at the end, after this claim's bookkeeping */
+    d->drain_deferred = false;
     /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
      * starts again from the lowest id. Ids are taken at insert time but become visible at
      * commit, so a row below the cursor may have committed meanwhile; under steady load a
@@ -899,6 +921,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     unit_start(u);
     if (now_idle) {
         settle_idle(d);
+        if (deferred)
+            maybe_drain(d);
         return;
     }
     /* Rows keep coming, this claim took all there were, and their writers do not ring with
@@ -925,7 +949,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     /* A full claim says more rows wait: the other connection claims them while this batch is
      * in flight. After a claim that reached the end, the next one goes when this batch is
      * acknowledged (or at once on a doorbell), which batches a steady stream of writes. */
-    if (d->opts.dry_run || (size_t)n >= d->claim_limit)
+    if (d->opts.dry_run || (size_t)n >= d->claim_limit || deferred)
         maybe_drain(d);
     else
         update_pause(d);

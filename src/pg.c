@@ -26,7 +26,7 @@ typedef struct query {
     int nparams;
     char **params;
     bool prepare;
-    int stmt;       /* prepared statement slot, -1 if unnamed */
+    int stmt;       /* the slot this query prepared, -1 if none (execute by it, whatever the cache) */
     bool preparing; /* the PREPARE step is in flight */
     evd_pg_result_cb cb;
     void *arg;
@@ -59,9 +59,9 @@ struct evd_pg {
     char hostaddr[INET6_ADDRSTRLEN];
 
     query_t *head, *tail;
-    PGresult *result; /* the current query's last result */
-    bool busy;        /* a command was sent and its results are not complete */
-    char *prepared[MAX_PREPARED];
+    PGresult *result;             /* the current query's last result */
+    bool busy;                    /* a command was sent and its results are not complete */
+    char *prepared[MAX_PREPARED]; /* copies of the prepared statements' SQL (NULL: out of memory) */
     size_t nprepared;
 
     int backoff_ms;
@@ -140,8 +140,10 @@ EVD_PRINTF(2, 3) static void pg_reset(evd_pg_t *pg, const char *fmt, ...)
         PQfinish(pg->conn);
         pg->conn = NULL;
     }
-    for (size_t i = 0; i < pg->nprepared; i++)
+    for (size_t i = 0; i < pg->nprepared; i++) {
+        free(pg->prepared[i]);
         pg->prepared[i] = NULL;
+    }
     pg->nprepared = 0;
     if (pg->state == PG_CLOSED)
         return;
@@ -322,7 +324,7 @@ static void start_connect(evd_pg_t *pg)
         pg_reset(pg, "cannot watch socket: %s", uv_strerror(rc));
 }
 
-static bool send_next(evd_pg_t *pg);
+static bool send_next(evd_pg_t *pg, bool defer);
 
 static void became_ready(evd_pg_t *pg)
 {
@@ -363,23 +365,48 @@ static void send_listen(evd_pg_t *pg)
         pg_reset(pg, "LISTEN failed: %s", PQerrorMessage(pg->conn));
 }
 
+/* The statement prepared for sql, by its text: a caller's string may be freed (a config
+ * reload) and its address reused by another statement. */
 static int prepared_slot(evd_pg_t *pg, const char *sql)
 {
     for (size_t i = 0; i < pg->nprepared; i++)
-        if (pg->prepared[i] == sql)
+        if (pg->prepared[i] && strcmp(pg->prepared[i], sql) == 0)
             return (int)i;
     return -1;
 }
 
-/* Sends the head query (or its PREPARE step). Returns false after a reset. */
-static bool send_next(evd_pg_t *pg)
+static void on_deferred_reset(uv_timer_t *t)
+{
+    evd_pg_t *pg = evd_container_of(t, evd_pg_t, timer);
+    if (pg->state != PG_READY)
+        return;
+    char why[sizeof(pg->last_error)];
+    snprintf(why, sizeof(why), "%s", pg->last_error);
+    pg_reset(pg, "%s", why);
+}
+
+/* A failure found inside evd_pg_query: reset from the loop, not inside the caller, whose
+ * callback must not run before the call returns (it returned 0: the callback runs later). */
+EVD_PRINTF(2, 3) static void defer_reset(evd_pg_t *pg, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(pg->last_error, sizeof(pg->last_error), fmt, ap);
+    va_end(ap);
+    trim(pg->last_error);
+    uv_timer_start(&pg->timer, on_deferred_reset, 0, 0);
+}
+
+/* Sends the head query (or its PREPARE step). Returns false after a reset (defer: once one is
+ * scheduled). */
+static bool send_next(evd_pg_t *pg, bool defer)
 {
     query_t *q = pg->head;
     if (!q || pg->state != PG_READY || pg->busy)
         return true;
     int ok;
     if (q->prepare) {
-        int slot = prepared_slot(pg, q->sql);
+        int slot = q->stmt >= 0 ? q->stmt : prepared_slot(pg, q->sql);
         if (slot < 0 && pg->nprepared < MAX_PREPARED && !q->preparing) {
             char name[16];
             snprintf(name, sizeof(name), "evd%zu", pg->nprepared);
@@ -401,7 +428,10 @@ static bool send_next(evd_pg_t *pg)
 sent:
     pg->busy = ok;
     if (!ok) {
-        pg_reset(pg, "send failed: %s", PQerrorMessage(pg->conn));
+        if (defer)
+            defer_reset(pg, "send failed: %s", PQerrorMessage(pg->conn));
+        else
+            pg_reset(pg, "send failed: %s", PQerrorMessage(pg->conn));
         return false;
     }
     return true;
@@ -422,7 +452,9 @@ static void query_done(evd_pg_t *pg)
     if (q->preparing) {
         q->preparing = false;
         if (ok) {
-            pg->prepared[pg->nprepared++] = q->sql;
+            /* Out of memory: the slot's name stays taken, unused after this query. */
+            q->stmt = (int)pg->nprepared;
+            pg->prepared[pg->nprepared++] = strdup(q->sql);
             PQclear(res);
             return; /* the execute step goes next, same query */
         }
@@ -502,7 +534,7 @@ static void step(evd_pg_t *pg)
                 if (pg->state != PG_READY)
                     return;
             }
-            if (!send_next(pg))
+            if (!send_next(pg, false))
                 return;
             if (!pg->busy)
                 break;
@@ -580,6 +612,7 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
     if (!q)
         return -ENOMEM;
     q->prepare = prepare;
+    q->stmt = -1;
     q->sql = prepare ? (char *)sql : strdup(sql);
     q->params = nparams ? calloc((size_t)nparams, sizeof(char *)) : NULL;
     q->cb = cb;
@@ -602,12 +635,12 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
     else
         pg->head = q;
     pg->tail = q;
-    if (idle && send_next(pg)) {
+    if (idle && send_next(pg, true)) {
         int fl = PQflush(pg->conn);
         if (fl < 0)
-            pg_reset(pg, "write failed: %s", PQerrorMessage(pg->conn));
+            defer_reset(pg, "write failed: %s", PQerrorMessage(pg->conn));
         else if (want_poll(pg, UV_READABLE | (fl == 1 ? UV_WRITABLE : 0)) < 0)
-            pg_reset(pg, "cannot watch socket");
+            defer_reset(pg, "cannot watch socket");
     }
     return 0;
 }

@@ -219,8 +219,10 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
 static void dl_written(int status, void *arg)
 {
     unit_t *u = arg;
-    if (status < 0)
+    if (status < 0) {
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "write failed"), F_STR("detail", strerror(-status)));
+        u->keep = "dead-letter write failed";
+    }
     if (--u->dl_writes == 0)
         unit_send_ack(u);
 }
@@ -234,13 +236,17 @@ static void unit_finish_rec(unit_t *u)
     u->dl_writes++;
     if (u->dl.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0)
+        if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0) {
             u->dl_writes--;
+            u->keep = "dead-letter write failed";
+        }
     }
     if (u->dl_bad.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl_bad, true, dl_written, u) < 0)
+        if (evd_dl_write(d->dl, &u->dl_bad, true, dl_written, u) < 0) {
             u->dl_writes--;
+            u->keep = "dead-letter write failed";
+        }
     }
     dl_written(0, u);
 }
@@ -378,7 +384,12 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     unit_t *u = r->unit;
     size_t ji = (size_t)(job - r->jobs);
     if (status == EVD_REDIS_RETRYING) {
-        /* The batch entered retry backoff: let other replicas have the rows meanwhile. */
+        /* The batch entered retry backoff: let other replicas have the rows meanwhile. A hint's
+         * row claimed from now on is applied by its claim, not held open waiting for the hint
+         * (which may retry for the whole outage). */
+        for (size_t i = 0; r->hint && i < HINTS_KEPT && i < d->nhinted; i++)
+            if (d->hints[i].flight == r)
+                d->hints[i].flight = NULL;
         hint_answered(d, r, false);
         release_claim(u);
         return;
@@ -388,9 +399,11 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         if (!r->hint)
             dl_line(u, r, "retries_exhausted", (int)ji, error, job->attempts);
     } else if (status == -ECANCELED) {
-        /* Shutting down: notify-only changes cannot wait in the outbox. */
+        /* Shutting down: notify-only changes cannot wait in the outbox; outbox rows stay. */
         if (r->id == ID_NOTIFY)
             dl_line(u, r, "shutdown", (int)ji, error ? error : "shutdown before Redis confirmed", job->attempts);
+        else if (u->claim)
+            u->keep = "shutdown before Redis confirmed";
     } else {
         d->n_keys += job->nkeys;
         d->n_patterns += job->npatterns;
@@ -700,8 +713,13 @@ static void submit_rec(unit_t *u, rec_t *r)
     struct hint_slot *h = d->nhinted ? &d->hints[(d->nhinted - 1) % HINTS_KEPT] : NULL;
     if (r->hint && h && h->id == r->id)
         h->flight = r; /* kept just now (accept_payload); until its last job is answered (job_done) */
-    for (size_t j = 0; j < r->njobs; j++)
-        evd_redis_submit(d->targets[r->job_target[j]].r, &r->jobs[j]);
+    for (size_t j = 0; j < r->njobs; j++) {
+        evd_redis_t *t = d->targets[r->job_target[j]].r;
+        if (t)
+            evd_redis_submit(t, &r->jobs[j]);
+        else /* closed at shutdown (a lookup answered after the targets were closed) */
+            job_done(&r->jobs[j], -ECANCELED, "shutdown before Redis confirmed", d);
+    }
 }
 
 /* A rec without jobs added to u (done before expansion, or waiting for lookups); NULL, logged,
