@@ -106,9 +106,10 @@ static void after_ack(const PGresult *res, const char *err, void *arg)
     daemon_t *d = u->d;
     if (!res) {
         EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
-        /* A failed COMMIT or delete: end the transaction if one is left (its rows stay in
-         * the outbox and are claimed again). */
-        if (u->in_tx && evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
+        /* A failed delete: end the transaction it left open (its rows stay in the outbox and
+         * are claimed again). Not after a failed COMMIT, which ended it: a ROLLBACK queued now
+         * would land in the next claim's transaction, queued behind the COMMIT, and undo it. */
+        if (u->in_tx && !u->deleted && evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
             EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
     }
     unit_free(u);
@@ -167,7 +168,7 @@ static evd_pg_t *released_ack_conn(const unit_t *u)
 {
     const daemon_t *d = u->d;
     const claimer_t *own = u->cl;
-    if ((own->open == NULL || own->open == u) && d->claim_cl != own && own->pg)
+    if ((own->open == NULL || own->open == u) && d->claim_cl != own && own->pg && evd_pg_ready(own->pg))
         return own->pg;
     for (size_t k = 0; k < NCLAIMERS; k++) {
         const claimer_t *cl = &d->cl[k];
@@ -632,18 +633,20 @@ static void floor_done(const PGresult *res, const char *err, void *arg)
     daemon_t *d = arg;
     (void)err;
     d->floor_pg = NULL;
-    if (!res || PQntuples(res) != 1 || PQnfields(res) != 3 || d->floor_gen != d->conn_gen)
-        return;
-    int64_t low = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
-    floor_raise(d, res, low);
-    if (low >= 0 && low < d->cursor) {
-        d->cursor = low;
-        d->cursor_gen++;
-        if (low < d->restart)
-            d->restart = low;
-        d->want_drain = true;
-        maybe_drain(d);
+    if (res && PQntuples(res) == 1 && PQnfields(res) == 3 && d->floor_gen == d->conn_gen) {
+        int64_t low = PQgetisnull(res, 0, 0) ? -1 : strtoll(PQgetvalue(res, 0, 0), NULL, 10) - 1;
+        floor_raise(d, res, low);
+        if (low >= 0 && low < d->cursor) {
+            d->cursor = low;
+            d->cursor_gen++;
+            if (low < d->restart)
+                d->restart = low;
+            d->want_drain = true;
+        }
     }
+    /* Claims kept off its connection meanwhile: one wanted then (the only other connection
+     * down, say) goes now. */
+    maybe_drain(d);
 }
 
 /* Every poll interval: is a row not held in memory waiting below the cursor (committed late,
