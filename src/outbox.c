@@ -248,13 +248,18 @@ void release_claim(unit_t *u)
     daemon_t *d = u->d;
     if (!u->in_tx || u->cl->open != u)
         return;
+    /* Rolling back puts back the rows the claim deleted, or unlocks those it locked. When it
+     * cannot be sent (out of memory; or the connection is down, which rolls back anyway) the
+     * claim stays as it is: marked released with its transaction still open, the next claim on
+     * the connection would run inside it, and its COMMIT would commit this claim's deletes. */
+    int rc = evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL);
+    if (rc == -ENOMEM)
+        return;
     u->in_tx = false;
     u->released = true;
     u->cl->open = NULL;
-    /* Rolling back puts back the rows the claim deleted, or unlocks those it locked. */
-    if (evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
-        return;
-    maybe_drain(d);
+    if (rc == 0)
+        maybe_drain(d);
 }
 
 /* The ids of every claimed record in memory, as an array literal: claims skip them. */
