@@ -67,6 +67,7 @@ void watches_loaded(const PGresult *res, const char *err, void *arg)
     daemon_t *d = arg;
     evd_set_clear(&d->watched);
     evd_set_clear(&d->durable);
+    d->watches_failed = !res; /* asked again at each safety poll until it is read */
     if (!res) {
         EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("error", err),
                 F_STR("hint", "apply sql/install.sql and the output of `evictd sql`"));

@@ -223,8 +223,9 @@ struct daemon {
     bool claimed_full;            /* the last claim came back full: more rows wait */
     bool want_drain;              /* a doorbell arrived while a claim was running */
     bool watched_loaded;
-    evd_set_t watched; /* "schema.table" of evictd.watches */
-    evd_set_t durable; /* the durably watched ones among them */
+    bool watches_failed; /* the last read of evictd.watches failed (install.sql not applied yet?) */
+    evd_set_t watched;   /* "schema.table" of evictd.watches */
+    evd_set_t durable;   /* the durably watched ones among them */
 
     uv_timer_t poll_timer;
     uv_timer_t floor_timer;

@@ -430,6 +430,13 @@ static void on_poll_timer(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, poll_timer);
     trim_heap(d);
+    /* Until evictd.watches is read, durable tables' doorbells are taken for notify-only changes
+     * and a watched table no rule names for an unknown one: read it again. */
+    if (d->watches_failed && d->watched_loaded && d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
+        d->watched_loaded = false;
+        if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+            d->watched_loaded = true;
+    }
     d->want_drain = true;
     /* Idle: look at the flag too (flag_as_left). */
     if (d->idle && !d->opts.dry_run)

@@ -956,6 +956,31 @@ class DaemonTest(unittest.TestCase):
         finally:
             self.sql("SELECT evictd.unwatch('pings')")
 
+    def test_09c_watches_read_again_after_a_failed_read(self):
+        """evictd.watches unreadable at start (install.sql applied after evictd started, say):
+        evictd reads it again at its safety polls, and then knows the watched tables (a table no
+        rule names is unmatched, not an unknown table dead-lettered)."""
+        self.sql("SELECT evictd.watch('pings', ARRAY['id'])")  # durable, but no rule names pings
+        off, on = "ALTER EVENT TRIGGER evictd_alter_table DISABLE", "ALTER EVENT TRIGGER evictd_alter_table ENABLE"
+        self.sql(off, "ALTER TABLE evictd.watches RENAME TO watches_away", on)
+        try:
+            d = self.daemon()
+            since = d.mark()
+            d.start()
+            d.wait_log("capture_mismatch", 15, since=since, where=lambda r: "watches" in (r.get("error") or ""))
+        finally:
+            self.sql(off, "ALTER TABLE evictd.watches_away RENAME TO watches", on)
+        try:
+            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") >= 1, 15, "evictd idle flag", d)
+            time.sleep(0.6)  # a safety poll (250 ms) reads the watches again
+            since = d.mark()
+            self.sql("UPDATE pings SET note = 'z' WHERE id = 1")
+            self.wait_outbox_empty(d, timeout=5)
+            d.wait_log("stats", 5, since=since, where=lambda r: (r.get("unmatched") or 0) > 0)
+            self.assertEqual(d.dead_letters(), [], d.tail())
+        finally:
+            self.sql("SELECT evictd.unwatch('pings')")
+
     # -- 10 ----------------------------------------------------------------------------------
     def test_10a_sigterm_finishes_in_flight_and_exits_0(self):
         cfg = self.config()
