@@ -122,6 +122,8 @@ static void trim(char *s)
             *p = ' ';
 }
 
+static void teardown(evd_pg_t *pg);
+
 /* All teardown goes through here: drop the connection, fail queued work, back off. */
 EVD_PRINTF(2, 3) static void pg_reset(evd_pg_t *pg, const char *fmt, ...)
 {
@@ -130,6 +132,12 @@ EVD_PRINTF(2, 3) static void pg_reset(evd_pg_t *pg, const char *fmt, ...)
     vsnprintf(pg->last_error, sizeof(pg->last_error), fmt, ap);
     va_end(ap);
     trim(pg->last_error);
+    teardown(pg);
+}
+
+/* pg_reset's work, the reason already in last_error. */
+static void teardown(evd_pg_t *pg)
+{
     drop_poll(pg);
     if (pg->result) {
         PQclear(pg->result);
@@ -378,21 +386,15 @@ static int prepared_slot(evd_pg_t *pg, const char *sql)
 static void on_deferred_reset(uv_timer_t *t)
 {
     evd_pg_t *pg = evd_container_of(t, evd_pg_t, timer);
-    if (pg->state != PG_READY)
-        return;
-    char why[sizeof(pg->last_error)];
-    snprintf(why, sizeof(why), "%s", pg->last_error);
-    pg_reset(pg, "%s", why);
+    if (pg->state == PG_READY)
+        teardown(pg);
 }
 
 /* A failure found inside evd_pg_query: reset from the loop, not inside the caller, whose
  * callback must not run before the call returns (it returned 0: the callback runs later). */
-EVD_PRINTF(2, 3) static void defer_reset(evd_pg_t *pg, const char *fmt, ...)
+static void defer_reset(evd_pg_t *pg, const char *what, const char *detail)
 {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(pg->last_error, sizeof(pg->last_error), fmt, ap);
-    va_end(ap);
+    snprintf(pg->last_error, sizeof(pg->last_error), "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
     trim(pg->last_error);
     uv_timer_start(&pg->timer, on_deferred_reset, 0, 0);
 }
@@ -429,7 +431,7 @@ sent:
     pg->busy = ok;
     if (!ok) {
         if (defer)
-            defer_reset(pg, "send failed: %s", PQerrorMessage(pg->conn));
+            defer_reset(pg, "send failed", PQerrorMessage(pg->conn));
         else
             pg_reset(pg, "send failed: %s", PQerrorMessage(pg->conn));
         return false;
@@ -638,9 +640,9 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
     if (idle && send_next(pg, true)) {
         int fl = PQflush(pg->conn);
         if (fl < 0)
-            defer_reset(pg, "write failed: %s", PQerrorMessage(pg->conn));
+            defer_reset(pg, "write failed", PQerrorMessage(pg->conn));
         else if (want_poll(pg, UV_READABLE | (fl == 1 ? UV_WRITABLE : 0)) < 0)
-            defer_reset(pg, "cannot watch socket");
+            defer_reset(pg, "cannot watch socket", NULL);
     }
     return 0;
 }

@@ -378,6 +378,17 @@ class DaemonTest(unittest.TestCase):
     def q1(self, stmt):
         return self.sql(stmt)[0][0]
 
+    def row_lockable(self, oid):
+        """Could another session lock outbox row oid now (no claim holds it)?"""
+        conn = self.pg.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT id FROM evictd.outbox WHERE id = %s FOR UPDATE SKIP LOCKED", (oid,))
+                return cur.fetchall() == [(oid,)]
+        finally:
+            conn.rollback()
+            conn.close()
+
     def outbox_count(self):
         return self.q1("SELECT count(*) FROM evictd.outbox")
 
@@ -769,17 +780,8 @@ class DaemonTest(unittest.TestCase):
             self.sql("UPDATE products SET stock = 1 WHERE id = 1")
             first = self.q1("SELECT max(id) FROM evictd.outbox")
             d.wait_log("retry", 5, since=since)
-
-            def lockable():
-                conn = self.pg.connect()
-                try:
-                    with conn.cursor() as cur:
-                        cur.execute("SELECT id FROM evictd.outbox WHERE id = %s FOR UPDATE SKIP LOCKED", (first,))
-                        return cur.fetchall() == [(first,)]
-                finally:
-                    conn.rollback()
-                    conn.close()
-            self.wait(lockable, 3, "outbox row %s unlocked while its batch is in retry backoff" % first, d)
+            self.wait(lambda: self.row_lockable(first), 3,
+                      "outbox row %s unlocked while its batch is in retry backoff" % first, d)
             # A newer change is read meanwhile (not stuck behind the retrying batch).
             self.sql("UPDATE products SET stock = 2 WHERE id = 2")
             d.wait_log("change", 3, since=since, where=lambda r: P(2) in (r.get("keys") or []))
@@ -1907,18 +1909,8 @@ class DaemonTest(unittest.TestCase):
             since = d.mark()
             oid = self.sql("UPDATE products SET stock = 5 WHERE id = 1", "SELECT max(id) FROM evictd.outbox")[0][0]
             d.wait_log("claimed", 5, since=since, where=lambda r: (r.get("rows") or 0) >= 1)
-
-            def lockable():
-                conn = self.pg.connect()
-                try:
-                    with conn.cursor() as cur:
-                        cur.execute("SELECT id FROM evictd.outbox WHERE id = %s FOR UPDATE SKIP LOCKED", (oid,))
-                        return cur.fetchall() == [(oid,)]
-                finally:
-                    conn.rollback()
-                    conn.close()
             deadline = time.monotonic() + 2.5  # the hint's next retry is 3-5 s away
-            while not lockable():
+            while not self.row_lockable(oid):
                 self.assertLess(time.monotonic(), deadline,
                                 "row %s still locked by its claim while the hint waits in backoff\n%s" % (oid, d.tail()))
                 time.sleep(0.1)
