@@ -52,6 +52,9 @@ typedef struct claimer {
     evd_pg_t *pg;
     unit_t *open; /* the unit whose transaction is open on pg */
     bool setup;   /* SQL_CLAIM_SETUP succeeded (or is queued) on this connection */
+    /* A ROLLBACK could not be queued (out of memory) while a transaction was open: the next
+     * claim on pg sends one first, and no released ack goes on pg until then */
+    bool needs_rollback;
 } claimer_t;
 
 #define NCLAIMERS 2

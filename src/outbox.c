@@ -100,6 +100,19 @@ static void begin_done(const PGresult *res, const char *err, void *arg);
 static double arrival_rate(daemon_t *d, size_t rows);
 static bool light_load(daemon_t *d);
 
+/* Ends the transaction open on cl's connection. Returns what evd_pg_query did: when out of
+ * memory, the next claim on the connection sends the ROLLBACK first (needs_rollback); when the
+ * connection is down, the server rolled it back. */
+static int rollback(claimer_t *cl)
+{
+    int rc = evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL);
+    if (rc == -ENOMEM)
+        cl->needs_rollback = true;
+    if (rc < 0)
+        EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+    return rc;
+}
+
 static void after_ack(const PGresult *res, const char *err, void *arg)
 {
     unit_t *u = arg;
@@ -109,8 +122,8 @@ static void after_ack(const PGresult *res, const char *err, void *arg)
         /* A failed delete: end the transaction it left open (its rows stay in the outbox and
          * are claimed again). Not after a failed COMMIT, which ended it: a ROLLBACK queued now
          * would land in the next claim's transaction, queued behind the COMMIT, and undo it. */
-        if (u->in_tx && !u->deleted && evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
-            EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        if (u->in_tx && !u->deleted)
+            (void)rollback(u->cl);
     }
     unit_free(u);
     maybe_drain(d);
@@ -168,11 +181,12 @@ static evd_pg_t *released_ack_conn(const unit_t *u)
 {
     const daemon_t *d = u->d;
     const claimer_t *own = u->cl;
-    if ((own->open == NULL || own->open == u) && d->claim_cl != own && own->pg && evd_pg_ready(own->pg))
+    if ((own->open == NULL || own->open == u) && d->claim_cl != own && own->pg && evd_pg_ready(own->pg) &&
+        !own->needs_rollback)
         return own->pg;
     for (size_t k = 0; k < NCLAIMERS; k++) {
         const claimer_t *cl = &d->cl[k];
-        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && d->claim_cl != cl)
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && d->claim_cl != cl && !cl->needs_rollback)
             return cl->pg;
     }
     return d->lookupc && evd_pg_ready(d->lookupc) ? d->lookupc : NULL;
@@ -196,8 +210,8 @@ void unit_send_ack(unit_t *u)
          * otherwise have them claimed and failed again at once). */
         EVD_LOG(EVD_LOG_WARN, "ack_withheld", F_STR("reason", u->keep), F_INT("changes", (int64_t)u->nrecs));
         d->pace_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
-        if (u->in_tx && evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
-            EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+        if (u->in_tx)
+            (void)rollback(u->cl);
         if (u->cl->open == u)
             u->cl->open = NULL;
         unit_free(u);
@@ -210,7 +224,7 @@ void unit_send_ack(unit_t *u)
         /* A claimed row has no record here (out of memory while accepting it): put every row
          * back and delete those that have one; the others are claimed again. */
         u->in_tx = false;
-        rc = evd_pg_query(u->cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL);
+        rc = rollback(u->cl);
     }
     if (u->in_tx && u->deleted) {
         rc = evd_pg_query(u->cl->pg, SQL_COMMIT, 0, NULL, false, after_ack, u);
@@ -330,6 +344,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         if (d->claim_flag >= 0 && !fresh)
             d->flag_set_at = now;
         d->claim_locks = !d->claim_snap && d->claimed_full;
+        rc = rc == 0 && cl->needs_rollback ? evd_buf_puts(&q, "ROLLBACK; ") : rc;
         rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '",
                                       d->claim_snap    ? "_snap"
                                       : d->claim_locks ? "_lock"
@@ -341,6 +356,8 @@ static void send_claim(daemon_t *d, claimer_t *cl)
                                       d->claim_snap ? (d->claim_sets_idle ? ", true" : ", false") : "")
                      : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
+        if (rc == 0)
+            cl->needs_rollback = false;
         evd_buf_free(&q);
     }
     if (rc == 0) {
@@ -800,8 +817,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         /* Closing the connection at shutdown fails the claim in flight: not worth a warning. */
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
-            if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
-                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+            (void)rollback(cl);
         if (!d->stopping)
             uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
         return;
@@ -890,8 +906,9 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     if (!u) {
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
         if (!d->opts.dry_run)
-            if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0)
-                EVD_LOG(EVD_LOG_DEBUG, "rollback_skipped");
+            (void)rollback(cl);
+        if (!d->stopping) /* the safety poll claims them again */
+            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
         return;
     }
     u->in_tx = !d->opts.dry_run;
@@ -1014,6 +1031,7 @@ void claimer_lost(claimer_t *cl)
     if (d->claim_cl == cl)
         d->claim_cl = NULL;
     cl->setup = false;
+    cl->needs_rollback = false; /* the server rolled it back */
     if (cl->open) {
         cl->open->in_tx = false;
         cl->open->released = true;
