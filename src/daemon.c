@@ -197,7 +197,27 @@ static void redis_opts(const evd_config_t *cfg, evd_redis_opts_t *o)
     o->redelete_after_ms = cfg->redelete_after_ms;
 }
 
-/* Builds the target array for cfg, reusing matching targets from old (moved out of it). */
+/* Undoes a targets_build that failed: targets taken from old go back (by name: target names
+ * are unique), new ones are closed. */
+static void targets_unbuild(const evd_config_t *cfg, target_t *t, target_t *old, size_t nold)
+{
+    for (size_t i = 0; i < cfg->ntargets; i++) {
+        if (t[i].r) {
+            size_t k = 0;
+            while (k < nold && (old[k].r || strcmp(old[k].name, cfg->targets[i].name) != 0))
+                k++;
+            if (k < nold)
+                old[k].r = t[i].r;
+            else
+                evd_redis_close(t[i].r, NULL, NULL);
+        }
+        free(t[i].name);
+    }
+    free(t);
+}
+
+/* Builds the target array for cfg, reusing matching targets from old (moved out of it; moved
+ * back when it fails, so that old stays whole). */
 static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, size_t nold, target_t **out)
 {
     evd_redis_opts_t o;
@@ -207,7 +227,10 @@ static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, si
         return -ENOMEM;
     for (size_t i = 0; i < cfg->ntargets; i++) {
         const evd_target_cfg_t *tc = &cfg->targets[i];
-        t[i].name = strdup(tc->name);
+        if (!(t[i].name = strdup(tc->name))) {
+            targets_unbuild(cfg, t, old, nold);
+            return -ENOMEM;
+        }
         for (size_t k = 0; k < nold; k++) {
             if (old[k].r && !strcmp(old[k].name, tc->name) && !evd_redis_cfg_differs(old[k].r, tc)) {
                 t[i].r = old[k].r;
@@ -217,8 +240,10 @@ static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, si
         }
         if (!t[i].r && !d->opts.dry_run) {
             int rc = evd_redis_new(d->loop, tc, &o, job_done, d, &t[i].r);
-            if (rc < 0)
+            if (rc < 0) {
+                targets_unbuild(cfg, t, old, nold);
                 return rc;
+            }
         }
     }
     *out = t;
@@ -316,6 +341,11 @@ static void on_sighup(uv_signal_t *h, int sig)
     target_t *nt = NULL;
     if (!ref || targets_build(d, cfg, d->targets, d->ntargets, &nt) < 0) {
         EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("error", "out of memory"));
+        evd_redis_opts_t o; /* targets moved back may carry the new config's options */
+        redis_opts(d->cfg->cfg, &o);
+        for (size_t i = 0; i < d->ntargets; i++)
+            if (d->targets[i].r)
+                evd_redis_set_opts(d->targets[i].r, &o);
         free(ref);
         evd_config_free(cfg);
         return;

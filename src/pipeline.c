@@ -485,7 +485,12 @@ static void lookup_done(const PGresult *res, const char *err, void *arg)
                 const char *v = PQgetvalue(res, i, 0);
                 if (is_bool)
                     v = v[0] == 't' ? "True" : "False";
-                l->vals.v[l->vals.n++] = strdup(v);
+                char *copy = strdup(v);
+                if (!copy) { /* not "no row" (NULL): failed, so its templates widen */
+                    l->vals.status = -1;
+                    break;
+                }
+                l->vals.v[l->vals.n++] = copy;
             }
         }
     }
