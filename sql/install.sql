@@ -583,7 +583,7 @@ $b$;
     -- float) in the functions of a table that captures one. A SET costs every call, so only there.
     v_float := EXISTS (SELECT 1 FROM unnest(v_cols) AS u(col)
                          JOIN pg_catalog.pg_attribute a ON a.attrelid = tbl AND a.attname = u.col
-                        WHERE evictd._base_type(a.atttypid) IN ('pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype));
+                        WHERE evictd._has_float(a.atttypid));
     FOR v_i IN 1 .. 4 LOOP
         EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
                        'SET search_path = pg_catalog, pg_temp %s AS %L', v_fns[v_i],
@@ -632,6 +632,29 @@ $b$;
 END
 $gen$;
 
+-- Does the text form of type typ print a real or double precision (with extra_float_digits)?
+-- Looks through domains, arrays, ranges and composites; the geometric types are floats.
+CREATE OR REPLACE FUNCTION evictd._has_float(typ oid) RETURNS bool
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE t(oid, depth) AS (
+        SELECT typ, 0
+        UNION
+        SELECT s.sub, t.depth + 1
+          FROM t JOIN pg_catalog.pg_type p ON p.oid = t.oid
+         CROSS JOIN LATERAL (SELECT p.typbasetype AS sub
+                             UNION ALL SELECT p.typelem
+                             UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = p.oid
+                             UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                                        WHERE a.attrelid = p.typrelid AND a.attnum > 0 AND NOT a.attisdropped) AS s
+         WHERE s.sub <> 0 AND t.depth < 16
+    )
+    SELECT EXISTS (SELECT 1 FROM t WHERE t.oid IN ('pg_catalog.float4'::pg_catalog.regtype, 'pg_catalog.float8'::pg_catalog.regtype,
+                                                   'pg_catalog.point'::pg_catalog.regtype, 'pg_catalog.line'::pg_catalog.regtype,
+                                                   'pg_catalog.lseg'::pg_catalog.regtype, 'pg_catalog.box'::pg_catalog.regtype,
+                                                   'pg_catalog.path'::pg_catalog.regtype, 'pg_catalog.polygon'::pg_catalog.regtype,
+                                                   'pg_catalog.circle'::pg_catalog.regtype))
+$$;
+
 -- Is tbl a partition, an inheritance child or an inheritance parent?
 CREATE OR REPLACE FUNCTION evictd._in_tree(tbl oid) RETURNS bool
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -658,7 +681,7 @@ BEGIN
      WHERE c.oid = tbl;
     IF v_rel.relkind = 'p' THEN
         RAISE EXCEPTION 'evictd.watch: % is a partitioned table', tbl USING ERRCODE = 'wrong_object_type',
-            HINT = 'Watch each partition: statement-level triggers on the parent miss writes addressed to a partition.';
+            HINT = 'Watch each partition with durable => false: statement-level triggers on the parent miss writes addressed to a partition, and a durable watch of a partition misses those addressed to the parent.';
     ELSIF v_rel.relkind IS DISTINCT FROM 'r' THEN
         RAISE EXCEPTION 'evictd.watch: % is not a table', tbl USING ERRCODE = 'wrong_object_type';
     ELSIF v_rel.relpersistence = 't' THEN
@@ -741,23 +764,31 @@ COMMENT ON FUNCTION evictd.unwatch(regclass) IS
 CREATE OR REPLACE FUNCTION evictd._on_alter_table() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_tbl regclass;
-    v_bad text;
+    v_tbl  regclass;
+    v_bad  text;
+    v_cmd  oid[];
+    v_tree oid[];
 BEGIN
-    FOR v_tbl IN WITH RECURSIVE tree(rel) AS (
-                      SELECT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() AS c
-                       WHERE c.classid = 'pg_catalog.pg_class'::regclass
-                      UNION
-                      SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.rel)
-                 SELECT w.tbl FROM evictd.watches AS w
-                  WHERE w.tbl::oid IN (SELECT tree.rel FROM tree)
+    SELECT array_agg(c.objid) INTO v_cmd
+      FROM pg_catalog.pg_event_trigger_ddl_commands() AS c WHERE c.classid = 'pg_catalog.pg_class'::regclass;
+    -- The command's tables, their parents (CREATE TABLE ... INHERITS, PARTITION OF) and their
+    -- descendants (a column renamed on a parent is renamed on them; ATTACH PARTITION).
+    WITH RECURSIVE tree(rel) AS (
+        SELECT u.rel FROM unnest(v_cmd) AS u(rel)
+        UNION
+        SELECT i.inhparent FROM pg_catalog.pg_inherits AS i WHERE i.inhrelid = ANY (v_cmd)
+        UNION
+        SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN tree AS t ON i.inhparent = t.rel)
+    SELECT array_agg(tree.rel) INTO v_tree FROM tree;
+    FOR v_tbl IN SELECT w.tbl FROM evictd.watches AS w
+                  WHERE w.tbl::oid = ANY (v_tree)
                      OR (TG_TAG = 'ALTER TYPE' AND EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                                                             WHERE c.oid = w.tbl AND c.reloftype <> 0))
                   ORDER BY 1 LOOP
         PERFORM evictd._generate(v_tbl, false);
     END LOOP;
     SELECT string_agg(w.tbl::text, ', ' ORDER BY w.tbl) INTO v_bad
-      FROM evictd.watches AS w WHERE w.durable AND evictd._in_tree(w.tbl);
+      FROM evictd.watches AS w WHERE w.durable AND w.tbl::oid = ANY (v_tree) AND evictd._in_tree(w.tbl);
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'evictd: durably watched table(s) % would be part of a partitioned table or an inheritance tree', v_bad
             USING ERRCODE = 'wrong_object_type',
@@ -794,19 +825,25 @@ $$;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA evictd FROM PUBLIC;
 
 DO $$
+DECLARE
+    v_enabled "char";
 BEGIN
     IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
         RAISE WARNING 'evictd: not a superuser, so no event triggers: after ALTER TABLE on a watched table run evictd.watch() for it again';
         RETURN;
     END IF;
-    -- Earlier versions listened to ALTER TABLE only.
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger
-                WHERE evtname = 'evictd_alter_table' AND evttags <> ARRAY['ALTER TABLE', 'CREATE TABLE', 'ALTER TYPE']) THEN
+    -- Earlier versions listened to ALTER TABLE only (re-created as it was: enabled or not).
+    SELECT e.evtenabled INTO v_enabled FROM pg_catalog.pg_event_trigger e
+     WHERE e.evtname = 'evictd_alter_table' AND e.evttags <> ARRAY['ALTER TABLE', 'CREATE TABLE', 'ALTER TYPE'];
+    IF v_enabled IS NOT NULL THEN
         DROP EVENT TRIGGER evictd_alter_table;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'evictd_alter_table') THEN
         CREATE EVENT TRIGGER evictd_alter_table ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'ALTER TYPE')
             EXECUTE FUNCTION evictd._on_alter_table();
+        IF v_enabled = 'D' THEN
+            ALTER EVENT TRIGGER evictd_alter_table DISABLE;
+        END IF;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'evictd_drop') THEN
         CREATE EVENT TRIGGER evictd_drop ON sql_drop EXECUTE FUNCTION evictd._on_drop();
@@ -823,6 +860,10 @@ BEGIN
     FOR v_oid IN SELECT w.tbl::oid FROM evictd.watches w ORDER BY 1 LOOP
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = v_oid) THEN
             PERFORM evictd._generate(v_oid::regclass, false);
+            IF evictd._in_tree(v_oid) AND (SELECT w.durable FROM evictd.watches w WHERE w.tbl::oid = v_oid) THEN
+                RAISE WARNING 'evictd: % is watched durably but is in a partitioned table or an inheritance tree: writes addressed to another table of the tree are missed',
+                    v_oid::regclass USING HINT = 'Run evictd.watch() for it again with durable => false.';
+            END IF;
         ELSE
             DELETE FROM evictd.watches WHERE tbl::oid = v_oid;
             PERFORM evictd._drop_captures(v_oid);

@@ -68,6 +68,8 @@ void watches_loaded(const PGresult *res, const char *err, void *arg)
     evd_set_clear(&d->watched);
     evd_set_clear(&d->durable);
     d->watches_failed = !res; /* asked again at each safety poll until it is read */
+    if (res)
+        EVD_LOG(EVD_LOG_DEBUG, "watches_read", F_INT("tables", PQntuples(res)));
     if (!res) {
         EVD_LOG(EVD_LOG_WARN, "capture_mismatch", F_STR("error", err),
                 F_STR("hint", "apply sql/install.sql and the output of `evictd sql`"));

@@ -227,8 +227,10 @@ struct daemon {
     bool want_drain;              /* a doorbell arrived while a claim was running */
     bool watched_loaded;
     bool watches_failed; /* the last read of evictd.watches failed (install.sql not applied yet?) */
-    evd_set_t watched;   /* "schema.table" of evictd.watches */
-    evd_set_t durable;   /* the durably watched ones among them */
+    uint64_t watches_tried_at;
+    uint64_t withheld_until; /* no claim before this (an ack was withheld: unit_send_ack) */
+    evd_set_t watched;       /* "schema.table" of evictd.watches */
+    evd_set_t durable;       /* the durably watched ones among them */
 
     uv_timer_t poll_timer;
     uv_timer_t floor_timer;

@@ -209,7 +209,7 @@ void unit_send_ack(unit_t *u)
          * before the safety poll's interval (a dead-letter file that cannot be written would
          * otherwise have them claimed and failed again at once). */
         EVD_LOG(EVD_LOG_WARN, "ack_withheld", F_STR("reason", u->keep), F_INT("changes", (int64_t)u->nrecs));
-        d->pace_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
+        d->withheld_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
         if (u->in_tx)
             (void)rollback(u->cl);
         if (u->cl->open == u)
@@ -291,6 +291,7 @@ static void held_ids(daemon_t *d, evd_buf_t *b)
 
 static void claim_done(const PGresult *res, const char *err, void *arg);
 static void claim_setup_done(const PGresult *res, const char *err, void *arg);
+static void on_poll_timer(uv_timer_t *t);
 
 static void begin_done(const PGresult *res, const char *err, void *arg)
 {
@@ -319,6 +320,15 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         const char *params[2] = {cursor, limit};
         rc = evd_pg_query(cl->pg, SQL_PEEK, 2, params, true, claim_done, cl);
     } else {
+        /* A ROLLBACK that could not be queued goes first (before the setup: a rollback would
+         * undo its SETs); still out of memory: no claim now, the safety poll tries again. */
+        if (cl->needs_rollback) {
+            if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0) {
+                uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+                return;
+            }
+            cl->needs_rollback = false;
+        }
         if (!cl->setup)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
         evd_buf_t q = {0};
@@ -344,7 +354,6 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         if (d->claim_flag >= 0 && !fresh)
             d->flag_set_at = now;
         d->claim_locks = !d->claim_snap && d->claimed_full;
-        rc = rc == 0 && cl->needs_rollback ? evd_buf_puts(&q, "ROLLBACK; ") : rc;
         rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '",
                                       d->claim_snap    ? "_snap"
                                       : d->claim_locks ? "_lock"
@@ -356,8 +365,6 @@ static void send_claim(daemon_t *d, claimer_t *cl)
                                       d->claim_snap ? (d->claim_sets_idle ? ", true" : ", false") : "")
                      : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
-        if (rc == 0)
-            cl->needs_rollback = false;
         evd_buf_free(&q);
     }
     if (rc == 0) {
@@ -371,7 +378,6 @@ static void send_claim(daemon_t *d, claimer_t *cl)
 /* Claims the next chunk when there is room, nothing else is claiming and a claim connection
  * has no batch in flight. */
 static void floor_try(daemon_t *d);
-static void on_poll_timer(uv_timer_t *t);
 
 void maybe_drain(daemon_t *d)
 {
@@ -388,10 +394,12 @@ void maybe_drain(daemon_t *d)
     /* Idle: the flag is set, so the next write rings; until then only the safety poll claims. */
     if (d->idle && !d->want_drain)
         return;
-    /* Paced (claim_done): while rows keep coming, a claim goes every PACE_MS at most. */
+    /* Paced (claim_done): while rows keep coming, a claim goes every PACE_MS at most; after an
+     * ack was withheld (unit_send_ack), not before the poll interval. */
     uint64_t now = uv_now(d->loop);
-    if (d->pace_until > now && !d->stopping) {
-        uv_timer_start(&d->poll_timer, on_poll_timer, d->pace_until - now, 0);
+    uint64_t until = d->pace_until > d->withheld_until ? d->pace_until : d->withheld_until;
+    if (until > now && !d->stopping) {
+        uv_timer_start(&d->poll_timer, on_poll_timer, until - now, 0);
         return;
     }
     /* Take turns, and prefer a connection with nothing in flight: a claim queued behind an ack
@@ -449,7 +457,13 @@ static void on_poll_timer(uv_timer_t *t)
     trim_heap(d);
     /* Until evictd.watches is read, durable tables' doorbells are taken for notify-only changes
      * and a watched table no rule names for an unknown one: read it again. */
-    if (d->watches_failed && d->watched_loaded && d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
+    uint64_t now = uv_now(d->loop);
+    if (d->watches_failed && d->watched_loaded && d->cl[0].pg && evd_pg_ready(d->cl[0].pg) && !d->cl[0].open &&
+        d->claim_cl != &d->cl[0] && !evd_pg_busy(d->cl[0].pg) && !d->cl[0].needs_rollback &&
+        now - d->watches_tried_at >= (uint64_t)d->cfg->cfg->poll_interval_ms) {
+        /* (this timer also paces claims: at most once per poll interval, on an idle connection,
+         * whose failure aborts no claim) */
+        d->watches_tried_at = now;
         d->watched_loaded = false;
         if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
             d->watched_loaded = true;
@@ -693,7 +707,7 @@ static void floor_try(daemon_t *d)
     evd_pg_t *pg = NULL;
     for (size_t k = 0; k < NCLAIMERS && !pg; k++) {
         claimer_t *cl = &d->cl[k];
-        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg))
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg) && !cl->needs_rollback)
             pg = cl->pg;
     }
     if (!pg)

@@ -706,7 +706,10 @@ static void submit_rec(unit_t *u, rec_t *r)
                     evd_redis_submit(t, &r->jobs[j]);
                 } else {
                     r->jobs[j].attempts = 0;
-                    job_done(&r->jobs[j], -EIO, "target removed by a config reload", d);
+                    if (d->stopping) /* closed at shutdown: the row stays, as any cancelled one */
+                        job_done(&r->jobs[j], -ECANCELED, "shutdown before Redis confirmed", d);
+                    else
+                        job_done(&r->jobs[j], -EIO, "target removed by a config reload", d);
                 }
             }
             return;

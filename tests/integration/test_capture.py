@@ -849,6 +849,20 @@ class CaptureTest(unittest.TestCase):
                    for p in (json.loads(n.payload) for n in collect_notifies(lc, timeout=5, want=4))]
             self.assertEqual(got, [("pt1", "INSERT", {"id": 1, "v": "a"}), ("ic", "INSERT", {"id": 2, "v": "b"}),
                                    ("ic", "UPDATE", {"id": 2, "v": "c"}), ("ic", "UPDATE", {"id": 2})])
+            # a durable watch of a partition made by an older version (its watch() allowed it):
+            # install.sql warns; DDL elsewhere goes on, DDL on its tree is refused
+            self.q("INSERT INTO evictd.watches VALUES ('pt1', '{id,v}', 'evictd', true)"
+                   " ON CONFLICT (tbl) DO UPDATE SET durable = true, channel = 'evictd';"
+                   "SELECT evictd._generate('pt1', true)")
+            p = subprocess.run([os.path.join(self.pg.bindir, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                                "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "postgres", "-f", INSTALL],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("pt1 is watched durably but is in a partitioned table", p.stderr)
+            self.q("CREATE TEMP TABLE unrelated (x int); DROP TABLE unrelated")
+            with self.assertRaisesRegex(psycopg2.errors.WrongObjectType, "pt1 would be part of"):
+                self.q("ALTER TABLE pt1 SET (fillfactor = 90)")
+            self.q("SELECT evictd.watch('pt1', ARRAY['id', 'v'], %s, false)", (FAST_CHANNEL,))
             # a durably watched table cannot join a tree afterwards (its writes would be missed)
             for t, ddl in (("solo_a", "ALTER TABLE solo_a INHERIT ip"),
                            ("solo_b", "CREATE TABLE solo_b_child () INHERITS (solo_b)"),
@@ -890,16 +904,21 @@ class CaptureTest(unittest.TestCase):
     def test_float_text_form_ignores_the_writers_setting(self):
         self.q("CREATE TABLE floats (id int PRIMARY KEY, d double precision, r real); GRANT ALL ON floats TO app;"
                "SELECT evictd.watch('floats', ARRAY['id', 'd', 'r'])")
+        self.q("CREATE TABLE float_arrays (id int PRIMARY KEY, a float8[]); GRANT ALL ON float_arrays TO app;"
+               "SELECT evictd.watch('float_arrays', ARRAY['id', 'a'])")
         try:
             lc = self.listen(FAST_CHANNEL)
             self.app_exec("SET extra_float_digits = 0", "INSERT INTO floats VALUES (1, 0.1::float8 + 0.2, 0.1)",
+                          "INSERT INTO float_arrays VALUES (1, ARRAY[0.1::float8 + 0.2])",
                           "INSERT INTO pings (ratio) VALUES (0.1::float8 + 0.2)", "RESET extra_float_digits")
-            (_, p), = self.outbox()
+            (_, p), (_, pa) = self.outbox()
             self.assertEqual(p["rows"], [{"new": {"id": 1, "d": "0.30000000000000004", "r": "0.1"}}])
+            self.assertEqual(pa["rows"], [{"new": {"id": 1, "a": [0.30000000000000004]}}])
             n, = collect_notifies(lc, timeout=5, want=1)
             self.assertEqual(json.loads(n.payload)["new"]["ratio"], "0.30000000000000004")
         finally:
-            self.q("SELECT evictd.unwatch('floats'); DROP TABLE floats")
+            self.q("SELECT evictd.unwatch('floats'); DROP TABLE floats;"
+                   "SELECT evictd.unwatch('float_arrays'); DROP TABLE float_arrays")
 
     def test_install_again_does_not_wait_for_writers(self):
         # a writer's open transaction holds locks on the outbox's sequences until it ends;

@@ -966,15 +966,17 @@ class DaemonTest(unittest.TestCase):
         off, on = "ALTER EVENT TRIGGER evictd_alter_table DISABLE", "ALTER EVENT TRIGGER evictd_alter_table ENABLE"
         self.sql(off, "ALTER TABLE evictd.watches RENAME TO watches_away", on)
         try:
-            d = self.daemon()
+            cfg = self.config()
+            cfg["log"]["level"] = "debug"
+            d = self.daemon(cfg)
             since = d.mark()
             d.start()
             d.wait_log("capture_mismatch", 15, since=since, where=lambda r: "watches" in (r.get("error") or ""))
+            since = d.mark()
         finally:
             self.sql(off, "ALTER TABLE evictd.watches_away RENAME TO watches", on)
         try:
-            self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") >= 1, 15, "evictd idle flag", d)
-            time.sleep(0.6)  # a safety poll (250 ms) reads the watches again
+            d.wait_log("watches_read", 15, since=since)  # at a safety poll
             since = d.mark()
             self.sql("UPDATE pings SET note = 'z' WHERE id = 1")
             self.wait_outbox_empty(d, timeout=5)
@@ -1891,9 +1893,8 @@ class DaemonTest(unittest.TestCase):
             self.assertGreater(self.outbox_count(), 0, "rows acknowledged with no dead letter written\n" + d.tail())
         finally:
             self.rd.start()
-        self.fill([P(1)])
+        # Every dead-letter write fails, so only Redis confirming the batch lets the rows go.
         self.wait_outbox_empty(d, timeout=30)
-        self.assertEqual(self.present([P(1)]), [])
 
     def test_16d_hint_in_backoff_does_not_hold_its_claim(self):
         """Redis down under light load: a write's hint enters retry backoff at once; the claim of
@@ -1909,7 +1910,9 @@ class DaemonTest(unittest.TestCase):
             since = d.mark()
             oid = self.sql("UPDATE products SET stock = 5 WHERE id = 1", "SELECT max(id) FROM evictd.outbox")[0][0]
             d.wait_log("claimed", 5, since=since, where=lambda r: (r.get("rows") or 0) >= 1)
-            deadline = time.monotonic() + 2.5  # the hint's next retry is 3-5 s away
+            # The hint's first attempt failed at once; its backoff, and the old code's hold on the
+            # claim, last until Redis is back (the hint answers only then): 2.5 s is plenty.
+            deadline = time.monotonic() + 2.5
             while not self.row_lockable(oid):
                 self.assertLess(time.monotonic(), deadline,
                                 "row %s still locked by its claim while the hint waits in backoff\n%s" % (oid, d.tail()))
