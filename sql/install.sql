@@ -804,20 +804,19 @@ $$;
 CREATE OR REPLACE FUNCTION evictd._on_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    v_oid oid;
+    v record;
 BEGIN
-    FOR v_oid IN SELECT DISTINCT w.tbl::oid
-                   FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
-                   JOIN evictd.watches AS w ON w.tbl::oid = d.objid
-                  WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid = 0 LOOP
-        DELETE FROM evictd.watches WHERE tbl::oid = v_oid;
-        PERFORM evictd._drop_captures(v_oid);
-    END LOOP;
-    FOR v_oid IN SELECT DISTINCT w.tbl::oid
-                   FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
-                   JOIN evictd.watches AS w ON w.tbl::oid = d.objid
-                  WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objsubid > 0 LOOP
-        PERFORM evictd._generate(v_oid::regclass, false);
+    FOR v IN SELECT w.tbl::oid AS oid, bool_or(d.objsubid = 0) AS gone
+               FROM pg_catalog.pg_event_trigger_dropped_objects() AS d
+               JOIN evictd.watches AS w ON w.tbl::oid = d.objid
+              WHERE d.classid = 'pg_catalog.pg_class'::regclass
+              GROUP BY 1 ORDER BY 1 LOOP
+        IF v.gone THEN
+            DELETE FROM evictd.watches WHERE tbl::oid = v.oid;
+            PERFORM evictd._drop_captures(v.oid);
+        ELSE
+            PERFORM evictd._generate(v.oid::regclass, false);
+        END IF;
     END LOOP;
 END
 $$;

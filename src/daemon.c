@@ -237,7 +237,6 @@ static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, si
             if (old[k].r && !strcmp(old[k].name, tc->name) && !evd_redis_cfg_differs(old[k].r, tc)) {
                 t[i].r = old[k].r;
                 old[k].r = NULL;
-                evd_redis_set_opts(t[i].r, &o);
             }
         }
         if (!t[i].r && !d->opts.dry_run) {
@@ -248,6 +247,10 @@ static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, si
             }
         }
     }
+    /* Only now: a build that fails leaves the old targets with the old options. */
+    for (size_t i = 0; i < cfg->ntargets; i++)
+        if (t[i].r)
+            evd_redis_set_opts(t[i].r, &o);
     *out = t;
     return 0;
 }
@@ -343,11 +346,6 @@ static void on_sighup(uv_signal_t *h, int sig)
     target_t *nt = NULL;
     if (!ref || targets_build(d, cfg, d->targets, d->ntargets, &nt) < 0) {
         EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("error", "out of memory"));
-        evd_redis_opts_t o; /* targets moved back may carry the new config's options */
-        redis_opts(d->cfg->cfg, &o);
-        for (size_t i = 0; i < d->ntargets; i++)
-            if (d->targets[i].r)
-                evd_redis_set_opts(d->targets[i].r, &o);
         free(ref);
         evd_config_free(cfg);
         return;

@@ -293,6 +293,18 @@ static void claim_done(const PGresult *res, const char *err, void *arg);
 static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 static void on_poll_timer(uv_timer_t *t);
 
+/* An outbox connection with nothing on it: up, no claim transaction open, nothing queued, no
+ * ROLLBACK pending. For queries that must not land inside a claim (or fail one). */
+static evd_pg_t *quiet_conn(daemon_t *d)
+{
+    for (size_t k = 0; k < NCLAIMERS; k++) {
+        claimer_t *cl = &d->cl[k];
+        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg) && !cl->needs_rollback)
+            return cl->pg;
+    }
+    return NULL;
+}
+
 static void begin_done(const PGresult *res, const char *err, void *arg)
 {
     (void)res;
@@ -458,14 +470,13 @@ static void on_poll_timer(uv_timer_t *t)
     /* Until evictd.watches is read, durable tables' doorbells are taken for notify-only changes
      * and a watched table no rule names for an unknown one: read it again. */
     uint64_t now = uv_now(d->loop);
-    if (d->watches_failed && d->watched_loaded && d->cl[0].pg && evd_pg_ready(d->cl[0].pg) && !d->cl[0].open &&
-        d->claim_cl != &d->cl[0] && !evd_pg_busy(d->cl[0].pg) && !d->cl[0].needs_rollback &&
-        now - d->watches_tried_at >= (uint64_t)d->cfg->cfg->poll_interval_ms) {
-        /* (this timer also paces claims: at most once per poll interval, on an idle connection,
-         * whose failure aborts no claim) */
+    evd_pg_t *pg = d->watches_failed && d->watched_loaded ? quiet_conn(d) : NULL;
+    if (pg && now - d->watches_tried_at >= (uint64_t)d->cfg->cfg->poll_interval_ms) {
+        /* (this timer also paces claims: at most once per poll interval, on a connection with
+         * nothing on it, whose failure aborts no claim) */
         d->watches_tried_at = now;
         d->watched_loaded = false;
-        if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
+        if (evd_pg_query(pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
             d->watched_loaded = true;
     }
     d->want_drain = true;
@@ -704,12 +715,7 @@ static void floor_try(daemon_t *d)
         return;
     /* A connection with nothing on it (claims keep off it until the check is back), else the
      * next maybe_drain tries again. */
-    evd_pg_t *pg = NULL;
-    for (size_t k = 0; k < NCLAIMERS && !pg; k++) {
-        claimer_t *cl = &d->cl[k];
-        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg) && !cl->needs_rollback)
-            pg = cl->pg;
-    }
+    evd_pg_t *pg = quiet_conn(d);
     if (!pg)
         return;
     evd_buf_t q = {0};

@@ -377,6 +377,15 @@ void hints_answered(uv_timer_t *t)
     }
 }
 
+/* The kept hint whose Redis jobs are r's (a hint rec on its way), or NULL. */
+static struct hint_slot *hint_in_flight(daemon_t *d, const rec_t *r)
+{
+    for (size_t i = 0; r->hint && i < HINTS_KEPT && i < d->nhinted; i++)
+        if (d->hints[i].flight == r)
+            return &d->hints[i];
+    return NULL;
+}
+
 void job_done(evd_job_t *job, int status, const char *error, void *ud)
 {
     daemon_t *d = ud;
@@ -387,9 +396,9 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         /* The batch entered retry backoff: let other replicas have the rows meanwhile. A hint's
          * row claimed from now on is applied by its claim, not held open waiting for the hint
          * (which may retry for the whole outage). */
-        for (size_t i = 0; r->hint && i < HINTS_KEPT && i < d->nhinted; i++)
-            if (d->hints[i].flight == r)
-                d->hints[i].flight = NULL;
+        struct hint_slot *h = hint_in_flight(d, r);
+        if (h)
+            h->flight = NULL;
         hint_answered(d, r, false);
         release_claim(u);
         return;
@@ -413,12 +422,11 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     if (--r->outstanding == 0) {
         if (!r->failed && (r->hint || !hinted(d, r->id)))
             record_lag(d, r->ts);
-        for (size_t i = 0; r->hint && i < HINTS_KEPT && i < d->nhinted; i++)
-            if (d->hints[i].flight == r) {
-                d->hints[i].flight = NULL;
-                if (!r->failed && u->cfg == d->cfg)
-                    d->hints[i].confirmed = true;
-            }
+        struct hint_slot *h = hint_in_flight(d, r);
+        if (h) {
+            h->flight = NULL;
+            h->confirmed = !r->failed && u->cfg == d->cfg;
+        }
         hint_answered(d, r, !r->failed);
         unit_finish_rec(u);
     }
