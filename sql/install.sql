@@ -134,6 +134,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT d.oid FROM d ORDER BY d.depth DESC LIMIT 1
 $$;
 
+-- A type made after initdb (FirstNormalObjectId, 16384, and up, domains looked through):
+-- enums, composites, ranges, arrays of them, extension types. Its functions and casts may be
+-- its owner's: the capture renders and compares such values by their text forms.
+CREATE OR REPLACE FUNCTION evictd._user_type(typ oid) RETURNS bool
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT evictd._base_type(typ) >= 16384
+$$;
+
 -- Earlier versions built notify-only images with json_build_object() (blanks after ':' and ',').
 DROP FUNCTION IF EXISTS evictd._image_expr(regclass, text[], text);
 
@@ -167,7 +175,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                                            alias, a.attname)
                     WHEN t.base IN ('pg_catalog.numeric'::regtype, 'pg_catalog.float4'::regtype, 'pg_catalog.float8'::regtype)
                     THEN pg_catalog.format('coalesce(''"'' || (%s.%I)::pg_catalog.text || ''"'', ''null'')', alias, a.attname)
-                    WHEN t.base >= 16384
+                    WHEN evictd._user_type(a.atttypid)
                     THEN pg_catalog.format('CASE WHEN pg_catalog.num_nulls(%1$s.%2$I) = 0 '
                                            'THEN (pg_catalog.to_json(pg_catalog.format(''%%s'', %1$s.%2$I)))::pg_catalog.text '
                                            'ELSE ''null'' END', alias, a.attname)
@@ -463,7 +471,7 @@ BEGIN
             -- Keys of a type made after initdb compare by their text forms: its '=' may not be in
             -- pg_catalog (the pinned search_path: ltree, isn), and one that is found may be the
             -- type owner's function, which would run with the installer's rights.
-            v_pkeq := (SELECT string_agg(CASE WHEN evictd._base_type(a.atttypid) >= 16384
+            v_pkeq := (SELECT string_agg(CASE WHEN evictd._user_type(a.atttypid)
                                               THEN format('pg_catalog.format(''%%s'', o_.%1$I) = pg_catalog.format(''%%s'', n_.%1$I)', k.k)
                                               ELSE format('o_.%1$I = n_.%1$I', k.k) END, ' AND ' ORDER BY k.ord)
                          FROM unnest(v_pk) WITH ORDINALITY AS k(k, ord)

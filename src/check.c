@@ -12,10 +12,9 @@
 #include "daemon.h"
 
 /* A blocking query is fine here: check runs no loop. Returns NULL after printing the error. */
-static PGresult *q(PGconn *c, const char *sql, const char *arg)
+static PGresult *q(PGconn *c, const char *sql, int nargs, const char *const *args)
 {
-    const char *params[1] = {arg};
-    PGresult *r = PQexecParams(c, sql, arg ? 1 : 0, NULL, params, NULL, NULL, 0);
+    PGresult *r = PQexecParams(c, sql, nargs, NULL, args, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK) {
         fprintf(stderr, "postgres: %s", PQresultErrorMessage(r));
         PQclear(r);
@@ -24,16 +23,23 @@ static PGresult *q(PGconn *c, const char *sql, const char *arg)
     return r;
 }
 
-static bool in_csv(const char *csv, const char *name)
+/* The first column of every row of a query on one table (its oid, $1): column names. Names
+ * come as rows, not a joined list, so that any character in a name is just that. */
+static int names(PGconn *c, const char *sql, const char *oid, evd_strv_t *out)
 {
-    size_t n = strlen(name);
-    for (const char *p = csv; p && *p;) {
-        const char *e = strchr(p, ',');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        if (len == n && strncmp(p, name, n) == 0)
+    PGresult *r = q(c, sql, 1, &oid);
+    int rc = r ? 0 : -1;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++)
+        rc = evd_strv_push(out, PQgetvalue(r, i, 0), (size_t)PQgetlength(r, i, 0));
+    PQclear(r);
+    return rc;
+}
+
+static bool has(const evd_strv_t *v, const char *name)
+{
+    for (size_t i = 0; i < v->n; i++)
+        if (!strcmp(v->v[i], name))
             return true;
-        p = e ? e + 1 : NULL;
-    }
     return false;
 }
 
@@ -41,81 +47,78 @@ static bool in_csv(const char *csv, const char *name)
  * capture holding every needed column. Returns the number of problems. */
 static int check_table(PGconn *c, const evd_config_t *cfg, const evd_rule_t *rule)
 {
-    char name[140];
-    snprintf(name, sizeof(name), "\"%s\".\"%s\"", rule->schema, rule->table);
-    int problems = 0;
-    PGresult *r = q(c, "SELECT to_regclass($1) IS NOT NULL", name);
+    const char *st[2] = {rule->schema, rule->table};
+    PGresult *r = q(c,
+                    "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = $1 AND c.relname = $2",
+                    2, st);
     if (!r)
         return 1;
-    bool exists = PQgetvalue(r, 0, 0)[0] == 't';
-    PQclear(r);
-    if (!exists) {
+    if (PQntuples(r) == 0) {
+        PQclear(r);
         printf("FAIL %s.%s: table does not exist\n", rule->schema, rule->table);
         return 1;
     }
-    evd_strv_t need = {0};
-    if (evd_config_needed_columns(cfg, rule->schema, rule->table, &need) < 0)
-        return 1;
-    evd_buf_t cols = {0};
-    r = q(c,
-          "SELECT string_agg(attname, ',') FROM pg_catalog.pg_attribute "
-          "WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
-          name);
-    if (r && evd_buf_puts(&cols, PQgetvalue(r, 0, 0)) == 0) {
-        for (size_t i = 0; i < need.n; i++)
-            if (!in_csv(cols.data, need.v[i])) {
-                printf("FAIL %s.%s: column %s (named by a rule) does not exist\n", rule->schema, rule->table,
-                       need.v[i]);
-                problems++;
-            }
-    }
+    char oid[24];
+    snprintf(oid, sizeof(oid), "%s", PQgetvalue(r, 0, 0));
     PQclear(r);
-    r = q(c, "SELECT array_to_string(columns, ','), durable FROM evictd.watches WHERE tbl = $1::regclass", name);
+    const char *arg = oid;
+    int problems = 0;
+    evd_strv_t need = {0}, cols = {0}, captured = {0};
+    if (evd_config_needed_columns(cfg, rule->schema, rule->table, &need) < 0 ||
+        names(c,
+              "SELECT attname FROM pg_catalog.pg_attribute "
+              "WHERE attrelid = $1::pg_catalog.oid AND attnum > 0 AND NOT attisdropped",
+              oid, &cols) < 0 ||
+        names(c, "SELECT u.col FROM evictd.watches w, unnest(w.columns) AS u(col) WHERE w.tbl = $1::pg_catalog.oid",
+              oid, &captured) < 0) {
+        printf("FAIL %s.%s: cannot read its columns or evictd.watches (is sql/install.sql applied?)\n", rule->schema,
+               rule->table);
+        problems++;
+        goto done;
+    }
+    for (size_t i = 0; i < need.n; i++)
+        if (!has(&cols, need.v[i])) {
+            printf("FAIL %s.%s: column %s (named by a rule) does not exist\n", rule->schema, rule->table, need.v[i]);
+            problems++;
+        }
+    r = q(c, "SELECT array_to_string(columns, ','), durable FROM evictd.watches WHERE tbl = $1::pg_catalog.oid", 1,
+          &arg);
     if (!r) {
-        printf("FAIL %s.%s: cannot read evictd.watches (is sql/install.sql applied?)\n", rule->schema, rule->table);
         problems++;
     } else if (PQntuples(r) == 0) {
         printf("FAIL %s.%s: not watched: apply the output of `evictd sql`\n", rule->schema, rule->table);
         problems++;
     } else {
-        const char *captured = PQgetvalue(r, 0, 0);
         /* A captured column renamed or dropped with no event trigger to follow (install.sql run
          * by no superuser): the capture still names it, and every write to the table fails. */
-        for (const char *p = captured; cols.data && p && *p;) {
-            const char *e = strchr(p, ',');
-            int len = e ? (int)(e - p) : (int)strlen(p);
-            char col[128];
-            snprintf(col, sizeof(col), "%.*s", len, p);
-            if (!in_csv(cols.data, col)) {
+        for (size_t i = 0; i < captured.n; i++)
+            if (!has(&cols, captured.v[i])) {
                 printf("FAIL %s.%s: captured column %s no longer exists: writes to the table fail until "
                        "`SELECT evictd.watch(...)` runs again for it (apply the output of `evictd sql`)\n",
-                       rule->schema, rule->table, col);
+                       rule->schema, rule->table, captured.v[i]);
                 problems++;
             }
-            p = e ? e + 1 : NULL;
-        }
         for (size_t i = 0; i < need.n; i++)
-            if (!in_csv(captured, need.v[i])) {
+            if (!has(&captured, need.v[i])) {
                 printf("FAIL %s.%s: column %s is not captured (templates using it would widen); "
                        "apply the output of `evictd sql`\n",
                        rule->schema, rule->table, need.v[i]);
                 problems++;
             }
-        printf("%s %s.%s: captured columns [%s], %s\n", problems ? "    " : "ok  ", rule->schema, rule->table, captured,
-               PQgetvalue(r, 0, 1)[0] == 't' ? "durable" : "notify-only");
+        printf("%s %s.%s: captured columns [%s], %s\n", problems ? "    " : "ok  ", rule->schema, rule->table,
+               PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 1)[0] == 't' ? "durable" : "notify-only");
     }
     PQclear(r);
-    evd_buf_free(&cols);
-    evd_strv_free(&need);
     /* Triggers: row-level or statement-level with transition tables, any shape, as long as
      * INSERT, UPDATE, DELETE and TRUNCATE are all covered by evictd's functions. */
     r = q(c,
           "SELECT coalesce(bit_or(tgtype::int), 0) FROM pg_catalog.pg_trigger t "
           "JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid "
           "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
-          "WHERE t.tgrelid = $1::regclass AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
+          "WHERE t.tgrelid = $1::pg_catalog.oid AND NOT t.tgisinternal AND t.tgenabled <> 'D' "
           "AND n.nspname = 'evictd'",
-          name);
+          1, &arg);
     if (r) {
         int bits = atoi(PQgetvalue(r, 0, 0));
         const struct {
@@ -131,6 +134,10 @@ static int check_table(PGconn *c, const evd_config_t *cfg, const evd_rule_t *rul
     } else {
         problems++;
     }
+done:
+    evd_strv_free(&need);
+    evd_strv_free(&cols);
+    evd_strv_free(&captured);
     return problems;
 }
 
@@ -165,7 +172,7 @@ static int check_postgres(const evd_config_t *cfg)
                     "SELECT n.nspname, c.relname FROM evictd.watches w "
                     "JOIN pg_catalog.pg_class c ON c.oid = w.tbl "
                     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace ORDER BY 1, 2",
-                    NULL);
+                    0, NULL);
     for (int i = 0; r && i < PQntuples(r); i++) {
         if (!evd_rules_watches(&cfg->rules, PQgetvalue(r, i, 0), PQgetvalue(r, i, 1)))
             printf("warn %s.%s is watched but no rule names it (its changes are acknowledged and counted "

@@ -164,8 +164,9 @@ struct daemon {
     unit_t *incoming; /* notifications of this iteration */
     size_t pending;   /* changes in memory */
     bool paused;
-    /* claim_done is accepting its rows: a claim sent now (a release from a synchronous Redis
-     * failure calls maybe_drain) would not yet skip the rows still to be accepted */
+    /* claim_done is accepting its rows and starting their unit: a claim sent now (a release
+     * from a synchronous Redis failure calls maybe_drain) would not yet skip the rows still to
+     * be accepted, nor wait for the pace this claim sets */
     bool accepting;
     bool drain_deferred; /* maybe_drain was called meanwhile */
 

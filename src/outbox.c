@@ -960,9 +960,6 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         claimed_keep(d, id);
         accept_payload(u, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1), id);
     }
-    d->accepting = false;
-    bool deferred = d->drain_deferred; /* goes at the end, after this claim's bookkeeping */
-    d->drain_deferred = false;
     /* Fewer rows than asked for: this pass reached the end of the outbox, so the next claim
      * starts again from the lowest id. Ids are taken at insert time but become visible at
      * commit, so a row below the cursor may have committed meanwhile; under steady load a
@@ -970,7 +967,12 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     if (own && !d->opts.dry_run && (size_t)n < d->claim_limit)
         restart_pass(d);
     d->imgs_per_row = 0.5 * d->imgs_per_row + 0.5 * ((double)u->weight / (double)(n ? n : 1));
+    /* Starting the unit may release its claim and ask for another (a synchronous Redis
+     * failure): that claim waits for the pace set below. */
     unit_start(u);
+    d->accepting = false;
+    bool deferred = d->drain_deferred; /* goes at the end, after this claim's bookkeeping */
+    d->drain_deferred = false;
     if (now_idle) {
         settle_idle(d);
         if (deferred)
