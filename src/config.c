@@ -826,8 +826,11 @@ static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg
     char *dot = strchr(table, '.');
     r->schema = dot ? dupn(table, (size_t)(dot - table)) : strdup("public");
     r->table = strdup(dot ? dot + 1 : table);
-    bool ok = r->schema && r->table && ident_ok(r->schema) && ident_ok(r->table) && strlen(r->schema) < 64 &&
-              strlen(r->table) < 64;
+    if (!r->schema || !r->table) {
+        free(table);
+        return fail(c, sub, "out of memory");
+    }
+    bool ok = ident_ok(r->schema) && ident_ok(r->table) && strlen(r->schema) < 64 && strlen(r->table) < 64;
     if (!ok) {
         fail(c, sub, "\"%s\" is not schema.table or table", table);
         free(table);
@@ -865,6 +868,7 @@ static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg
             return false;
         }
     } else if (evd_strv_push(&tg, "default", 7) < 0) {
+        evd_strv_free(&tg);
         return fail(c, sub, "out of memory");
     }
     r->targets = calloc(tg.n, sizeof(int));
@@ -970,6 +974,7 @@ static bool parse_root(ctx_t *c, const json_t *root, evd_config_t *cfg)
             return false;
         }
     } else if (evd_strv_push(&ch, "evictd", 6) < 0) {
+        evd_strv_free(&ch);
         return fail(c, "postgres.channels", "out of memory");
     }
     cfg->channels = ch.v;

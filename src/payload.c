@@ -470,10 +470,21 @@ static bool value(parser_t *ps, evd_value_t *v, int depth)
         const char *s = ps->p;
         if (!skip_value(ps, depth))
             return false;
-        json_error_t jerr;
+        json_error_t jerr = {0};
         json_t *j = json_loadb(s, (size_t)(ps->p - s), JSON_REJECT_DUPLICATES, &jerr);
-        if (!j)
-            return bad(ps, "not JSON: %s", jerr.text);
+        if (!j) {
+            switch (json_error_code(&jerr)) {
+            case json_error_duplicate_key:
+            case json_error_numeric_overflow:
+            case json_error_null_character:
+            case json_error_null_byte_in_key:
+            case json_error_stack_overflow: return bad(ps, "not JSON: %s", jerr.text);
+            default:
+                /* skip_value checked the syntax: jansson ran out of memory (which its lexer
+                 * reports as a syntax error, and its set-up as no error at all). */
+                return bad(ps, "out of memory");
+            }
+        }
         char *dump = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY);
         json_decref(j);
         if (!dump)
