@@ -343,6 +343,9 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         }
         if (!cl->setup)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+        /* What this claim takes on, put back if it cannot be sent. */
+        bool want_idle = d->want_idle, want_clear = d->want_clear, want_check = d->want_check;
+        uint64_t flag_set_at = d->flag_set_at;
         evd_buf_t q = {0};
         d->claim_sets_idle = d->want_idle;
         d->claim_checks = d->want_check && !d->want_idle;
@@ -378,12 +381,25 @@ static void send_claim(daemon_t *d, claimer_t *cl)
                      : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
         evd_buf_free(&q);
+        if (rc < 0) {
+            d->want_idle = want_idle;
+            d->want_clear = want_clear;
+            d->want_check = want_check;
+            d->flag_set_at = flag_set_at;
+            d->claim_flag = -1;
+            d->claim_sets_idle = d->claim_checks = d->claim_snap = false;
+        }
     }
     if (rc == 0) {
         d->claim_cl = cl;
         d->claim_from = d->cursor;
         d->claim_gen = d->cursor_gen;
         d->claim_sent = uv_hrtime();
+    } else {
+        /* Out of memory: nothing went, and no doorbell may ring again; the safety poll claims. */
+        EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
+        d->want_drain = true;
+        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
     }
 }
 

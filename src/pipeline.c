@@ -170,6 +170,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     evd_buf_t *b = target < 0 ? &u->dl_bad : &u->dl;
     char ts[40];
     snprintf(ts, sizeof(ts), "%.3f", evd_now_wall_ms());
+    size_t start = b->len;
     int rc = evd_buf_printf(b, "{\"ts\":%s,\"reason\":\"%s\",\"target\":", ts, reason);
     if (target >= 0) {
         const char *tname = u->cfg->cfg->targets[r->job_target[target]].name;
@@ -206,11 +207,22 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     rc |= evd_buf_puts(b, ",\"error\":");
     rc |= evd_buf_json_str(b, error ? error : "", error ? strlen(error) : 0);
     rc |= evd_buf_printf(b, ",\"attempts\":%d}\n", attempts);
+    if (rc) {
+        /* Out of memory: no part of the line is written (a broken line would corrupt the file
+         * for replay), and the unit's rows are kept for a later claim (a notify-only change is
+         * lost: logged below). */
+        if (b->data) {
+            b->len = start;
+            b->data[start] = '\0';
+        }
+        u->keep = "dead-letter line not built (out of memory)";
+        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"),
+                F_STR("reason", reason), F_STR("table", r->table), F_INT("id", r->id));
+        return;
+    }
     d->n_dead++;
     evd_metrics_dead_letter(&d->m, reason);
     d->t_dead++;
-    if (rc)
-        EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "out of memory building the line"));
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
             F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error), F_INT("attempts", attempts));

@@ -7,9 +7,8 @@
  * the last failure must succeed and give what an unhindered run gives. Under the ASan build a
  * leak or a bad access on any of these paths fails the test too.
  *
- * The allocator is wrapped at link time (-Wl,--wrap=malloc,... in tests/CMakeLists.txt), which
- * reaches every call from evictd's own objects; jansson's allocations go through the same
- * counter (json_set_alloc_funcs). */
+ * The allocator is wrapped at link time (tests/oom/alloc_fail.c), which reaches every call from
+ * evictd's own objects; jansson's allocations go through the same counter (json_set_alloc_funcs). */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,60 +22,13 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include "alloc_fail.h"
 #include "config.h"
 #include "payload.h"
 #include "rules.h"
 #include "util.h"
 
-/* Allocation counting: while armed, allocation number fail_at (0-based) fails. */
-static bool armed;
-static long fail_at;
-static long seen;
-static bool failed;
-
-void *__real_malloc(size_t n);
-void *__real_calloc(size_t n, size_t size);
-void *__real_realloc(void *p, size_t n);
-char *__real_strdup(const char *s);
-char *__real_strndup(const char *s, size_t n);
 void *__wrap_malloc(size_t n);
-void *__wrap_calloc(size_t n, size_t size);
-void *__wrap_realloc(void *p, size_t n);
-char *__wrap_strdup(const char *s);
-char *__wrap_strndup(const char *s, size_t n);
-
-static bool refuse(void)
-{
-    if (!armed || seen++ != fail_at)
-        return false;
-    failed = true;
-    return true;
-}
-
-void *__wrap_malloc(size_t n)
-{
-    return refuse() ? NULL : __real_malloc(n);
-}
-
-void *__wrap_calloc(size_t n, size_t size)
-{
-    return refuse() ? NULL : __real_calloc(n, size);
-}
-
-void *__wrap_realloc(void *p, size_t n)
-{
-    return refuse() ? NULL : __real_realloc(p, n);
-}
-
-char *__wrap_strdup(const char *s)
-{
-    return refuse() ? NULL : __real_strdup(s);
-}
-
-char *__wrap_strndup(const char *s, size_t n)
-{
-    return refuse() ? NULL : __real_strndup(s, n);
-}
 
 /* jansson's allocations count too, except while a config loads: jansson 2.14's lexer ignores a
  * failure to grow its string buffer and drops the character (a failed allocation turned
@@ -90,19 +42,6 @@ static void *json_alloc(size_t n)
 
 /* Far more than any run here allocates: a run that still fails past it is a loop. */
 #define MAX_RUNS 20000
-
-static void arm(long at)
-{
-    fail_at = at;
-    seen = 0;
-    failed = false;
-    armed = true;
-}
-
-static void disarm(void)
-{
-    armed = false;
-}
 
 static char *test_env(const char *name)
 {
@@ -168,9 +107,9 @@ static void test_config_load(void **state)
         for (;; runs++) {
             assert_true(runs < MAX_RUNS);
             err[0] = '\0';
-            arm(runs);
+            evd_oom_arm(runs);
             cfg = sample(names[i], err, sizeof(err));
-            disarm();
+            bool failed = evd_oom_disarm();
             if (!failed) {
                 assert_non_null(cfg);
                 char *got = described(cfg);
@@ -203,9 +142,9 @@ static void test_sqlgen(void **state)
     for (;; runs++) {
         assert_true(runs < MAX_RUNS);
         evd_buf_t out = {0};
-        arm(runs);
+        evd_oom_arm(runs);
         int rc = evd_sqlgen(cfg, &out);
-        disarm();
+        bool failed = evd_oom_disarm();
         if (!failed) {
             assert_int_equal(rc, 0);
             assert_string_equal(out.data, want.data);
@@ -254,9 +193,9 @@ static void test_payload_parse(void **state)
             assert_true(runs < MAX_RUNS);
             evd_change_t c;
             err[0] = '\0';
-            arm(runs);
+            evd_oom_arm(runs);
             evd_payload_status_t st = evd_payload_parse(p, strlen(p), &c, err, sizeof(err));
-            disarm();
+            bool failed = evd_oom_disarm();
             if (!failed) {
                 assert_int_equal(st, EVD_PAYLOAD_OK);
                 evd_buf_t got = {0};
@@ -276,9 +215,9 @@ static void test_payload_parse(void **state)
         for (;; runs++) {
             assert_true(runs < MAX_RUNS);
             evd_buf_t got = {0};
-            arm(runs);
+            evd_oom_arm(runs);
             int rc = evd_change_to_json(&want, &got);
-            disarm();
+            bool failed = evd_oom_disarm();
             if (!failed) {
                 assert_int_equal(rc, 0);
                 assert_string_equal(got.data, want_json.data);
@@ -339,25 +278,24 @@ static void test_expand(void **state)
         long runs = 0;
         for (;; runs++) {
             assert_true(runs < MAX_RUNS);
-            arm(runs);
+            evd_oom_arm(runs);
             int rc = evd_expansion_init(&x, cfg->ntargets);
-            if (rc == 0) {
+            bool made = rc == 0;
+            if (made)
                 rc = evd_rules_expand(&cfg->rules, &c, NULL, NULL, &x);
-                disarm();
-                if (!failed) {
-                    assert_int_equal(rc, 0);
-                    evd_buf_t got = {0};
-                    keys_text(&x, &got);
-                    assert_string_equal(got.data, want.data);
-                    evd_buf_free(&got);
-                    evd_expansion_free(&x);
-                    break;
-                }
+            bool failed = evd_oom_disarm();
+            if (!failed) {
+                assert_int_equal(rc, 0);
+                evd_buf_t got = {0};
+                keys_text(&x, &got);
+                assert_string_equal(got.data, want.data);
+                evd_buf_free(&got);
                 evd_expansion_free(&x);
+                break;
             }
-            disarm();
-            assert_true(failed);
             assert_int_equal(rc, -ENOMEM);
+            if (made)
+                evd_expansion_free(&x);
         }
         print_message("payload %zu: expansion %ld allocations\n", i, runs);
         evd_buf_free(&want);
