@@ -143,7 +143,9 @@ done:
 
 static int check_postgres(const evd_config_t *cfg)
 {
-    PGconn *c = PQconnectdb(cfg->pg_url);
+    const char *const keys[] = {"dbname", "client_encoding", NULL};
+    const char *const vals[] = {cfg->pg_url, "UTF8", NULL};
+    PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(c) != CONNECTION_OK) {
         printf("FAIL postgres: cannot connect: %s", PQerrorMessage(c));
         PQfinish(c);

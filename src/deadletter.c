@@ -55,7 +55,7 @@ struct evd_dl {
 
 static int open_file(const char *path, int *fd_out, int64_t *size_out)
 {
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    int fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0640); /* read: ends_torn */
     if (fd < 0)
         return -errno;
     struct stat st;
@@ -67,6 +67,15 @@ static int open_file(const char *path, int *fd_out, int64_t *size_out)
     *fd_out = fd;
     *size_out = (int64_t)st.st_size;
     return 0;
+}
+
+/* The file ends in a partial line (a write cut short, by a full disk or a crash, in this run or
+ * an earlier one): the next line must start on a line of its own, or replay could read neither. */
+static bool ends_torn(int fd)
+{
+    struct stat st;
+    char last;
+    return fstat(fd, &st) == 0 && st.st_size > 0 && pread(fd, &last, 1, st.st_size - 1) == 1 && last != '\n';
 }
 
 /* A final line without its '\n' still counts. */
@@ -148,7 +157,7 @@ static void pump(evd_dl_t *dl)
             dl->fd = r->fd;
             dl->size = r->size;
             dl->max_bytes = r->max_bytes;
-            dl->torn = false;
+            dl->torn = ends_torn(dl->fd);
             free(r);
             continue;
         }
@@ -218,6 +227,7 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t *
     }
     dl->loop = loop;
     dl->max_bytes = max_bytes;
+    dl->torn = ends_torn(dl->fd);
     *out = dl;
     return 0;
 }

@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "util.h"
+
 /* Not thread-safe: every function here runs on the loop thread (thread-pool work logs nothing). */
 
 evd_log_level_t evd_log_min_level = EVD_LOG_INFO;
@@ -301,38 +303,6 @@ static void put_text_value(const char *s, bool redact)
     out_putc('"');
 }
 
-/* Length of the valid UTF-8 sequence at p, or 0. */
-static size_t utf8_len(const unsigned char *p, size_t n)
-{
-    unsigned char c = p[0];
-    size_t len;
-    unsigned char lo = 0x80, hi = 0xbf;
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf)
-        len = 2;
-    else if (c >= 0xe0 && c <= 0xef) {
-        len = 3;
-        if (c == 0xe0)
-            lo = 0xa0;
-        else if (c == 0xed)
-            hi = 0x9f; /* no UTF-16 surrogates */
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4;
-        if (c == 0xf0)
-            lo = 0x90;
-        else if (c == 0xf4)
-            hi = 0x8f;
-    } else
-        return 0;
-    if (n < len || p[1] < lo || p[1] > hi)
-        return 0;
-    for (size_t i = 2; i < len; i++)
-        if (p[i] < 0x80 || p[i] > 0xbf)
-            return 0;
-    return len;
-}
-
 /* JSON string body; invalid UTF-8 becomes U+FFFD so every line stays valid JSON. */
 static void json_escaped(void *ctx, const char *p, size_t n)
 {
@@ -345,7 +315,7 @@ static void json_escaped(void *ctx, const char *p, size_t n)
             continue;
         }
         if (u[i] >= 0x80) {
-            size_t len = utf8_len(u + i, n - i);
+            size_t len = evd_utf8_len(u + i, n - i);
             if (len > 0) {
                 i += len;
                 continue;

@@ -300,11 +300,15 @@ static void start_connect(evd_pg_t *pg)
     const char *keys[64], *vals[64];
     int n = 0;
     for (PQconninfoOption *o = opts; o->keyword && n < 60; o++) {
-        if (!o->val || strcmp(o->keyword, "hostaddr") == 0)
+        if (!o->val || strcmp(o->keyword, "hostaddr") == 0 || strcmp(o->keyword, "client_encoding") == 0)
             continue;
         keys[n] = o->keyword;
         vals[n++] = o->val;
     }
+    /* Payloads, lookup results and keys are UTF-8 whatever the database's encoding (a LATIN1
+     * database's text would otherwise arrive as bytes that are not UTF-8: bad input). */
+    keys[n] = "client_encoding";
+    vals[n++] = "UTF8";
     if (needs_dns) {
         keys[n] = "hostaddr";
         vals[n++] = pg->hostaddr;

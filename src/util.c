@@ -61,6 +61,38 @@ int evd_buf_printf(evd_buf_t *b, const char *fmt, ...)
     return 0;
 }
 
+/* Length of the valid UTF-8 sequence at p, or 0. */
+size_t evd_utf8_len(const unsigned char *p, size_t n)
+{
+    unsigned char c = p[0];
+    size_t len;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf)
+        len = 2;
+    else if (c >= 0xe0 && c <= 0xef) {
+        len = 3;
+        if (c == 0xe0)
+            lo = 0xa0;
+        else if (c == 0xed)
+            hi = 0x9f; /* no UTF-16 surrogates */
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        len = 4;
+        if (c == 0xf0)
+            lo = 0x90;
+        else if (c == 0xf4)
+            hi = 0x8f;
+    } else
+        return 0;
+    if (n < len || p[1] < lo || p[1] > hi)
+        return 0;
+    for (size_t i = 2; i < len; i++)
+        if (p[i] < 0x80 || p[i] > 0xbf)
+            return 0;
+    return len;
+}
+
 int evd_buf_json_str(evd_buf_t *b, const char *s, size_t n)
 {
     if (evd_buf_reserve(b, n + 2) < 0 || evd_buf_putc(b, '"') < 0)
@@ -68,8 +100,13 @@ int evd_buf_json_str(evd_buf_t *b, const char *s, size_t n)
     size_t start = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c >= 0x20 && c != '"' && c != '\\')
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\')
             continue;
+        size_t len = c >= 0x80 ? evd_utf8_len((const unsigned char *)s + i, n - i) : 0;
+        if (len > 0) {
+            i += len - 1;
+            continue;
+        }
         if (evd_buf_append(b, s + start, i - start) < 0)
             return -ENOMEM;
         int rc;
@@ -79,7 +116,7 @@ int evd_buf_json_str(evd_buf_t *b, const char *s, size_t n)
         case '\n': rc = evd_buf_puts(b, "\\n"); break;
         case '\r': rc = evd_buf_puts(b, "\\r"); break;
         case '\t': rc = evd_buf_puts(b, "\\t"); break;
-        default: rc = evd_buf_printf(b, "\\u%04x", c); break;
+        default: rc = c >= 0x80 ? evd_buf_puts(b, "\\ufffd") : evd_buf_printf(b, "\\u%04x", c); break;
         }
         if (rc < 0)
             return -ENOMEM;

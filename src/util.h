@@ -24,7 +24,10 @@ int evd_buf_append(evd_buf_t *b, const char *s, size_t n) EVD_MUST_CHECK;
 int evd_buf_puts(evd_buf_t *b, const char *s) EVD_MUST_CHECK;
 int evd_buf_putc(evd_buf_t *b, char c) EVD_MUST_CHECK;
 int evd_buf_printf(evd_buf_t *b, const char *fmt, ...) EVD_PRINTF(2, 3) EVD_MUST_CHECK;
-/* Appends s as a JSON string literal (with quotes). */
+/* Length of the valid UTF-8 sequence at p (n bytes left), or 0. */
+size_t evd_utf8_len(const unsigned char *p, size_t n);
+/* Appends s as a JSON string literal (with quotes); invalid UTF-8 becomes U+FFFD, so the result
+ * is always valid JSON (a dead-letter line that replay can read). */
 int evd_buf_json_str(evd_buf_t *b, const char *s, size_t n) EVD_MUST_CHECK;
 void evd_buf_reset(evd_buf_t *b);
 void evd_buf_free(evd_buf_t *b);

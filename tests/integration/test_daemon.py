@@ -2043,6 +2043,44 @@ class DaemonTest(unittest.TestCase):
         left = self.present([P(i) for i in ids])
         self.assertEqual(left, [], "changes lost (%d allocations failed)\n%s" % (failed, d.tail()))
 
+    # -- 18 ----------------------------------------------------------------------------------
+    def test_18_latin1_database(self):
+        """A LATIN1 database: evictd's connections ask for UTF-8, so text values arrive as UTF-8
+        and make the keys Django makes (the bytes of 'café' in LATIN1 are not UTF-8: bad input)."""
+        conn = self.pg.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+        finally:
+            conn.close()
+        self.addCleanup(self.pg.psql, "DROP DATABASE IF EXISTS latin1 WITH (FORCE)")
+        self.pg.psql(file=INSTALL, db="latin1")
+        self.pg.psql("CREATE TABLE products (id int PRIMARY KEY, name text)", db="latin1")
+        cfg = self.config(rules=[{"table": "products", "keys": ["routex:1:product_{name}"]}])
+        cfg["postgres"]["url"] = self.pg.dsn(db="latin1")
+        d = self.daemon(cfg)
+        p = subprocess.run([evictd_bin(), "sql", "--config", d.cfg_path], capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.pg.psql(p.stdout, db="latin1")
+        d.start()
+        d.wait_log("connected", 15, where=lambda r: r.get("conn") == "outbox")
+        lc = self.pg.connect(db="latin1", autocommit=True)
+        try:
+            with lc.cursor() as cur:
+                self.wait(lambda: cur.execute("SELECT last_value FROM evictd.idle") or cur.fetchone()[0] >= 1, 15,
+                          "evictd idle flag", d)
+                key = "routex:1:product_caf\u00e9"
+                self.fill([key])
+                cur.execute("INSERT INTO products (id, name) VALUES (1, 'caf\u00e9')")  # psycopg2 sends UTF-8
+                self.wait_gone([key], d)
+                cur.execute("SELECT count(*) FROM evictd.outbox")
+                self.wait(lambda: cur.execute("SELECT count(*) FROM evictd.outbox") or cur.fetchone()[0] == 0, 10,
+                          "an empty outbox", d)
+        finally:
+            lc.close()
+        self.assertEqual(d.count("bad_input"), 0, d.tail())
+        self.assertEqual(d.stop(), 0, d.tail())
+
 
 class _Result(unittest.TextTestResult):
     """Prints the evictd stderr tails of a failed test."""

@@ -161,6 +161,30 @@ static void test_appends_to_existing(void **state)
     evd_dl_close(dl);
 }
 
+/* A file left ending in a partial line (a write cut short, then a restart or a reload): the next
+ * line starts on a line of its own, at open and at a reopen of the same path alike. */
+static void test_partial_last_line(void **state)
+{
+    fixture_t *f = *state;
+    put_file(f->path, "{\"ok\":1}\n{\"ts\":1,\"reason\":\"retries_exh");
+    evd_dl_t *dl;
+    assert_int_equal(evd_dl_open(&f->loop, f->path, 1 << 20, &dl), 0);
+    write_str(dl, "{\"n\":1}\n", false, 1);
+    run(f);
+    assert_string_equal(slurp(f->path), "{\"ok\":1}\n{\"ts\":1,\"reason\":\"retries_exh\n{\"n\":1}\n");
+    FILE *fp = fopen(f->path, "ab"); /* cut short again, behind the writer's back */
+    assert_non_null(fp);
+    assert_int_equal(fputs("{\"ts\":2", fp) >= 0, 1);
+    assert_int_equal(fclose(fp), 0);
+    assert_int_equal(evd_dl_reopen(dl, f->path, 1 << 20), 0); /* SIGHUP, same path */
+    write_str(dl, "{\"n\":2}\n", false, 2);
+    run(f);
+    assert_calls(f, 2);
+    assert_string_equal(slurp(f->path),
+                        "{\"ok\":1}\n{\"ts\":1,\"reason\":\"retries_exh\n{\"n\":1}\n{\"ts\":2\n{\"n\":2}\n");
+    evd_dl_close(dl);
+}
+
 /* Past max_bytes only bad input is dropped; retries_exhausted lines are always written. */
 static void test_bad_input_past_max_dropped(void **state)
 {
@@ -296,6 +320,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_two_batches_in_order, setup, teardown),
         cmocka_unit_test_setup_teardown(test_appends_to_existing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_partial_last_line, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_input_past_max_dropped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_max_counts_existing_size, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_after_rename, setup, teardown),

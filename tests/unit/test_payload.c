@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "payload.h"
 
 static void parse_ok(const char *json, evd_change_t *c)
@@ -563,6 +565,34 @@ static void test_spare_block(void **state)
     free(big);
 }
 
+/* Dead-letter lines are JSON strings of keys, errors and raw payloads: invalid UTF-8 (a payload
+ * from a forged NOTIFY, an error text cut mid-character) becomes U+FFFD, so every line parses. */
+static void test_json_str_invalid_utf8(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in;
+        const char *out;
+    } cases[] = {
+        {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
+        {"unknown field \"a\xc3", "\"unknown field \\\"a\\ufffd\""},
+        {"\xff\xfe", "\"\\ufffd\\ufffd\""},
+        {"\xed\xa0\x80x", "\"\\ufffd\\ufffd\\ufffdx\""}, /* a UTF-16 surrogate */
+        {"\xc0\xaf\n", "\"\\ufffd\\ufffd\\n\""},         /* overlong */
+    };
+    for (size_t i = 0; i < EVD_ARRAY_LEN(cases); i++) {
+        evd_buf_t b = {0};
+        assert_int_equal(evd_buf_json_str(&b, cases[i].in, strlen(cases[i].in)), 0);
+        assert_string_equal(b.data, cases[i].out);
+        json_error_t jerr;
+        json_t *j = json_loads(b.data, JSON_DECODE_ANY, &jerr);
+        if (!j)
+            fail_msg("case %zu: not JSON: %s", i, jerr.text);
+        json_decref(j);
+        evd_buf_free(&b);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -581,6 +611,7 @@ int main(void)
         cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_prefixes_and_mutations),
         cmocka_unit_test(test_spare_block),
+        cmocka_unit_test(test_json_str_invalid_utf8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
