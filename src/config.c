@@ -808,6 +808,24 @@ static bool parse_lookups(ctx_t *c, const json_t *arr, const char *jpath, evd_ru
     return true;
 }
 
+/* host:port: a host name or IPv4 address, or [IPv6]; the port digits only, 1..65535. */
+static bool listen_ok(const char *s)
+{
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || !colon[1] || strlen(colon + 1) > 5)
+        return false;
+    for (const char *p = colon + 1; *p; p++)
+        if (!isdigit((unsigned char)*p))
+            return false;
+    long port = strtol(colon + 1, NULL, 10);
+    if (port < 1 || port > 65535)
+        return false;
+    size_t n = (size_t)(colon - s);
+    if (s[0] == '[')
+        return n > 2 && s[n - 1] == ']' && !memchr(s + 1, ']', n - 2);
+    return !memchr(s, '[', n) && !memchr(s, ']', n) && !memchr(s, ':', n);
+}
+
 static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg, evd_rule_t *r)
 {
     static const char *const allowed[] = {"table", "on", "targets", "lookups", "keys", "patterns", "durable", NULL};
@@ -959,12 +977,9 @@ static bool parse_root(ctx_t *c, const json_t *root, evd_config_t *cfg)
     if (cfg->retry_initial_backoff_ms > cfg->retry_max_backoff_ms)
         return fail(c, "retry.initial_backoff_ms", "%" PRId64 " exceeds retry.max_backoff_ms (%" PRId64 ")",
                     cfg->retry_initial_backoff_ms, cfg->retry_max_backoff_ms);
-    if (cfg->http_listen) {
-        const char *colon = strrchr(cfg->http_listen, ':');
-        long port = colon ? strtol(colon + 1, NULL, 10) : 0;
-        if (!colon || colon == cfg->http_listen || port < 1 || port > 65535)
-            return fail(c, "http.listen", "expected host:port, got \"%s\"", cfg->http_listen);
-    }
+    if (cfg->http_listen && !listen_ok(cfg->http_listen))
+        return fail(c, "http.listen", "expected host:port (a port 1..65535; an IPv6 address in brackets), got \"%s\"",
+                    cfg->http_listen);
 
     evd_strv_t ch = {0};
     const json_t *chv = json_object_get(pgv, "channels");

@@ -627,7 +627,8 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     if (cfg->http_listen) {
         rc = evd_http_start(d->loop, cfg->http_listen, http_handler, d, &d->http);
         if (rc < 0) {
-            EVD_LOG(EVD_LOG_ERROR, "http", F_STR("listen", cfg->http_listen), F_STR("error", uv_strerror(rc)));
+            EVD_LOG(EVD_LOG_ERROR, "http", F_STR("config", opts->config_path), F_STR("setting", "http.listen"),
+                    F_STR("listen", cfg->http_listen), F_STR("error", uv_strerror(rc)));
             evd_log_flush();
             return 1;
         }

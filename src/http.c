@@ -192,17 +192,42 @@ int evd_http_start(uv_loop_t *loop, const char *listen, evd_http_handler_fn fn, 
     memcpy(host, listen, (size_t)(colon - listen));
     host[colon - listen] = '\0';
     char *h0 = host;
-    if (h0[0] == '[') {
+    size_t hl = strlen(h0);
+    if (h0[0] == '[') { /* [v6]; the config checked the brackets */
+        if (hl < 2 || h0[hl - 1] != ']')
+            return UV_EINVAL;
+        h0[hl - 1] = '\0';
         h0++;
-        h0[strlen(h0) - 1] = '\0';
     }
     int port = atoi(colon + 1);
     struct sockaddr_storage addr;
     int rc = uv_ip4_addr(h0, port, (struct sockaddr_in *)&addr);
     if (rc < 0)
         rc = uv_ip6_addr(h0, port, (struct sockaddr_in6 *)&addr);
-    if (rc < 0)
-        return rc;
+    if (rc < 0) {
+        /* A name (localhost): resolved once, at start, before the loop runs (no callback:
+         * libuv resolves it synchronously); listened on at its first IPv4 address, else its
+         * first address (localhost: 127.0.0.1, not ::1). */
+        uv_getaddrinfo_t req;
+        struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+        rc = uv_getaddrinfo(loop, &req, NULL, h0, NULL, &hints);
+        if (rc < 0)
+            return rc;
+        const struct addrinfo *ai = req.addrinfo;
+        for (const struct addrinfo *a = req.addrinfo; a; a = a->ai_next)
+            if (a->ai_family == AF_INET) {
+                ai = a;
+                break;
+            }
+        memcpy(&addr, ai->ai_addr, ai->ai_addrlen <= sizeof(addr) ? ai->ai_addrlen : sizeof(addr));
+        uv_freeaddrinfo(req.addrinfo);
+        if (addr.ss_family == AF_INET)
+            ((struct sockaddr_in *)&addr)->sin_port = htons((uint16_t)port);
+        else if (addr.ss_family == AF_INET6)
+            ((struct sockaddr_in6 *)&addr)->sin6_port = htons((uint16_t)port);
+        else
+            return UV_EAI_FAMILY;
+    }
     evd_http_t *h = calloc(1, sizeof(*h));
     if (!h)
         return UV_ENOMEM;

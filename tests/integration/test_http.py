@@ -187,6 +187,42 @@ class HttpTest(unittest.TestCase):
             idle.close()
             big.close()
 
+    def test_listen_on_a_name(self):
+        """http.listen takes a host name (resolved once at start); one that does not resolve stops
+        evictd with exit 1 and an error naming the setting."""
+        with open(self.cfg) as f:
+            cfg = json.load(f)
+        port = free_port()
+        cfg["http"]["listen"] = "localhost:%d" % port
+        cfg["dead_letter"]["path"] = os.path.join(self.tmp, "dl-named.jsonl")
+        path = os.path.join(self.tmp, "named.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        with open(os.path.join(self.tmp, "named.log"), "w+") as log:
+            proc = subprocess.Popen([evictd_bin(), "run", "--config", path], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log)
+            try:  # localhost's IPv4 address
+                wait_until(lambda: self._get_ok("http://127.0.0.1:%d/healthz" % port), timeout=20,
+                           what="/healthz on localhost")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(timeout=15), 0)
+        cfg["http"]["listen"] = "no-such-host.invalid:%d" % port
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        p = subprocess.run([evictd_bin(), "run", "--config", path], stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("http.listen", p.stderr)
+        self.assertIn("no-such-host.invalid", p.stderr)
+
+    @staticmethod
+    def _get_ok(url):
+        try:
+            return get(url, timeout=1)[0] == 200
+        except OSError:
+            return False
+
     def test_zz_no_password_in_logs(self):
         self.log.flush()
         with open(self.log.name) as f:
