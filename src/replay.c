@@ -61,6 +61,8 @@ static int push_strings(evd_keyvec_t *sv, json_t *arr)
 {
     size_t i;
     json_t *v;
+    if (!json_is_array(arr))
+        return -EINVAL;
     json_array_foreach (arr, i, v) {
         if (!json_is_string(v))
             return -EINVAL;
@@ -86,8 +88,9 @@ static bool plan_line(replay_t *rp, const char *line, evd_expansion_t *x)
         int ti = target_by_name(rp->cfg, json_string_value(target));
         item_t *it = &rp->items[rp->nitems];
         memset(it, 0, sizeof(*it));
+        /* A line with nothing to delete is not one evictd wrote: kept, not counted applied. */
         if (ti >= 0 && push_strings(&it->keys, json_object_get(o, "keys")) == 0 &&
-            push_strings(&it->patterns, json_object_get(o, "patterns")) == 0) {
+            push_strings(&it->patterns, json_object_get(o, "patterns")) == 0 && (it->keys.n || it->patterns.n)) {
             it->target = ti;
             rp->nitems++;
             ok = true;
@@ -159,8 +162,14 @@ int evd_replay_run(const char *config_path, const char *dl_file)
     while ((n = getline(&line, &cap, f)) > 0) {
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
             line[--n] = '\0';
-        if (n && evd_strv_push(&lines, line, (size_t)n) < 0)
-            break;
+        if (n && evd_strv_push(&lines, line, (size_t)n) < 0) {
+            fprintf(stderr, "evictd: %s: out of memory reading it (nothing replayed)\n", dl_file);
+            free(line);
+            fclose(f);
+            evd_strv_free(&lines);
+            evd_config_free(cfg);
+            return 1;
+        }
     }
     free(line);
     fclose(f);
@@ -212,6 +221,7 @@ int evd_replay_run(const char *config_path, const char *dl_file)
     time_t now = time(NULL);
     strftime(stamp, sizeof(stamp), "%Y%m%dT%H%M%SZ", gmtime(&now));
     snprintf(outpath, sizeof(outpath), "%s.failed-%s", dl_file, stamp);
+    bool lost = false;
     for (size_t i = 0; i < lines.n; i++) {
         bool failed = kept[i];
         for (size_t k = first_item[i]; k < first_item[i + 1]; k++)
@@ -221,20 +231,30 @@ int evd_replay_run(const char *config_path, const char *dl_file)
             continue;
         }
         nfailed++;
-        if (!out && !(out = fopen(outpath, "w"))) {
-            fprintf(stderr, "evictd: %s: %s\n", outpath, strerror(errno));
+        /* Never over an earlier replay's failed file (two replays within a second): -2, -3 ... */
+        for (int k = 2; !out && !lost && k < 100; k++) {
+            out = fopen(outpath, "wx");
+            if (!out && errno == EEXIST)
+                snprintf(outpath, sizeof(outpath), "%s.failed-%s-%d", dl_file, stamp, k);
+            else if (!out)
+                lost = true;
+        }
+        if (!out) {
+            fprintf(stderr, "evictd: %s: %s (the failed lines are still in %s)\n", outpath, strerror(errno), dl_file);
+            lost = true;
             break;
         }
         fprintf(out, "%s\n", lines.v[i]);
     }
-    if (out) {
-        fflush(out);
-        fsync(fileno(out));
-        fclose(out);
+    if (out && (fflush(out) != 0 || fsync(fileno(out)) != 0)) {
+        fprintf(stderr, "evictd: %s: %s (the failed lines are still in %s)\n", outpath, strerror(errno), dl_file);
+        lost = true;
     }
+    if (out)
+        fclose(out);
     EVD_LOG(EVD_LOG_INFO, "replayed", F_STR("file", dl_file), F_INT("lines", (int64_t)lines.n),
             F_INT("applied", (int64_t)nok), F_INT("failed", (int64_t)nfailed),
-            F_STR("failed_file", nfailed ? outpath : NULL));
+            F_STR("failed_file", nfailed && !lost ? outpath : NULL));
     evd_log_flush();
     for (size_t i = 0; i < rp.nitems; i++) {
         evd_keyvec_free(&rp.items[i].keys);

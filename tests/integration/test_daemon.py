@@ -2081,6 +2081,35 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(d.count("bad_input"), 0, d.tail())
         self.assertEqual(d.stop(), 0, d.tail())
 
+    # -- 19 ----------------------------------------------------------------------------------
+    def test_19_replay_keeps_lines_it_cannot_apply(self):
+        """Targeted lines whose keys are not a list, or that name nothing to delete, are kept in
+        the failed file (once counted applied); a second replay within the second does not write
+        over the first one's failed file."""
+        d = self.daemon()  # its config only
+        good = {"ts": 1, "reason": "retries_exhausted", "target": "default", "keys": [P(1)], "patterns": [],
+                "change": None, "error": "x", "attempts": 1}
+        not_list = dict(good, keys=P(2))
+        nothing = {"ts": 1, "reason": "retries_exhausted", "target": "default"}
+        path = os.path.join(self.tmp, "to-replay.jsonl")
+        with open(path, "w") as f:
+            for line in (good, not_list, nothing):
+                f.write(json.dumps(line) + "\n")
+        self.fill([P(1), P(2)])
+        outs = []
+        for _ in range(2):
+            p = subprocess.run([evictd_bin(), "replay", "--config", d.cfg_path, path],
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+            self.assertIn("applied=1 failed=2", p.stdout + p.stderr)
+            outs.append(p.stdout + p.stderr)
+        self.assertEqual(self.present([P(1), P(2)]), [P(2)])
+        failed = sorted(glob.glob(path + ".failed-*"))
+        self.assertEqual(len(failed), 2, "\n".join(outs))
+        for fp in failed:
+            with open(fp) as f:
+                self.assertEqual([json.loads(x) for x in f.read().splitlines()], [not_list, nothing])
+
 
 class _Result(unittest.TextTestResult):
     """Prints the evictd stderr tails of a failed test."""
