@@ -502,10 +502,22 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
         return emit_widened(e, t, vals, lens);
     }
 
-    /* Cross product over multi-valued lookups, capped at max_keys per image. */
+    /* Cross product over multi-valued lookups, capped at max_keys per image. A lookup used twice
+     * with the same arguments ({u}:{u}) is one factor: each of its values fills both places, as
+     * in the f-string Django's code would format. */
+    size_t same[MAX_PARTS]; /* the first part of the same lookup on the same image (same args) */
+    for (size_t i = 0; i < t->nparts; i++) {
+        same[i] = i;
+        for (size_t j = 0; lv[i] && j < i; j++)
+            if (lv[j] && t->parts[j].lookup == t->parts[i].lookup &&
+                image_for(&t->parts[j], any, row) == image_for(&t->parts[i], any, row)) {
+                same[i] = j;
+                break;
+            }
+    }
     size_t total = 1;
     for (size_t i = 0; i < t->nparts; i++) {
-        if (!lv[i])
+        if (!lv[i] || same[i] != i)
             continue;
         total *= lv[i]->n;
         if (total > e->rs->max_keys) {
@@ -516,6 +528,7 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
             return emit_widened(e, t, vals, lens);
         }
     }
+    size_t pick[MAX_PARTS];
     for (size_t combo = 0; combo < total; combo++) {
         evd_buf_t *b = &e->buf;
         evd_buf_reset(b);
@@ -527,8 +540,11 @@ static int expand_one(ectx_t *e, const evd_template_t *t, const evd_row_t *row, 
             if (!p->is_ref) {
                 rc = evd_buf_append(b, p->text, p->len);
             } else if (lv[i]) {
-                const char *v = lv[i]->v[rem % lv[i]->n];
-                rem /= lv[i]->n;
+                if (same[i] == i) {
+                    pick[i] = rem % lv[i]->n;
+                    rem /= lv[i]->n;
+                }
+                const char *v = lv[i]->v[pick[same[i]]];
                 if (!v) {
                     skip = true;
                     break;

@@ -1094,6 +1094,26 @@ static void test_lookup_cross_product(void **state)
     evd_config_free(cfg);
 }
 
+/* {l1}:{l1} is one lookup in two places: each value fills both (Django's f-string), not every
+ * pair of values; and it counts once against batch.max_keys. */
+static void test_lookup_used_twice(void **state)
+{
+    (void)state;
+    static const char rules[] = "[{\"table\": \"t\", \"lookups\": ["
+                                "{\"as\": \"l1\", \"sql\": \"SELECT x FROM a WHERE id = $1\", \"args\": [\"a\"]}],"
+                                " \"keys\": [\"k_{l1}_{a}_{l1}\"]}]";
+    evd_config_t *cfg = cfg_rules2("\"batch\": {\"max_keys\": 2},", rules);
+    resolver_t r = {.tab = cross_tab, .ntab = EVD_ARRAY_LEN(cross_tab)};
+    evd_expansion_t x;
+    expand(cfg, "{\"v\":1,\"id\":1,\"schema\":\"public\",\"table\":\"t\",\"op\":\"INSERT\",\"new\":{\"a\":1}}", resolve,
+           &r, &x);
+    expect(&x, LIST("k_a_1_a", "k_b*_1_b*"), NONE);
+    assert_int_equal(x.widened, 0);
+    evd_expansion_free(&x);
+    resolver_free(&r);
+    evd_config_free(cfg);
+}
+
 static void test_lookup_over_max_keys(void **state)
 {
     (void)state;
@@ -1362,6 +1382,7 @@ int main(void)
         cmocka_unit_test(test_lookup_no_row),
         cmocka_unit_test(test_lookup_missing_arg),
         cmocka_unit_test(test_lookup_cross_product),
+        cmocka_unit_test(test_lookup_used_twice),
         cmocka_unit_test(test_lookup_over_max_keys),
         cmocka_unit_test(test_glob_escaping),
         cmocka_unit_test(test_star_value_is_key),
