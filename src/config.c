@@ -940,8 +940,9 @@ static bool parse_rule(ctx_t *c, const json_t *rv, size_t idx, evd_config_t *cfg
     }
     snprintf(sub, sizeof(sub), "%s.durable", jp);
     if ((v = json_object_get(rv, "durable"))) {
+        char tmp[100];
         if (!json_is_boolean(v))
-            return fail(c, sub, "expected true or false, got %s", typename(v));
+            return fail(c, sub, "expected true or false, got %s %s", typename(v), show(v, tmp, sizeof(tmp)));
         r->durable = json_is_true(v);
     }
     return true;

@@ -71,8 +71,10 @@ int evd_template_compile(evd_template_t *t, const char *src, bool is_pattern, co
             }
             for (size_t k = 0; k < len; k++) {
                 if (!name_char(name[k])) {
-                    snprintf(err, errlen, "bad character '%c' in name at offset %zu in \"%s\"", name[k],
-                             (size_t)(name + k - src), src);
+                    /* the whole character, when it is a multi-byte one */
+                    size_t cl = evd_utf8_len((const unsigned char *)name + k, len - k);
+                    snprintf(err, errlen, "bad character '%.*s' in name at offset %zu in \"%s\"", cl ? (int)cl : 1,
+                             name + k, (size_t)(name + k - src), src);
                     goto fail;
                 }
             }
