@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include <hiredis/hiredis.h>
 #include <libpq-fe.h>
@@ -234,6 +235,29 @@ static int check_redis(const evd_target_cfg_t *t)
     return fail;
 }
 
+/* The dead-letter file can be appended to (or created): `run` exits at once when it cannot. */
+static int check_dead_letter(const evd_config_t *cfg)
+{
+    const char *path = cfg->dl_path;
+    if (access(path, F_OK) == 0) {
+        if (access(path, W_OK) == 0) {
+            printf("ok   dead_letter.path %s: writable\n", path);
+            return 0;
+        }
+        printf("FAIL dead_letter.path %s: not writable: %s\n", path, strerror(errno));
+        return 1;
+    }
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    snprintf(dir, sizeof(dir), "%.*s", slash ? (slash == path ? 1 : (int)(slash - path)) : 1, slash ? path : ".");
+    if (access(dir, W_OK | X_OK) != 0) {
+        printf("FAIL dead_letter.path %s: cannot be created in %s: %s\n", path, dir, strerror(errno));
+        return 1;
+    }
+    printf("ok   dead_letter.path %s: can be created\n", path);
+    return 0;
+}
+
 int evd_check_run(const char *config_path, bool connect)
 {
     char err[1024];
@@ -246,6 +270,7 @@ int evd_check_run(const char *config_path, bool connect)
     int rc = 0;
     if (connect) {
         rc |= check_postgres(cfg);
+        rc |= check_dead_letter(cfg);
         for (size_t i = 0; i < cfg->ntargets; i++)
             rc |= check_redis(&cfg->targets[i]);
         printf("%s\n", rc ? "check failed" : "check passed");

@@ -1108,6 +1108,13 @@ class DaemonTest(unittest.TestCase):
             self.apply_sql(self.base_config_path)
         rc, out = self.check(d.cfg_path)
         self.assertEqual(rc, 0, out)
+        self.assertIn("ok   dead_letter.path", out)
+        # A dead-letter file that cannot be created (`run` would exit at once).
+        nodir = Evictd(self.tmp, dict(d.config, dead_letter={"path": os.path.join(self.tmp, "no-such-dir", "dl.jsonl")}),
+                       name="nodir")
+        rc, out = self.check(nodir.cfg_path)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("FAIL dead_letter.path", out)
         # Bad configs.
         bad = Evictd(self.tmp, cfg, name="bad")
         bad.write_config(raw='{"postgres": {"url": "x"},\n "redis": {,}}')
