@@ -201,8 +201,8 @@ static int check_redis(const evd_target_cfg_t *t)
     redisSetTimeout(c, tv);
     redisReply *r = NULL;
     int fail = 0;
-    if (t->password) {
-        r = t->username ? redisCommand(c, "AUTH %s %s", t->username, t->password)
+    if (t->password || t->username) {
+        r = t->username ? redisCommand(c, "AUTH %s %s", t->username, t->password ? t->password : "")
                         : redisCommand(c, "AUTH %s", t->password);
         if (!r || r->type == REDIS_REPLY_ERROR) {
             printf("FAIL redis %s: AUTH failed: %s\n", t->name, r ? r->str : c->errstr);

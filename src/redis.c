@@ -704,7 +704,9 @@ static void advance(evd_redis_t *r, state_t next)
     case ST_RESOLVING: start_resolve(r); break;
     case ST_CONNECTING: start_connect(r); break;
     case ST_AUTH: {
-        if (!r->cfg.password) {
+        /* A username alone (redis://cache@host, a nopass ACL user) still authenticates, with an
+         * empty password: skipping AUTH would run as the default user. */
+        if (!r->cfg.password && !r->cfg.username) {
             advance(r, ST_SELECT);
             break;
         }
@@ -715,11 +717,13 @@ static void advance(evd_redis_t *r, state_t next)
             argv[argc] = r->cfg.username;
             argvlen[argc++] = strlen(r->cfg.username);
         }
-        argv[argc] = r->cfg.password;
-        argvlen[argc++] = strlen(r->cfg.password);
-        /* hiredis refuses commands only on a context already going away, whose disconnect
-         * callback then resets; there is nothing more to do here. */
-        (void)send_cmd(r, CMD_AUTH, NULL, argc, argv, argvlen);
+        argv[argc] = r->cfg.password ? r->cfg.password : "";
+        argvlen[argc] = strlen(argv[argc]);
+        argc++;
+        /* Not sent (out of memory): the connect timeout resets the connection (not now: this
+         * may run in hiredis's connect callback, which must not free the context). */
+        if (send_cmd(r, CMD_AUTH, NULL, argc, argv, argvlen) < 0)
+            timeout_start(r);
         break;
     }
     case ST_SELECT: {
@@ -731,7 +735,8 @@ static void advance(evd_redis_t *r, state_t next)
         snprintf(db, sizeof(db), "%d", r->cfg.db);
         const char *argv[2] = {"SELECT", db};
         size_t argvlen[2] = {6, strlen(db)};
-        (void)send_cmd(r, CMD_SELECT, NULL, 2, argv, argvlen);
+        if (send_cmd(r, CMD_SELECT, NULL, 2, argv, argvlen) < 0)
+            timeout_start(r);
         break;
     }
     case ST_READY:
@@ -1350,6 +1355,20 @@ static void unlink_reply(evd_redis_t *r, batch_t *b, const redisReply *reply)
 
 /* ---- replies, scheduling, completions ------------------------------------------------------ */
 
+/* An error reply that no retry on this connection can mend. */
+static bool conn_error(const redisReply *reply)
+{
+    static const char *const prefixes[] = {"READONLY", "NOAUTH", "MASTERDOWN"};
+    if (reply->type != REDIS_REPLY_ERROR)
+        return false;
+    for (size_t i = 0; i < EVD_ARRAY_LEN(prefixes); i++) {
+        size_t n = strlen(prefixes[i]);
+        if (reply->len >= n && strncmp(reply->str, prefixes[i], n) == 0)
+            return true;
+    }
+    return false;
+}
+
 static void on_reply(redisAsyncContext *ac, void *reply_, void *privdata)
 {
     cmd_t cmd = *(cmd_t *)privdata;
@@ -1377,6 +1396,13 @@ static void on_reply(redisAsyncContext *ac, void *reply_, void *privdata)
     case CMD_UNLINK: unlink_reply(r, cmd.obj, reply); break;
     case CMD_SCAN:
     case CMD_SCAN_UNLINK: scan_reply(r, cmd.obj, cmd.kind, reply); break;
+    }
+    if (conn_error(reply)) {
+        /* The connection, not the batch, is wrong (a replica after a failover, a lost ACL):
+         * a new one resolves the name again and authenticates again. */
+        reset(r, "%.*s", (int)reply->len, reply->str);
+        end(r);
+        return;
     }
     timeout_replied(r);
     end(r);

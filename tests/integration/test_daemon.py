@@ -2117,6 +2117,42 @@ class DaemonTest(unittest.TestCase):
             with open(fp) as f:
                 self.assertEqual([json.loads(x) for x in f.read().splitlines()], [not_list, nothing])
 
+    # -- 20 ----------------------------------------------------------------------------------
+    def test_20_redis_user_without_password(self):
+        """redis://cache@host names an ACL user with no password (nopass): evictd authenticates
+        as it (it used to skip AUTH and run as the default user)."""
+        c = self.r()
+        c.execute_command("ACL", "SETUSER", "cache", "on", "nopass", "~*", "+@all")
+        self.addCleanup(lambda: self.r().execute_command("ACL", "DELUSER", "cache"))
+        cfg = self.config()
+        cfg["redis"]["default"]["url"] = "redis://cache@127.0.0.1:%d/0" % self.rd.port
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1)])
+        self.sql("UPDATE products SET stock = 3 WHERE id = 1")
+        self.wait_gone([P(1)], d)
+        users = [cl.get("user") for cl in c.client_list()]
+        self.assertIn("cache", users)
+        rc, out = self.check(d.cfg_path)
+        self.assertEqual(rc, 0, out)
+
+    def test_20b_readonly_reply_drops_the_connection(self):
+        """A Redis that turned replica (a failover behind a name) answers -READONLY: evictd drops
+        that connection and makes a new one (it retried on the same one, to dead letters); the
+        change is applied once the server takes writes again."""
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 20, "max_backoff_ms": 100})
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1)])
+        c = self.r()
+        since = d.mark()
+        c.execute_command("REPLICAOF", "127.0.0.1", str(harness.free_port()))  # a master that is not there
+        try:
+            self.sql("UPDATE products SET stock = 4 WHERE id = 1")
+            d.wait_log("disconnected", 10, since=since, where=lambda r: "READONLY" in (r.get("error") or ""))
+        finally:
+            c.execute_command("REPLICAOF", "NO", "ONE")
+        self.wait_gone([P(1)], d)
+        self.assertEqual(d.dead_letters(), [])
+
 
 class _Result(unittest.TextTestResult):
     """Prints the evictd stderr tails of a failed test."""
