@@ -343,51 +343,45 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         }
         if (!cl->setup)
             cl->setup = evd_pg_query(cl->pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
-        /* What this claim takes on, put back if it cannot be sent. */
-        bool want_idle = d->want_idle, want_clear = d->want_clear, want_check = d->want_check;
-        uint64_t flag_set_at = d->flag_set_at;
-        evd_buf_t q = {0};
-        d->claim_sets_idle = d->want_idle;
-        d->claim_checks = d->want_check && !d->want_idle;
-        d->want_check = false;
+        /* What the claim does is worked out first and taken on only once it is sent: one that
+         * cannot be (out of memory) leaves every want for the next. */
+        bool sets_idle = d->want_idle;
+        bool checks = d->want_check && !d->want_idle;
         /* Under light load every write may ring (a lease): applied from its doorbell, one hop. Else
          * only the first one after evictd is idle rings (1), or none (0). */
-        d->claim_flag = d->want_idle ? (light_load(d) ? FLAG_LEASE : 1) : d->want_clear ? 0 : -1;
-        d->want_idle = false;
-        d->want_clear = false;
-        d->rung_in_claim = false;
+        int flag = d->want_idle ? (light_load(d) ? FLAG_LEASE : 1) : d->want_clear ? 0 : -1;
         /* A claim that arms the flag, or looks while transactions that may not have rung are
          * in flight, returns its snapshot too (claim_snapshot). */
-        d->claim_snap = d->claim_sets_idle || d->horizon || d->claim_checks;
+        bool snap = sets_idle || d->horizon || checks;
+        bool locks = !snap && d->claimed_full;
         /* Under light load every claim renews the lease; a setval is a WAL record, so one that set
          * it lately stands for it. */
         uint64_t now = uv_now(d->loop);
-        bool fresh = d->claim_flag == FLAG_LEASE && d->flag == FLAG_LEASE && now - d->flag_set_at < FLAG_FRESH_MS;
-        rc = d->claim_flag == FLAG_LEASE && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
-             : d->claim_flag >= 0 && !fresh        ? evd_buf_printf(&q, SQL_IDLE, d->claim_flag)
-                                                   : 0;
-        if (d->claim_flag >= 0 && !fresh)
-            d->flag_set_at = now;
-        d->claim_locks = !d->claim_snap && d->claimed_full;
+        bool fresh = flag == FLAG_LEASE && d->flag == FLAG_LEASE && now - d->flag_set_at < FLAG_FRESH_MS;
+        evd_buf_t q = {0};
+        rc = flag == FLAG_LEASE && !fresh ? evd_buf_printf(&q, SQL_LEASE, LEASE_MS)
+             : flag >= 0 && !fresh        ? evd_buf_printf(&q, SQL_IDLE, flag)
+                                          : 0;
         rc = rc == 0 ? evd_buf_printf(&q, "BEGIN; EXECUTE evictd_claim%s(%s, '",
-                                      d->claim_snap    ? "_snap"
-                                      : d->claim_locks ? "_lock"
-                                                       : "",
+                                      snap    ? "_snap"
+                                      : locks ? "_lock"
+                                              : "",
                                       cursor)
                      : rc;
         held_ids(d, &q);
-        rc = rc == 0 ? evd_buf_printf(&q, "', %s%s)", limit,
-                                      d->claim_snap ? (d->claim_sets_idle ? ", true" : ", false") : "")
-                     : rc;
+        rc = rc == 0 ? evd_buf_printf(&q, "', %s%s)", limit, snap ? (sets_idle ? ", true" : ", false") : "") : rc;
         rc = rc == 0 ? evd_pg_query(cl->pg, q.data, 0, NULL, false, claim_done, cl) : rc;
         evd_buf_free(&q);
-        if (rc < 0) {
-            d->want_idle = want_idle;
-            d->want_clear = want_clear;
-            d->want_check = want_check;
-            d->flag_set_at = flag_set_at;
-            d->claim_flag = -1;
-            d->claim_sets_idle = d->claim_checks = d->claim_snap = false;
+        if (rc == 0) {
+            d->claim_sets_idle = sets_idle;
+            d->claim_checks = checks;
+            d->claim_flag = flag;
+            d->claim_snap = snap;
+            d->claim_locks = locks;
+            if (flag >= 0 && !fresh)
+                d->flag_set_at = now;
+            d->want_idle = d->want_clear = d->want_check = false;
+            d->rung_in_claim = false;
         }
     }
     if (rc == 0) {
