@@ -2034,10 +2034,11 @@ class DaemonTest(unittest.TestCase):
                     self.assertTrue(d.running(), d.tail())
                     self.wait_outbox_empty(d, timeout=30)
                     now = d.text().count("evd_oom: allocation failed")
-                    self.assertGreater(now - failed, 10, "too few allocations failed to show anything\n" + d.tail())
+                    self.assertGreater(now - failed, 0, "no allocation failed in round %d\n%s" % (r, d.tail()))
                     failed = now
         finally:
             conn.close()
+        self.assertGreater(failed, 20, "too few allocations failed to show anything\n" + d.tail())
         self.assertEqual(d.stop(), 0, d.tail())
         # What was dead-lettered meanwhile is applied by replay; then every key is gone.
         if os.path.exists(d.dl_path) and os.path.getsize(d.dl_path):
