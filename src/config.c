@@ -287,33 +287,39 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
             continue;
         }
         if (p[0] == '$' && p[1] == '{') {
-            const char *end = strchr(p + 2, '}');
-            if (!end) {
+            /* The name runs to "}" or ":-"; a default runs to the "}" that matches its "${",
+             * counting the "${" (and "$${") inside it, and is expanded in turn. */
+            const char *q = p + 2;
+            while (isalnum((unsigned char)*q) || *q == '_')
+                q++;
+            const char *end = q, *dflt = NULL;
+            if (q[0] == ':' && q[1] == '-') {
+                dflt = q + 2;
+                int depth = 0;
+                for (end = dflt; *end && (*end != '}' || depth > 0); end++) {
+                    if (*end == '}')
+                        depth--;
+                    else if (end[0] == '$' && end[1] == '{')
+                        depth++;
+                }
+            } else if (*q != '}') {
+                end = strchr(q, '}');
+            }
+            if (!end || !*end) {
                 fail(c, jpath, "unterminated '${' in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
                 goto err;
             }
             char name[256];
-            const char *dflt = NULL;
-            size_t dlen = 0;
-            const char *sep = strstr(p + 2, ":-");
-            size_t nlen = (size_t)(end - (p + 2));
-            if (sep && sep < end) {
-                nlen = (size_t)(sep - (p + 2));
-                dflt = sep + 2;
-                dlen = (size_t)(end - dflt);
-            }
+            size_t nlen = (size_t)((dflt ? dflt - 2 : end) - (p + 2));
             if (nlen == 0 || nlen >= sizeof(name)) {
                 fail(c, jpath, "bad variable name in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
                 goto err;
             }
             memcpy(name, p + 2, nlen);
             name[nlen] = '\0';
-            for (size_t i = 0; i < nlen; i++) {
-                if (!isalnum((unsigned char)name[i]) && name[i] != '_') {
-                    fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name,
-                         redacted(jpath, s, shown, sizeof(shown)));
-                    goto err;
-                }
+            if (!dflt && q != end) {
+                fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name, redacted(jpath, s, shown, sizeof(shown)));
+                goto err;
             }
             const char *val = c->env ? c->env(name) : NULL;
             /* As in the shell, ":-" also replaces a variable set to the empty string. */
@@ -321,7 +327,16 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
                 if (evd_buf_puts(&b, val) < 0)
                     goto oom;
             } else if (dflt) {
-                if (evd_buf_append(&b, dflt, dlen) < 0)
+                char *raw = strndup(dflt, (size_t)(end - dflt));
+                if (!raw)
+                    goto oom;
+                char *val2 = expand_env(c, jpath, raw);
+                free(raw);
+                if (!val2)
+                    goto err;
+                int rc = evd_buf_puts(&b, val2);
+                free(val2);
+                if (rc < 0)
                     goto oom;
             } else {
                 fail(c, jpath, "environment variable %s is not set (write ${%s:-default} for a default)", name, name);
@@ -451,13 +466,15 @@ static bool apply_settings(ctx_t *c, const json_t *root, evd_config_t *cfg)
 
 /* ---- redis targets ---- */
 
+/* Decodes %XX in place. %00 is refused (-EINVAL): a NUL would silently cut the value short. */
 static int pct_decode(char *s)
 {
     char *w = s;
     for (char *r = s; *r; r++) {
         if (*r == '%' && isxdigit((unsigned char)r[1]) && isxdigit((unsigned char)r[2])) {
             char hex[3] = {r[1], r[2], 0};
-            *w++ = (char)strtol(hex, NULL, 16);
+            if ((*w++ = (char)strtol(hex, NULL, 16)) == '\0')
+                return -EINVAL;
             r += 2;
         } else {
             *w++ = *r;
@@ -525,9 +542,12 @@ int evd_redis_url_parse(evd_target_cfg_t *t, const char *url, char *err, size_t 
             free(pass);
             return -ENOMEM;
         }
-        pct_decode(user);
-        if (pass)
-            pct_decode(pass);
+        if (pct_decode(user) < 0 || (pass && pct_decode(pass) < 0)) {
+            free(user);
+            free(pass);
+            snprintf(err, errlen, "%%00 (a NUL byte) in the user name or password");
+            return -EINVAL;
+        }
         if (!t->username && user[0])
             t->username = user;
         else
@@ -672,25 +692,76 @@ static int target_index(const evd_config_t *cfg, const char *name)
     return -1;
 }
 
-/* Highest $n in sql outside quoted literals and identifiers, or -1 for a $n beyond 99. */
+/* Where the dollar quote opening at p ($$ or $tag$) closes, past its closing tag; NULL when p
+ * opens none (then it may be a $n parameter) or it never closes. */
+static const char *dollar_quote_end(const char *p, bool *opened)
+{
+    const char *t = p + 1;
+    *opened = false;
+    if (isdigit((unsigned char)*t))
+        return NULL;
+    while (isalnum((unsigned char)*t) || *t == '_' || (unsigned char)*t >= 0x80)
+        t++;
+    if (*t != '$')
+        return NULL;
+    *opened = true;
+    size_t taglen = (size_t)(t - p) + 1;
+    for (const char *q = t + 1; (q = strchr(q, '$')); q++)
+        if (strncmp(q, p, taglen) == 0)
+            return q + taglen;
+    return NULL;
+}
+
+/* Highest $n in sql outside what PostgreSQL reads as text: quoted literals and identifiers,
+ * E'' and dollar-quoted strings, -- and (nested) block comments, and names such as a$1. -1 for a $n
+ * beyond 99. */
 static int max_param(const char *sql)
 {
     int max = 0;
-    char quote = 0;
     for (const char *p = sql; *p; p++) {
-        if (quote) {
-            if (*p == quote)
-                quote = 0;
-            continue;
-        }
         if (*p == '\'' || *p == '"') {
-            quote = *p;
-        } else if (*p == '$' && isdigit((unsigned char)p[1])) {
-            long n = strtol(p + 1, NULL, 10);
-            if (n > 99)
-                return -1;
-            if (n > max)
-                max = (int)n;
+            const char *q = strchr(p + 1, *p); /* a doubled quote closes and reopens: same result */
+            if (!q)
+                break;
+            p = q;
+        } else if (p[0] == '-' && p[1] == '-') {
+            p += strcspn(p, "\n");
+            if (!*p)
+                break;
+        } else if (p[0] == '/' && p[1] == '*') {
+            int depth = 1;
+            for (p += 2; *p && depth > 0; p++) {
+                if (p[0] == '/' && p[1] == '*')
+                    depth++, p++;
+                else if (p[0] == '*' && p[1] == '/')
+                    depth--, p++;
+            }
+            if (!*p)
+                break;
+            p--;
+        } else if ((*p == 'E' || *p == 'e') && p[1] == '\'') {
+            for (p += 2; *p && *p != '\''; p++) /* E'...': a backslash escapes the next character */
+                if (*p == '\\' && p[1])
+                    p++;
+            if (!*p)
+                break;
+        } else if (isalnum((unsigned char)*p) || *p == '_' || (unsigned char)*p >= 0x80) {
+            while (isalnum((unsigned char)p[1]) || p[1] == '_' || p[1] == '$' || (unsigned char)p[1] >= 0x80)
+                p++;
+        } else if (*p == '$') {
+            bool opened;
+            const char *q = dollar_quote_end(p, &opened);
+            if (opened) {
+                if (!q)
+                    break;
+                p = q - 1;
+            } else if (isdigit((unsigned char)p[1])) {
+                long n = strtol(p + 1, NULL, 10);
+                if (n > 99)
+                    return -1;
+                if (n > max)
+                    max = (int)n;
+            }
         }
     }
     return max;

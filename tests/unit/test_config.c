@@ -467,6 +467,20 @@ static void test_env_expansion(void **state)
     parse_bad("{\"postgres\": {\"url\": \"${UNSET}\"}, \"redis\": {\"default\": {\"url\": "
               "\"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}",
               "inline.json:1:22: postgres.url: environment variable UNSET is not set");
+    /* A default may itself hold ${...}, to any depth, and "$${" inside it stays literal. */
+    cfg = parse_ok("{\"postgres\": {\"url\": \"${EVD_NOPE:-${EVD_NOPE2:-x${DATABASE_URL}}y}z\"},"
+                   " \"redis\": {\"default\": {\"url\": \"redis://h\"}},"
+                   " \"dead_letter\": {\"path\": \"/d/${EVD_NOPE:-$${lit}/${EVD_NOPE:-}}/f\"},"
+                   " \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}");
+    assert_string_equal(cfg->pg_url, "xpostgres://evictd@127.0.0.1/appyz");
+    assert_string_equal(cfg->dl_path, "/d/${lit}//f");
+    evd_config_free(cfg);
+    parse_bad("{\"postgres\": {\"url\": \"${EVD_NOPE:-${UNSET}}\"}, \"redis\": {\"default\": {\"url\": "
+              "\"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}",
+              "postgres.url: environment variable UNSET is not set");
+    parse_bad("{\"postgres\": {\"url\": \"${EVD_NOPE:-${UNSET}\"}, \"redis\": {\"default\": {\"url\": "
+              "\"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}",
+              "postgres.url: unterminated '${'");
     /* A variable with an empty value and no default is used as it is. */
     static const char *const empty[] = {"DATABASE_URL", "", NULL};
     env_tab = empty;
@@ -555,6 +569,8 @@ static void test_redis_url(void **state)
         {"unix:///p?database=1", "only ?db=N"},
         {"unix:///p?db=", "only ?db=N"},
         {"unix:///p?db=x", "bad db number"},
+        {"redis://u:pa%00ss@h", "%00"},
+        {"redis://u%00x:p@h", "%00"},
     };
     for (size_t i = 0; i < EVD_ARRAY_LEN(bad); i++) {
         evd_target_cfg_t t = {0};
@@ -650,6 +666,40 @@ static void test_sqlgen_routex(void **state)
     free(sql);
     evd_config_free(cfg2);
     evd_config_free(cfg);
+}
+
+/* A lookup's $n are counted where PostgreSQL reads them as parameters only. */
+static void test_lookup_param_count(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *sql;
+        int nargs; /* what "args" must name */
+    } cases[] = {
+        {"SELECT a FROM t WHERE b = $1", 1},
+        {"SELECT a FROM t WHERE b = $1 -- or $2\\n AND c = $2", 2},
+        {"SELECT a FROM t WHERE b = $1 -- only $2", 1},
+        {"SELECT a /* $3 /* nested $4 */ $5 */ FROM t WHERE b = $1", 1},
+        {"SELECT $$ $2 $$, $x$ $3 $$ $x$ FROM t WHERE b = $1", 1},
+        {"SELECT a$2 FROM t WHERE b = $1", 1},
+        {"SELECT E'it\\\\'s $2', 'x''$3' FROM t WHERE b = $1", 1},
+        {"SELECT \\\"c$2\\\" FROM t WHERE b=$1 AND c=$2", 2},
+    };
+    for (size_t i = 0; i < EVD_ARRAY_LEN(cases); i++) {
+        for (int n = 1; n <= 2; n++) {
+            char text[1024];
+            snprintf(text, sizeof(text),
+                     "{\"postgres\": {\"url\": \"x\"}, \"redis\": {\"default\": {\"url\": \"redis://h\"}},"
+                     " \"rules\": [{\"table\": \"d\", \"lookups\": [{\"as\": \"w\", \"sql\": \"%s\","
+                     " \"args\": [%s]}], \"keys\": [\"d_{w}\"]}]}",
+                     cases[i].sql, n == 1 ? "\"a\"" : "\"a\", \"b\"");
+            char err[1024] = "";
+            evd_config_t *cfg = evd_config_parse("inline.json", text, test_env, err, sizeof(err));
+            if ((cfg != NULL) != (n == cases[i].nargs))
+                fail_msg("%s with %d args: %s", cases[i].sql, n, cfg ? "accepted" : err);
+            evd_config_free(cfg);
+        }
+    }
 }
 
 static void test_sqlgen_durable(void **state)
@@ -805,6 +855,7 @@ int main(void)
         cmocka_unit_test_setup(test_redis_url, setup_env),
         cmocka_unit_test_setup(test_redis_credentials, setup_env),
         cmocka_unit_test_setup(test_sqlgen_routex, setup_env),
+        cmocka_unit_test_setup(test_lookup_param_count, setup_env),
         cmocka_unit_test_setup(test_sqlgen_durable, setup_env),
         cmocka_unit_test_setup(test_needed_columns, setup_env),
         cmocka_unit_test_setup(test_describe, setup_env),
