@@ -255,22 +255,41 @@ static int targets_build(daemon_t *d, const evd_config_t *cfg, target_t *old, si
     return 0;
 }
 
+/* Closes a target, keeping its retries in the running total (retries_total). */
+static void close_target(daemon_t *d, evd_redis_t *r)
+{
+    d->retries_closed += evd_redis_stats(r)->retries;
+    evd_redis_close(r, NULL, NULL);
+}
+
 static void retire_target(daemon_t *d, evd_redis_t *r)
 {
     evd_redis_t **v = realloc(d->retiring, (d->nretiring + 1) * sizeof(*v));
     if (!v) {
-        evd_redis_close(r, NULL, NULL);
+        close_target(d, r);
         return;
     }
     d->retiring = v;
     d->retiring[d->nretiring++] = r;
 }
 
+/* Retries so far on every target, current, retired by a reload, or closed: it only grows. */
+static uint64_t retries_total(const daemon_t *d)
+{
+    uint64_t n = d->retries_closed;
+    for (size_t i = 0; i < d->ntargets; i++)
+        if (d->targets[i].r)
+            n += evd_redis_stats(d->targets[i].r)->retries;
+    for (size_t i = 0; i < d->nretiring; i++)
+        n += evd_redis_stats(d->retiring[i])->retries;
+    return n;
+}
+
 static void reap_retired(daemon_t *d)
 {
     for (size_t i = 0; i < d->nretiring;) {
         if (evd_redis_pending(d->retiring[i]) == 0) {
-            evd_redis_close(d->retiring[i], NULL, NULL);
+            close_target(d, d->retiring[i]);
             d->retiring[i] = d->retiring[--d->nretiring];
         } else {
             i++;
@@ -289,15 +308,12 @@ static int cmp_double(const void *a, const void *b)
 static void on_stats(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, stats_timer);
-    uint64_t retries = 0;
-    for (size_t i = 0; i < d->ntargets; i++)
-        if (d->targets[i].r)
-            retries += evd_redis_stats(d->targets[i].r)->retries;
+    uint64_t retries = retries_total(d);
     double p50 = 0, p99 = 0;
     if (d->nlags) {
         qsort(d->lags, d->nlags, sizeof(double), cmp_double);
-        p50 = d->lags[d->nlags / 2];
-        p99 = d->lags[(size_t)((double)(d->nlags - 1) * 0.99)];
+        p50 = evd_quantile(d->lags, d->nlags, 0.5);
+        p99 = evd_quantile(d->lags, d->nlags, 0.99);
     }
     EVD_LOG(EVD_LOG_INFO, "stats", F_INT("changes", d->n_changes), F_INT("keys", d->n_keys),
             F_INT("patterns", d->n_patterns), F_INT("retries", retries - d->retries_seen),

@@ -253,7 +253,8 @@ struct daemon {
     uint64_t t_unrung;                 /* rows claimed under a lease that rang none (hint_state) */
     double lags[LAG_SAMPLES];
     size_t nlags;
-    uint64_t retries_seen;
+    uint64_t retries_seen;   /* retries_total at the last stats line */
+    uint64_t retries_closed; /* retries of targets closed since start */
 
     /* /metrics and /readyz */
     evd_metrics_t m;

@@ -2,6 +2,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -251,6 +252,13 @@ double evd_now_wall_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+double evd_quantile(const double *sorted, size_t n, double q)
+{
+    double rank = ceil(q * (double)n);
+    size_t i = rank < 1 ? 0 : (size_t)rank - 1;
+    return sorted[i < n ? i : n - 1];
 }
 
 uint64_t evd_hash(const void *p, size_t n)

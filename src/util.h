@@ -60,6 +60,10 @@ void evd_keyvec_free(evd_keyvec_t *kv);
 /* Monotonic clock in milliseconds and wall clock in epoch milliseconds. */
 double evd_now_wall_ms(void);
 
+/* The q-quantile (0 < q <= 1) of n > 0 ascending values, by nearest rank: the smallest value
+ * with at least q*n values at or below it. */
+double evd_quantile(const double *sorted, size_t n, double q);
+
 /* FNV-1a hash of n bytes. */
 uint64_t evd_hash(const void *p, size_t n);
 

@@ -1063,6 +1063,32 @@ class DaemonTest(unittest.TestCase):
         self.step(d, "UPDATE products SET stock = 7 WHERE id = 3", [P(3), PL], [P(4)])
         self.assertGreaterEqual(d.count("change", since=since), 1, d.tail())
 
+    def test_10d_stats_retries_survive_a_reload(self):
+        """A target replaced by a reload takes its retries along into the stats lines' deltas:
+        the count after the reload never goes below zero."""
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 10, "max_backoff_ms": 50})
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1)])
+        since = d.mark()
+        self.rd.stop()
+        try:
+            self.sql("UPDATE products SET stock = stock + 1 WHERE id = 1")
+            d.wait_log("stats", 10, since=since, where=lambda r: (r.get("retries") or 0) > 0)
+        finally:
+            self.rd.start()
+        self.fill([P(1)])
+        self.sql("UPDATE products SET stock = stock + 1 WHERE id = 1")
+        self.wait_gone([P(1)], d, timeout=15)
+        cfg = copy.deepcopy(d.config)
+        cfg["redis"]["default"]["timeout_ms"] = 1500  # a new target replaces the old one
+        since = d.mark()
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        d.wait_log("stats", 5, since=since, where=lambda r: len(d.find("stats", since=since)) >= 3)
+        stats = d.find("stats", since=since)
+        self.assertTrue(all(r.get("retries", 0) >= 0 for r in stats), stats)
+
     # -- 11 ----------------------------------------------------------------------------------
     def check(self, cfg_path):
         p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],
