@@ -264,6 +264,7 @@ static void close_target(daemon_t *d, evd_redis_t *r)
 
 static void retire_target(daemon_t *d, evd_redis_t *r)
 {
+    evd_redis_retire(r);
     evd_redis_t **v = realloc(d->retiring, (d->nretiring + 1) * sizeof(*v));
     if (!v) {
         close_target(d, r);
@@ -366,14 +367,17 @@ static void on_sighup(uv_signal_t *h, int sig)
         evd_config_free(cfg);
         return;
     }
-    for (size_t i = 0; i < d->ntargets; i++) {
-        if (d->targets[i].r)
-            retire_target(d, d->targets[i].r);
-        free(d->targets[i].name);
-    }
-    free(d->targets);
+    target_t *ot = d->targets;
+    size_t nold = d->ntargets;
     d->targets = nt;
     d->ntargets = cfg->ntargets;
+    /* Only now: a retired target hands its waiting jobs to the new one of the same name. */
+    for (size_t i = 0; i < nold; i++) {
+        if (ot[i].r)
+            retire_target(d, ot[i].r);
+        free(ot[i].name);
+    }
+    free(ot);
     const evd_config_t *old = d->cfg->cfg;
     bool pg_changed = strcmp(old->pg_url, cfg->pg_url) != 0 || old->nchannels != cfg->nchannels ||
                       has_lookups(old) != has_lookups(cfg);

@@ -398,6 +398,15 @@ static struct hint_slot *hint_in_flight(daemon_t *d, const rec_t *r)
     return NULL;
 }
 
+/* The current target of that name, NULL when none (removed by a reload, or closed). */
+static evd_redis_t *target_named(const daemon_t *d, const char *name)
+{
+    for (size_t k = 0; k < d->ntargets; k++)
+        if (strcmp(d->targets[k].name, name) == 0)
+            return d->targets[k].r;
+    return NULL;
+}
+
 void job_done(evd_job_t *job, int status, const char *error, void *ud)
 {
     daemon_t *d = ud;
@@ -414,6 +423,16 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
         hint_answered(d, r, false);
         release_claim(u);
         return;
+    }
+    if (status == EVD_REDIS_MOVED) {
+        /* Its target was replaced by a reload: the job goes to the one now of that name. */
+        evd_redis_t *t = target_named(d, u->cfg->cfg->targets[r->job_target[ji]].name);
+        if (t && !d->stopping) {
+            evd_redis_submit(t, job);
+            return;
+        }
+        status = d->stopping ? -ECANCELED : -EIO;
+        error = d->stopping ? "shutdown before Redis confirmed" : "target removed by a config reload";
     }
     if (status == -EIO) {
         /* A hint's change is in the outbox: its claim applies it again. */
@@ -717,11 +736,7 @@ static void submit_rec(unit_t *u, rec_t *r)
             /* Targets are looked up by name in the current config. */
             r->outstanding = (int)r->njobs;
             for (size_t j = 0; j < r->njobs; j++) {
-                const char *tname = cfg->targets[r->job_target[j]].name;
-                evd_redis_t *t = NULL;
-                for (size_t k = 0; k < d->ntargets; k++)
-                    if (strcmp(d->targets[k].name, tname) == 0)
-                        t = d->targets[k].r;
+                evd_redis_t *t = target_named(d, cfg->targets[r->job_target[j]].name);
                 if (t) {
                     evd_redis_submit(t, &r->jobs[j]);
                 } else {

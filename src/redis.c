@@ -161,6 +161,7 @@ struct evd_redis {
     uint64_t rng;
 
     bool closing;
+    bool retired; /* evd_redis_retire ran: failed batches are handed back, not retried */
     int nhandles; /* timers, write_prepare and write_check not yet closed */
     int nctx;     /* hiredis contexts not yet freed (their callbacks point at us) */
     int nreqs;    /* getaddrinfo requests not yet called back */
@@ -954,8 +955,8 @@ static void attempt_failed(evd_redis_t *r, batch_t *b)
         scan_detach(r, b);
         b->scans_left = 0;
     }
-    if (b->attempts >= r->opts.max_attempts) {
-        done_push(r, b, -EIO);
+    if (r->retired || b->attempts >= r->opts.max_attempts) {
+        done_push(r, b, r->retired ? EVD_REDIS_MOVED : -EIO);
         return;
     }
     int64_t delay = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms, b->attempts, rnd_unit(r));
@@ -1632,6 +1633,36 @@ bool evd_redis_cfg_differs(const evd_redis_t *r, const evd_target_cfg_t *cfg)
     return differs;
 }
 
+/* Calls back every queued job with status, error (jobs that never formed a batch). */
+static void queue_fail(evd_redis_t *r, int status, const char *error)
+{
+    evd_job_t *j;
+    while ((j = r->queue)) {
+        r->queue = j->next;
+        j->next = NULL;
+        j->attempts = 0;
+        r->npending--;
+        r->cb(j, status, error, r->ud);
+    }
+    r->queue_tail = NULL;
+    r->queued_items = 0;
+}
+
+void evd_redis_retire(evd_redis_t *r)
+{
+    if (r->retired || r->closing)
+        return;
+    r->retired = true;
+    batch_t *b;
+    while ((b = r->backoff)) {
+        r->backoff = b->next;
+        done_push(r, b, EVD_REDIS_MOVED);
+    }
+    uv_timer_stop(&r->retry_timer);
+    flush(r, false);
+    queue_fail(r, EVD_REDIS_MOVED, "target replaced by a config reload");
+}
+
 static void cancel_batch(evd_redis_t *r, batch_t *b)
 {
     set_error(b->error, "target closed");
@@ -1658,16 +1689,7 @@ void evd_redis_close(evd_redis_t *r, void (*closed)(void *arg), void *arg)
         cancel_batch(r, b);
     }
     flush(r, true);
-    evd_job_t *j;
-    while ((j = r->queue)) {
-        r->queue = j->next;
-        j->next = NULL;
-        j->attempts = 0;
-        r->npending--;
-        r->cb(j, -ECANCELED, "target closed", r->ud);
-    }
-    r->queue_tail = NULL;
-    r->queued_items = 0;
+    queue_fail(r, -ECANCELED, "target closed");
     r->redel_nsegs = 0;
     uv_close((uv_handle_t *)&r->conn_timer, on_handle_closed);
     uv_close((uv_handle_t *)&r->fill_timer, on_handle_closed);

@@ -32,6 +32,9 @@ typedef void (*evd_redis_job_cb)(evd_job_t *job, int status, const char *error, 
 /* Status passed once per job when its batch first enters retry backoff; the job stays pending
  * and gets its final callback later. The callback must not submit jobs or close the target. */
 #define EVD_REDIS_RETRYING 1
+/* Final status of a job on a target retired by evd_redis_retire that Redis did not confirm: the
+ * job is the owner's again, to submit to the target that replaced this one. */
+#define EVD_REDIS_MOVED 2
 
 typedef struct evd_redis_opts {
     int64_t max_keys;
@@ -73,6 +76,11 @@ const char *evd_redis_name(const evd_redis_t *r);
 /* True when cfg would need a new connection (url, credentials, db or timeout differ). */
 bool evd_redis_cfg_differs(const evd_redis_t *r, const evd_target_cfg_t *cfg);
 
+/* A reload replaced the target: its queued jobs and those waiting in retry backoff are called
+ * back at once with EVD_REDIS_MOVED, and so is every batch in flight that fails from now on
+ * (instead of being retried here); batches Redis confirms finish as usual. Close it once
+ * evd_redis_pending is 0. */
+void evd_redis_retire(evd_redis_t *r);
 /* Fails every pending job with -ECANCELED (callbacks run before this returns), disconnects,
  * closes the handles and frees r in the last close callback; then calls closed(arg) if set. */
 void evd_redis_close(evd_redis_t *r, void (*closed)(void *arg), void *arg);

@@ -1089,6 +1089,39 @@ class DaemonTest(unittest.TestCase):
         stats = d.find("stats", since=since)
         self.assertTrue(all(r.get("retries", 0) >= 0 for r in stats), stats)
 
+    def test_10e_reload_moves_waiting_jobs_to_the_new_target(self):
+        """Changes retrying against a Redis that a reload replaced go to the new server at once:
+        they used to retry against the old one until they were dead-lettered."""
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 100, "max_backoff_ms": 400})
+        d = self.start_ready(self.daemon(cfg))
+        new = Redis()
+        self.addCleanup(new.cleanup)
+        nc = new.client()
+        keys = [P(1), P(2), PL]
+        for k in keys + [OTHER]:
+            nc.set(k, "cached")
+        since = d.mark()
+        self.rd.stop()
+        try:
+            for i in (1, 2):
+                self.sql("UPDATE products SET stock = stock + 1 WHERE id = %d" % i)
+            d.wait_log("retry", 10, since=since)
+            cfg = copy.deepcopy(d.config)
+            cfg["redis"]["default"]["url"] = new.url()
+            since = d.mark()
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            d.wait_log("config_reloaded", 5, since=since)
+            deadline = time.monotonic() + 10
+            while nc.exists(*keys) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.assertEqual(nc.exists(*keys), 0, d.tail())
+            self.assertTrue(nc.exists(OTHER))
+            self.wait_outbox_empty(d)
+            self.assertEqual(d.dead_letters(), [])
+        finally:
+            self.rd.start()
+
     # -- 11 ----------------------------------------------------------------------------------
     def check(self, cfg_path):
         p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],

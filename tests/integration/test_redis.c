@@ -926,6 +926,67 @@ static void test_close_cancels_backoff(void **state)
     tjob_free(&j);
 }
 
+/* A retired target hands back at once what waits (the queue, batches in backoff), and a batch in
+ * flight when it fails, instead of retrying it; what Redis confirms finishes as usual. */
+static void test_retire_hands_back_waiting_jobs(void **state)
+{
+    (void)state;
+    tctx_t t;
+    t_init(&t);
+    t.cfg.port = free_port(); /* nothing listens there */
+    t.opts.max_attempts = 1000;
+    t.opts.initial_backoff_ms = 50;
+    t_start(&t);
+    tjob_t w;
+    tjob_init(&w, "m:1", NULL);
+    evd_redis_submit(t.r, &w.job);
+    t_run_for(&t, 100, NULL);
+    assert_int_equal(w.calls, 0);
+    assert_int_equal(w.retrying, 1); /* in backoff */
+    evd_redis_retire(t.r);
+    assert_int_equal(w.calls, 1);
+    assert_int_equal(w.status, EVD_REDIS_MOVED);
+    assert_true(w.attempts >= 1);
+    assert_int_equal(evd_redis_pending(t.r), 0);
+    t_finish(&t);
+    tjob_free(&w);
+
+    t_init(&t);
+    t.cfg.timeout_ms = 300;
+    t.opts.max_attempts = 1000;
+    t_connect(&t);
+    assert_int_equal(kill(srv_pid, SIGSTOP), 0);
+    tjob_t a, b;
+    tjob_init(&a, "m:2", NULL);
+    tjob_init(&b, "m:3", NULL);
+    evd_redis_submit(t.r, &a.job); /* in flight, unanswered */
+    evd_redis_submit(t.r, &b.job); /* queued behind it */
+    evd_redis_retire(t.r);
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(b.status, EVD_REDIS_MOVED);
+    assert_int_equal(a.calls, 0);
+    RUN_UNTIL(&t, a.calls == 1); /* its timeout */
+    assert_int_equal(a.status, EVD_REDIS_MOVED);
+    assert_int_equal(a.retrying, 0);
+    assert_int_equal(evd_redis_stats(t.r)->retries, 0);
+    assert_int_equal(kill(srv_pid, SIGCONT), 0);
+    t_finish(&t);
+    tjob_free(&a);
+    tjob_free(&b);
+
+    /* Confirmed as usual once retired. */
+    t_init(&t);
+    t_connect(&t);
+    tjob_t c;
+    tjob_init(&c, "m:4", NULL);
+    evd_redis_submit(t.r, &c.job);
+    evd_redis_retire(t.r);
+    RUN_UNTIL(&t, c.calls == 1);
+    assert_int_equal(c.status, 0);
+    t_finish(&t);
+    tjob_free(&c);
+}
+
 static void test_submit_from_callback_and_empty_job(void **state)
 {
     (void)state;
@@ -1021,6 +1082,7 @@ int main(void)
         cmocka_unit_test_setup(test_redelete_after_delay, test_setup),
         cmocka_unit_test_setup(test_close_cancels_in_flight_and_queued, test_setup),
         cmocka_unit_test_setup(test_close_cancels_backoff, test_setup),
+        cmocka_unit_test_setup(test_retire_hands_back_waiting_jobs, test_setup),
         cmocka_unit_test_setup(test_submit_from_callback_and_empty_job, test_setup),
         cmocka_unit_test_setup(test_close_from_callback, test_setup),
     };
