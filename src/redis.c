@@ -122,6 +122,7 @@ struct evd_redis {
     char ip[64];               /* the address connected to (resolved or literal) */
     char addr[160];            /* for logs: ip:port or the unix path */
     uv_getaddrinfo_t *resolve; /* the live lookup, NULL when none */
+    uv_getaddrinfo_t *stale;   /* an abandoned lookup still running in the thread pool, or NULL */
     int conn_failures;         /* consecutive failed connection attempts */
     bool down_logged;          /* `disconnected` logged since the last `connected` */
     bool ever_ready;
@@ -389,7 +390,12 @@ static void teardown(evd_redis_t *r)
     r->outstanding = 0;
     uv_timer_stop(&r->conn_timer);
     if (r->resolve) {
-        uv_cancel((uv_req_t *)r->resolve); /* its callback still runs and frees it */
+        /* Its callback still runs and frees it. A lookup already running in the thread pool
+         * cannot be cancelled: it is kept as `stale`, and the next attempt takes it over rather
+         * than start another (a resolver that hangs would otherwise take one pool thread per
+         * attempt, and dead-letter writes use that pool too). */
+        if (uv_cancel((uv_req_t *)r->resolve) != 0 && !r->closing)
+            r->stale = r->resolve;
         r->resolve = NULL;
     }
     if (r->ac) {
@@ -484,6 +490,8 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     evd_redis_t *r = req->data;
     r->nreqs--;
     bool live = req == r->resolve;
+    if (req == r->stale)
+        r->stale = NULL;
     free(req);
     if (!live) {
         uv_freeaddrinfo(res);
@@ -669,6 +677,12 @@ static void start_connect(evd_redis_t *r)
 
 static void start_resolve(evd_redis_t *r)
 {
+    if (r->stale) { /* still running: its answer is as good as a new one's */
+        r->resolve = r->stale;
+        r->stale = NULL;
+        timeout_start(r);
+        return;
+    }
     uv_getaddrinfo_t *req = malloc(sizeof(*req));
     if (!req) {
         reset(r, "resolve %s failed: out of memory", r->cfg.host);

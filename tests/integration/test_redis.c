@@ -1,11 +1,15 @@
 /* test_redis.c - evd_redis against a real redis-server on a free loopback port. */
+#define _GNU_SOURCE /* RTLD_NEXT */
 #include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +30,32 @@
 #include "redis.h"
 
 #define WATCHDOG_MS 15000
+
+/* ---- a resolver that hangs ----------------------------------------------------------------- */
+
+#define SLOW_DNS_MS 300
+static atomic_int slow_now, slow_max; /* lookups of SLOW_HOST running now, and at most */
+#define SLOW_HOST "slow.invalid"
+
+/* libuv's thread pool calls this getaddrinfo (the executable's definition comes first): a lookup
+ * of SLOW_HOST hangs for SLOW_DNS_MS and fails, as with a name server that does not answer; every
+ * other name goes to the C library. */
+int getaddrinfo(const char *node, const char *service, const struct addrinfo *hints, struct addrinfo **res)
+{
+    if (node && strcmp(node, SLOW_HOST) == 0) {
+        int now = atomic_fetch_add(&slow_now, 1) + 1;
+        int max = atomic_load(&slow_max);
+        while (now > max && !atomic_compare_exchange_weak(&slow_max, &max, now))
+            ;
+        struct timespec ts = {0, SLOW_DNS_MS * 1000000L};
+        nanosleep(&ts, NULL);
+        atomic_fetch_sub(&slow_now, 1);
+        return EAI_AGAIN;
+    }
+    int (*real)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+    *(void **)&real = dlsym(RTLD_NEXT, "getaddrinfo");
+    return real ? real(node, service, hints, res) : EAI_SYSTEM;
+}
 
 /* ---- the server ---------------------------------------------------------------------------- */
 
@@ -683,6 +713,26 @@ static void on_aux_sigcont(uv_timer_t *h)
     on_aux(h);
 }
 
+/* A lookup that outlives its attempt's timeout is taken over by the next attempt: one lookup at
+ * a time, where every attempt used to start one more and fill libuv's thread pool (which the
+ * dead-letter writer shares). */
+static void test_hanging_resolver_one_lookup_at_a_time(void **state)
+{
+    (void)state;
+    tctx_t t;
+    t_init(&t);
+    snprintf(t.host, sizeof(t.host), SLOW_HOST);
+    t.cfg.timeout_ms = 40;
+    t.opts.initial_backoff_ms = 5;
+    t.opts.max_backoff_ms = 10;
+    atomic_store(&slow_max, 0);
+    t_start(&t);
+    t_run_for(&t, 3 * SLOW_DNS_MS, NULL);
+    assert_false(evd_redis_connected(t.r));
+    assert_int_equal(atomic_load(&slow_max), 1);
+    t_finish(&t);
+}
+
 static void test_stopped_server_times_out_and_retries(void **state)
 {
     (void)state;
@@ -1075,6 +1125,7 @@ int main(void)
         cmocka_unit_test_setup(test_auth_and_select, test_setup),
         cmocka_unit_test_setup(test_unix_socket, test_setup),
         cmocka_unit_test_setup(test_hostname_resolved, test_setup),
+        cmocka_unit_test_setup(test_hanging_resolver_one_lookup_at_a_time, test_setup),
         cmocka_unit_test_setup(test_stopped_server_times_out_and_retries, test_setup),
         cmocka_unit_test_setup(test_large_batch_waits_for_writability, test_setup),
         cmocka_unit_test_setup(test_killed_server_gives_eio, test_setup),
