@@ -272,7 +272,9 @@ static const char *redacted(const char *jpath, const char *s, char *buf, size_t 
 
 /* ---- ${NAME} / ${NAME:-default} expansion ---- */
 
-static char *expand_env(ctx_t *c, const char *jpath, const char *s)
+/* Expands s, a part of the setting's whole value (shown, redacted, in errors); depth counts the
+ * defaults it is nested in. */
+static char *expand_in(ctx_t *c, const char *jpath, const char *s, const char *whole, int depth)
 {
     evd_buf_t b = {0};
     char shown[512];
@@ -295,30 +297,31 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
             const char *end = q, *dflt = NULL;
             if (q[0] == ':' && q[1] == '-') {
                 dflt = q + 2;
-                int depth = 0;
-                for (end = dflt; *end && (*end != '}' || depth > 0); end++) {
+                int open = 0;
+                for (end = dflt; *end && (*end != '}' || open > 0); end++) {
                     if (*end == '}')
-                        depth--;
+                        open--;
                     else if (end[0] == '$' && end[1] == '{')
-                        depth++;
+                        open++;
                 }
             } else if (*q != '}') {
                 end = strchr(q, '}');
             }
             if (!end || !*end) {
-                fail(c, jpath, "unterminated '${' in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
+                fail(c, jpath, "unterminated '${' in \"%s\"", redacted(jpath, whole, shown, sizeof(shown)));
                 goto err;
             }
             char name[256];
             size_t nlen = (size_t)((dflt ? dflt - 2 : end) - (p + 2));
             if (nlen == 0 || nlen >= sizeof(name)) {
-                fail(c, jpath, "bad variable name in \"%s\"", redacted(jpath, s, shown, sizeof(shown)));
+                fail(c, jpath, "bad variable name in \"%s\"", redacted(jpath, whole, shown, sizeof(shown)));
                 goto err;
             }
             memcpy(name, p + 2, nlen);
             name[nlen] = '\0';
             if (!dflt && q != end) {
-                fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name, redacted(jpath, s, shown, sizeof(shown)));
+                fail(c, jpath, "bad variable name \"%s\" in \"%s\"", name,
+                     redacted(jpath, whole, shown, sizeof(shown)));
                 goto err;
             }
             const char *val = c->env ? c->env(name) : NULL;
@@ -330,7 +333,12 @@ static char *expand_env(ctx_t *c, const char *jpath, const char *s)
                 char *raw = strndup(dflt, (size_t)(end - dflt));
                 if (!raw)
                     goto oom;
-                char *val2 = expand_env(c, jpath, raw);
+                char *val2 = NULL;
+                if (depth >= 16)
+                    fail(c, jpath, "defaults nested more than 16 deep in \"%s\"",
+                         redacted(jpath, whole, shown, sizeof(shown)));
+                else
+                    val2 = expand_in(c, jpath, raw, whole, depth + 1);
                 free(raw);
                 if (!val2)
                     goto err;
@@ -357,6 +365,11 @@ oom:
 err:
     evd_buf_free(&b);
     return NULL;
+}
+
+static char *expand_env(ctx_t *c, const char *jpath, const char *s)
+{
+    return expand_in(c, jpath, s, s, 0);
 }
 
 /* ---- typed getters ---- */
@@ -740,8 +753,9 @@ static int max_param(const char *sql)
                 break;
             p--;
         } else if ((*p == 'E' || *p == 'e') && p[1] == '\'') {
-            for (p += 2; *p && *p != '\''; p++) /* E'...': a backslash escapes the next character */
-                if (*p == '\\' && p[1])
+            /* E'...': a backslash escapes the next character, and '' is a quote in it. */
+            for (p += 2; *p && (*p != '\'' || p[1] == '\''); p++)
+                if ((*p == '\\' || *p == '\'') && p[1])
                     p++;
             if (!*p)
                 break;

@@ -427,7 +427,7 @@ void job_done(evd_job_t *job, int status, const char *error, void *ud)
     if (status == EVD_REDIS_MOVED) {
         /* Its target was replaced by a reload: the job goes to the one now of that name. */
         evd_redis_t *t = target_named(d, u->cfg->cfg->targets[r->job_target[ji]].name);
-        if (t && !d->stopping) {
+        if (t) { /* at shutdown too: the grace period holds for it as for any other job */
             evd_redis_submit(t, job);
             return;
         }

@@ -1016,10 +1016,10 @@ static void test_retire_hands_back_waiting_jobs(void **state)
     assert_int_equal(b.status, EVD_REDIS_MOVED);
     assert_int_equal(a.calls, 0);
     RUN_UNTIL(&t, a.calls == 1); /* its timeout */
+    assert_int_equal(kill(srv_pid, SIGCONT), 0);
     assert_int_equal(a.status, EVD_REDIS_MOVED);
     assert_int_equal(a.retrying, 0);
     assert_int_equal(evd_redis_stats(t.r)->retries, 0);
-    assert_int_equal(kill(srv_pid, SIGCONT), 0);
     t_finish(&t);
     tjob_free(&a);
     tjob_free(&b);

@@ -481,6 +481,25 @@ static void test_env_expansion(void **state)
     parse_bad("{\"postgres\": {\"url\": \"${EVD_NOPE:-${UNSET}\"}, \"redis\": {\"default\": {\"url\": "
               "\"redis://h\"}}, \"rules\": [{\"table\": \"t\", \"keys\": [\"k\"]}]}",
               "postgres.url: unterminated '${'");
+    /* An error inside a default shows the whole value, redacted: never the password in it. */
+    char err[1024] = "";
+    evd_config_t *bad = evd_config_parse("inline.json",
+                                         "{\"postgres\": {\"url\": \"x\"}, \"redis\": {\"default\": {\"url\": "
+                                         "\"redis://:${EVD_NOPE:-hunter2${}}@h\"}}, \"rules\": [{\"table\": \"t\","
+                                         " \"keys\": [\"k\"]}]}",
+                                         test_env, err, sizeof(err));
+    assert_null(bad);
+    assert_non_null(strstr(err, "bad variable name"));
+    assert_null(strstr(err, "hunter2"));
+    char deep[400] = "{\"postgres\": {\"url\": \"";
+    for (int i = 0; i < 20; i++)
+        strcat(deep, "${EVD_NOPE:-");
+    strcat(deep, "x");
+    for (int i = 0; i < 20; i++)
+        strcat(deep, "}");
+    strcat(deep, "\"}, \"redis\": {\"default\": {\"url\": \"redis://h\"}}, \"rules\": [{\"table\": \"t\", "
+                 "\"keys\": [\"k\"]}]}");
+    parse_bad(deep, "nested more than 16 deep");
     /* A variable with an empty value and no default is used as it is. */
     static const char *const empty[] = {"DATABASE_URL", "", NULL};
     env_tab = empty;
@@ -684,6 +703,8 @@ static void test_lookup_param_count(void **state)
         {"SELECT a$2 FROM t WHERE b = $1", 1},
         {"SELECT E'it\\\\'s $2', 'x''$3' FROM t WHERE b = $1", 1},
         {"SELECT \\\"c$2\\\" FROM t WHERE b=$1 AND c=$2", 2},
+        {"SELECT E'a''\\\\'' WHERE b = $1", 1},
+        {"SELECT E'it''s \\\\' $2' WHERE b = $1", 1},
     };
     for (size_t i = 0; i < EVD_ARRAY_LEN(cases); i++) {
         for (int n = 1; n <= 2; n++) {
