@@ -148,7 +148,11 @@ static int check_postgres(const evd_config_t *cfg)
     const char *const vals[] = {cfg->pg_url, "UTF8", NULL};
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(c) != CONNECTION_OK) {
-        printf("FAIL postgres: cannot connect: %s", PQerrorMessage(c));
+        char *msg = strdup(PQerrorMessage(c));
+        if (msg)
+            evd_mask_quoted(msg);
+        printf("FAIL postgres: cannot connect: %s", msg ? msg : "out of memory\n");
+        free(msg);
         PQfinish(c);
         return 1;
     }

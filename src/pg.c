@@ -270,6 +270,8 @@ static void start_connect(evd_pg_t *pg)
     PQconninfoOption *opts = PQconninfoParse(pg->conninfo, &err);
     if (!opts) {
         pg->state = PG_RESOLVING;
+        if (err)
+            evd_mask_quoted(err);
         pg_reset(pg, "bad connection string: %s", err ? err : "out of memory");
         PQfreemem(err);
         return;

@@ -254,6 +254,17 @@ double evd_now_wall_ms(void)
     return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
 }
 
+void evd_mask_quoted(char *s)
+{
+    for (char *p = strchr(s, '"'); p; p = strchr(p + 1, '"')) {
+        char *close = strchr(p + 1, '"');
+        if (!close)
+            break;
+        memset(p + 1, '*', (size_t)(close - p - 1));
+        p = close;
+    }
+}
+
 double evd_quantile(const double *sorted, size_t n, double q)
 {
     double rank = ceil(q * (double)n);

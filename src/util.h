@@ -64,6 +64,10 @@ double evd_now_wall_ms(void);
  * with at least q*n values at or below it. */
 double evd_quantile(const double *sorted, size_t n, double q);
 
+/* Replaces each character inside every pair of double quotes in s with '*', in place: libpq quotes the
+ * raw value it cannot parse, which may be a URL's password ("invalid percent-encoded token"). */
+void evd_mask_quoted(char *s);
+
 /* FNV-1a hash of n bytes. */
 uint64_t evd_hash(const void *p, size_t n);
 

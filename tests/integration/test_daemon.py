@@ -1811,6 +1811,19 @@ class DaemonTest(unittest.TestCase):
                 self.assertNotIn(pw, text, "a password appears in evictd's log")
                 self.assertNotIn(pw, out, "a password appears in `evictd check` output")
             self.assertGreater(len(d.records()), 5)
+            # A password libpq cannot parse (a bare "%") is quoted in its error: masked there too.
+            bad_pw = "pg%Zsecret4R"
+            cfg["postgres"]["url"] = "postgresql://postgres:%s@127.0.0.1:%d/postgres" % (bad_pw, self.pg.port)
+            d.write_config(cfg)
+            rc, out = self.check(d.cfg_path)
+            self.assertNotEqual(rc, 0, out)
+            self.assertIn("percent-encoded", out)
+            since = d.mark()
+            d.start()
+            d.wait_log("connect_failed", 10, since=since, where=lambda r: "percent-encoded" in (r.get("error") or ""))
+            d.stop()
+            self.assertNotIn(bad_pw, d.text(), "a password appears in evictd's log")
+            self.assertNotIn(bad_pw, out, "a password appears in `evictd check` output")
         finally:
             locked.cleanup()
             self.r().execute_command("ACL", "DELUSER", "evacl")

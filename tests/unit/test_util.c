@@ -29,10 +29,26 @@ static void test_quantile_nearest_rank(void **state)
     assert_true(evd_quantile(v, 3, 0.99) == 3);
 }
 
+/* libpq's parse errors quote the raw value, which may be a password. */
+static void test_mask_quoted(void **state)
+{
+    (void)state;
+    char a[] = "invalid percent-encoded token: \"50%off\"\n";
+    evd_mask_quoted(a);
+    assert_string_equal(a, "invalid percent-encoded token: \"******\"\n");
+    char b[] = "missing \"=\" after \"secret\" in connection info string";
+    evd_mask_quoted(b);
+    assert_string_equal(b, "missing \"*\" after \"******\" in connection info string");
+    char c[] = "unbalanced \"quote";
+    evd_mask_quoted(c);
+    assert_string_equal(c, "unbalanced \"quote");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_quantile_nearest_rank),
+        cmocka_unit_test(test_mask_quoted),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
