@@ -953,20 +953,27 @@ static void test_close_cancels_in_flight_and_queued(void **state)
     tjob_free(&b);
 }
 
+/* A target where nothing listens, with job j (on key) waiting in retry backoff. */
+static void start_job_in_backoff(tctx_t *t, tjob_t *j, const char *key)
+{
+    t_init(t);
+    t->cfg.port = free_port(); /* nothing listens there */
+    t->opts.max_attempts = 1000;
+    t->opts.initial_backoff_ms = 50;
+    t_start(t);
+    tjob_init(j, key, NULL);
+    evd_redis_submit(t->r, &j->job);
+    t_run_for(t, 100, NULL);
+    assert_int_equal(j->calls, 0);
+    assert_int_equal(j->retrying, 1);
+}
+
 static void test_close_cancels_backoff(void **state)
 {
     (void)state;
     tctx_t t;
-    t_init(&t);
-    t.cfg.port = free_port(); /* nothing listens there */
-    t.opts.max_attempts = 1000;
-    t.opts.initial_backoff_ms = 50;
-    t_start(&t);
     tjob_t j;
-    tjob_init(&j, "b:1", NULL);
-    evd_redis_submit(t.r, &j.job);
-    t_run_for(&t, 100, NULL);
-    assert_int_equal(j.calls, 0);
+    start_job_in_backoff(&t, &j, "b:1");
     assert_true(evd_redis_stats(t.r)->retries >= 1);
     assert_non_null(evd_redis_last_error(t.r));
     t_finish(&t);
@@ -982,17 +989,8 @@ static void test_retire_hands_back_waiting_jobs(void **state)
 {
     (void)state;
     tctx_t t;
-    t_init(&t);
-    t.cfg.port = free_port(); /* nothing listens there */
-    t.opts.max_attempts = 1000;
-    t.opts.initial_backoff_ms = 50;
-    t_start(&t);
     tjob_t w;
-    tjob_init(&w, "m:1", NULL);
-    evd_redis_submit(t.r, &w.job);
-    t_run_for(&t, 100, NULL);
-    assert_int_equal(w.calls, 0);
-    assert_int_equal(w.retrying, 1); /* in backoff */
+    start_job_in_backoff(&t, &w, "m:1");
     evd_redis_retire(t.r);
     assert_int_equal(w.calls, 1);
     assert_int_equal(w.status, EVD_REDIS_MOVED);
