@@ -969,8 +969,12 @@ static void attempt_failed(evd_redis_t *r, batch_t *b)
         scan_detach(r, b);
         b->scans_left = 0;
     }
-    if (r->retired || b->attempts >= r->opts.max_attempts) {
-        done_push(r, b, r->retired ? EVD_REDIS_MOVED : -EIO);
+    if (r->retired) { /* handed back to the owner, for the target that replaced this one */
+        done_push(r, b, EVD_REDIS_MOVED);
+        return;
+    }
+    if (b->attempts >= r->opts.max_attempts) {
+        done_push(r, b, -EIO);
         return;
     }
     int64_t delay = evd_backoff_delay(r->opts.initial_backoff_ms, r->opts.max_backoff_ms, b->attempts, rnd_unit(r));
