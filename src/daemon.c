@@ -379,8 +379,8 @@ static void on_sighup(uv_signal_t *h, int sig)
     }
     free(ot);
     const evd_config_t *old = d->cfg->cfg;
-    bool pg_changed = strcmp(old->pg_url, cfg->pg_url) != 0 || old->nchannels != cfg->nchannels ||
-                      has_lookups(old) != has_lookups(cfg);
+    bool url_changed = strcmp(old->pg_url, cfg->pg_url) != 0;
+    bool pg_changed = url_changed || old->nchannels != cfg->nchannels || has_lookups(old) != has_lookups(cfg);
     for (size_t i = 0; !pg_changed && i < cfg->nchannels; i++)
         pg_changed = strcmp(old->channels[i], cfg->channels[i]) != 0;
     ref->cfg = cfg;
@@ -394,13 +394,21 @@ static void on_sighup(uv_signal_t *h, int sig)
     stats_arm(d);
     reap_retired(d);
     if (pg_changed) {
+        /* Another database, perhaps: rows claimed from the old one are not acknowledged in it
+         * (the same ids there are other changes); if it is the same one, they are claimed again. */
+        if (url_changed)
+            d->db_gen++;
         pg_stop(d);
         if (pg_start(d) < 0)
             EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
     } else if (d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
-        /* Re-check the capture against the new rules. */
-        if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
-            d->watched_loaded = true;
+        /* Re-check the capture against the new rules, on a connection with no claim open (else
+         * at the next safety poll that finds one). */
+        evd_pg_t *pg = quiet_conn(d);
+        if (!pg || evd_pg_query(pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0) {
+            d->watches_failed = true;
+            d->watches_tried_at = 0;
+        }
     }
     EVD_LOG(EVD_LOG_INFO, "config_reloaded", F_STR("path", cfg->path), F_INT("rules", (int64_t)cfg->rules.n),
             F_INT("targets", (int64_t)cfg->ntargets), F_BOOL("postgres_reconnect", pg_changed));
@@ -462,12 +470,14 @@ static void backlog_done(const PGresult *res, const char *err, void *arg)
 static void backlog_refresh(daemon_t *d)
 {
     static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox WHERE id > $1";
-    if (d->backlog_query || !d->cl[0].pg || !evd_pg_ready(d->cl[0].pg) || d->opts.dry_run)
+    /* Not inside a claim's transaction: the figure of the last scrape stays meanwhile. */
+    evd_pg_t *pg = d->backlog_query || d->opts.dry_run ? NULL : quiet_conn(d);
+    if (!pg)
         return;
     char from[32];
     snprintf(from, sizeof(from), "%" PRId64, d->floor_from);
     const char *params[1] = {from};
-    if (evd_pg_query(d->cl[0].pg, sql, 1, params, true, backlog_done, d) == 0)
+    if (evd_pg_query(pg, sql, 1, params, true, backlog_done, d) == 0)
         d->backlog_query = true;
 }
 

@@ -90,12 +90,14 @@ typedef struct rec {
 struct unit {
     daemon_t *d;
     cfgref_t *cfg;
-    bool claim;     /* outbox rows: ack when done */
-    claimer_t *cl;  /* the connection that claimed them */
-    bool in_tx;     /* the claim's transaction is still open */
-    bool released;  /* the claim was released (retry backoff): ack with SKIP LOCKED */
-    size_t claimed; /* outbox rows its claim took */
-    bool deleted;   /* ... by deleting them in its open transaction (else by locking them) */
+    bool claim;      /* outbox rows: ack when done */
+    claimer_t *cl;   /* the connection that claimed them */
+    bool in_tx;      /* the claim's transaction is still open */
+    bool released;   /* the claim was released (retry backoff): ack with SKIP LOCKED */
+    size_t claimed;  /* outbox rows its claim took */
+    int64_t low;     /* ... the lowest of their ids */
+    uint64_t db_gen; /* the daemon's db_gen when claimed */
+    bool deleted;    /* ... by deleting them in its open transaction (else by locking them) */
     rec_t **recs;
     size_t nrecs, cap;
     size_t weight;       /* row images held: what batch.max_pending counts */
@@ -149,7 +151,8 @@ struct daemon {
     int64_t floor_pend_xmax;                   /* the xid of the check that set floor_pend_m */
     int64_t floor_sent_cursor, floor_sent_max; /* of the floor check in flight */
     uint64_t conn_gen;                         /* bumped when the claim connection (re)connects */
-    uint64_t floor_gen;                        /* conn_gen when the floor check in flight was sent */
+    uint64_t db_gen;    /* bumped when a reload changes postgres.url: claims of before are not acked */
+    uint64_t floor_gen; /* conn_gen when the floor check in flight was sent */
     evd_pg_t *lookupc;
     target_t *targets; /* per current config target */
     size_t ntargets;
@@ -279,6 +282,7 @@ void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
 void claimer_lost(claimer_t *cl);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
+evd_pg_t *quiet_conn(daemon_t *d);
 /* What a doorbell brought: nothing, or the change of its one-row write (a hint), applied from it
  * or not (its rules need lookups, which read the claimed row; no rule names its table; a dry
  * run): then its claim does all, and goes at once. */

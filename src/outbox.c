@@ -113,11 +113,44 @@ static int rollback(claimer_t *cl)
     return rc;
 }
 
+/* u's rows stay in the outbox, or go back to it, unacknowledged (an ack withheld, failed or not
+ * sent): the next claims start at them. While they were held, claims and the floor check skipped
+ * them and moved on (the cursor, where passes restart, the floor), and past a long enough retry
+ * they would otherwise be claimed again only after a reconnect. */
+static void rows_back(unit_t *u)
+{
+    daemon_t *d = u->d;
+    if (!u->claim || u->low <= 0 || d->opts.dry_run || u->db_gen != d->db_gen)
+        return;
+    int64_t to = u->low - 1;
+    if (to < d->cursor) {
+        d->cursor = to;
+        d->cursor_gen++; /* a claim in flight does not move it on */
+    }
+    if (to < d->restart)
+        d->restart = to;
+    if (to < d->floor_from)
+        d->floor_from = to;
+    d->floor_pend_m = -1; /* a raise worked out while they were held would pass them again */
+    d->want_drain = true;
+}
+
+/* A COMMIT in a transaction that an earlier statement aborted answers ROLLBACK: nothing deleted. */
+static bool rolled_back(const PGresult *res)
+{
+    return strcmp(PQcmdStatus((PGresult *)res), "ROLLBACK") == 0;
+}
+
 static void after_ack(const PGresult *res, const char *err, void *arg)
 {
     unit_t *u = arg;
     daemon_t *d = u->d;
-    if (!res) {
+    if (res && rolled_back(res)) {
+        EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "transaction rolled back"),
+                F_INT("changes", (int64_t)u->nrecs));
+        rows_back(u);
+    } else if (!res) {
+        rows_back(u);
         EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
         /* A failed delete: end the transaction it left open (its rows stay in the outbox and
          * are claimed again). Not after a failed COMMIT, which ended it: a ROLLBACK queued now
@@ -197,7 +230,10 @@ static evd_pg_t *released_ack_conn(const unit_t *u)
 void unit_send_ack(unit_t *u)
 {
     daemon_t *d = u->d;
-    if (!u->claim || d->opts.dry_run) {
+    if (u->claim && u->db_gen != d->db_gen && !d->opts.dry_run)
+        EVD_LOG(EVD_LOG_INFO, "ack_skipped", F_STR("reason", "postgres.url changed"),
+                F_INT("changes", (int64_t)u->nrecs));
+    if (!u->claim || d->opts.dry_run || u->db_gen != d->db_gen) {
         if (u->cl && u->cl->open == u)
             u->cl->open = NULL;
         unit_free(u);
@@ -210,6 +246,7 @@ void unit_send_ack(unit_t *u)
          * otherwise have them claimed and failed again at once). */
         EVD_LOG(EVD_LOG_WARN, "ack_withheld", F_STR("reason", u->keep), F_INT("changes", (int64_t)u->nrecs));
         d->withheld_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
+        rows_back(u);
         if (u->in_tx)
             (void)rollback(u->cl);
         if (u->cl->open == u)
@@ -225,6 +262,7 @@ void unit_send_ack(unit_t *u)
          * back and delete those that have one; the others are claimed again. */
         u->in_tx = false;
         rc = rollback(u->cl);
+        rows_back(u);
     }
     if (u->in_tx && u->deleted) {
         rc = evd_pg_query(u->cl->pg, SQL_COMMIT, 0, NULL, false, after_ack, u);
@@ -251,6 +289,7 @@ void unit_send_ack(unit_t *u)
      * idempotent, so repeating them is harmless). */
     EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
             F_INT("changes", (int64_t)u->nrecs));
+    rows_back(u);
     unit_free(u);
     maybe_drain(d);
 }
@@ -282,7 +321,7 @@ static void held_ids(daemon_t *d, evd_buf_t *b)
     bool first = true;
     int rc = evd_buf_putc(b, '{');
     for (unit_t *u = d->units; u && rc == 0; u = u->next)
-        if (u->claim)
+        if (u->claim && u->db_gen == d->db_gen) /* (ids in another database say nothing here) */
             rc = put_ids(u, b, &first);
     if (rc == 0)
         rc = evd_buf_putc(b, '}');
@@ -294,8 +333,9 @@ static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 static void on_poll_timer(uv_timer_t *t);
 
 /* An outbox connection with nothing on it: up, no claim transaction open, nothing queued, no
- * ROLLBACK pending. For queries that must not land inside a claim (or fail one). */
-static evd_pg_t *quiet_conn(daemon_t *d)
+ * ROLLBACK pending. For queries that must not land inside a claim: one that failed there would
+ * abort the claim's transaction, and its COMMIT would answer ROLLBACK. */
+evd_pg_t *quiet_conn(daemon_t *d)
 {
     for (size_t k = 0; k < NCLAIMERS; k++) {
         claimer_t *cl = &d->cl[k];
@@ -943,6 +983,8 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
     }
     u->in_tx = !d->opts.dry_run;
     u->claimed = (size_t)n;
+    u->low = strtoll(PQgetvalue(res, 0, 0), NULL, 10); /* rows come in id order */
+    u->db_gen = d->db_gen;
     u->deleted = !d->claim_locks;
     d->claimed_full = (size_t)n >= d->claim_limit;
     u->cl = cl;

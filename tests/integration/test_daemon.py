@@ -1063,6 +1063,49 @@ class DaemonTest(unittest.TestCase):
         self.step(d, "UPDATE products SET stock = 7 WHERE id = 3", [P(3), PL], [P(4)])
         self.assertGreaterEqual(d.count("change", since=since), 1, d.tail())
 
+    def test_10f_reload_to_another_database_acks_nothing_there(self):
+        """A change in retry backoff when a reload points postgres.url at another database: its
+        ack must not go to the new database, where the same outbox id is another change (that
+        change was skipped as held, then deleted unapplied)."""
+        conn = self.pg.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE DATABASE second")
+        finally:
+            conn.close()
+        self.addCleanup(self.pg.psql, "DROP DATABASE IF EXISTS second WITH (FORCE)")
+        self.pg.psql(file=INSTALL, db="second")
+        self.pg.psql(SCHEMA_SQL, db="second")
+        self.pg.psql(subprocess.run([evictd_bin(), "sql", "--config", self.base_config_path], capture_output=True,
+                                    text=True, timeout=30, check=True).stdout, db="second")
+        self.pg.psql("SET session_replication_role = replica; "
+                     "INSERT INTO products (id, name) VALUES (1, 'a'), (2, 'b')", db="second")
+        cfg = self.config(retry={"max_attempts": 1000, "initial_backoff_ms": 50, "max_backoff_ms": 100})
+        cfg["redis"]["default"]["timeout_ms"] = 200
+        d = self.start_ready(self.daemon(cfg))
+        self.fill([P(1), P(2)])
+        since = d.mark()
+        self.rd.sigstop()  # frozen: its keys stay
+        try:
+            self.sql("UPDATE products SET stock = 5 WHERE id = 1")
+            d.wait_log("retry", 5, since=since)
+            held = self.q1("SELECT min(id) FROM evictd.outbox")
+            # The same outbox id in the other database, for another product.
+            self.pg.psql("SELECT setval('evictd.outbox_id_seq', %d, false); "
+                         "UPDATE products SET stock = 6 WHERE id = 2" % held, db="second")
+            cfg["postgres"]["url"] = self.pg.dsn(db="second")
+            since = d.mark()
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            d.wait_log("config_reloaded", 5, since=since)
+            d.wait_log("connected", 15, since=since, where=lambda r: r.get("conn") == "outbox")
+            time.sleep(0.5)  # claims in the new database (the row rings none: the flag is 0 there)
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(1), P(2)], d)
+        d.wait_log("ack_skipped", 10, since=since)
+        self.assertEqual(self.sql("SELECT id FROM evictd.outbox"), [(held,)], "acked in the old database")
+
     def test_10d_stats_retries_survive_a_reload(self):
         """A target replaced by a reload takes its retries along into the stats lines' deltas:
         the count after the reload never goes below zero."""
@@ -2065,6 +2108,42 @@ class DaemonTest(unittest.TestCase):
         d.signal(signal.SIGTERM)
         self.assertEqual(d.wait_exit(8), 0, d.tail())
         self.assertGreater(self.outbox_count(), 0, d.tail())
+
+    def test_16h_withheld_rows_behind_the_drain_are_claimed_again(self):
+        """A change for a target that is down waits in retry backoff (its row skipped by claims
+        and the floor check) while thousands of rows for another target are drained past it;
+        then its dead-letter write fails, so its ack is withheld. Once its target is back, its
+        row must be claimed and applied again without a reconnect (it used to sit below where
+        passes restart and below the floor check's floor until evictd reconnected)."""
+        down = Redis()
+        self.addCleanup(down.cleanup)
+        rules = [RULES[0], {"table": "drivers", "targets": ["down"], "keys": ["routex:1:driver_status_{user_id}"]}]
+        cfg = self.config(rules=rules, retry={"max_attempts": 40, "initial_backoff_ms": 100, "max_backoff_ms": 200})
+        cfg["redis"]["down"] = {"url": down.url(0), "timeout_ms": 300}
+        cfg["dead_letter"]["path"] = "/dev/full"  # every write fails with ENOSPC
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        since = d.mark()
+        down.stop()
+        d.wait_log("disconnected", 10, since=since, where=lambda r: r.get("target") == "down")
+        since = d.mark()
+        self.sql("UPDATE drivers SET is_active = false WHERE id = 2")
+        d.wait_log("retry", 5, since=since, where=lambda r: r.get("target") == "down")
+        held = self.q1("SELECT min(id) FROM evictd.outbox")
+        # Rows for the other target, well past RESTART_BACK (1000) ids above the held one.
+        for _ in range(3):
+            self.sql("DO $$BEGIN FOR i IN 1..1500 LOOP UPDATE products SET stock = stock + 1 WHERE id = 1; "
+                     "END LOOP; END$$")
+            self.wait(lambda: self.outbox_count() == 1, 20, "every products row drained", d)
+        time.sleep(0.5)  # floor checks (every poll interval, 100 ms) pass the held row
+        self.assertEqual(self.sql("SELECT id FROM evictd.outbox"), [(held,)])
+        d.wait_log("ack_withheld", 30, since=since)
+        back = d.mark()
+        down.start()
+        d.wait_log("invalidated", 15, since=back, where=lambda r: r.get("target") == "down")
+        self.wait_outbox_empty(d, timeout=10)
+        self.assertFalse(d.find("connected", since=since, where=lambda r: r.get("conn") == "outbox"),
+                         "applied only after a reconnect\n" + d.tail())
 
     # -- 17 ----------------------------------------------------------------------------------
     def test_17_out_of_memory_loses_nothing(self):
