@@ -349,6 +349,8 @@ static int apply_log(daemon_t *d, const evd_config_t *cfg)
 
 /* ---------------------------------------------------------------- reload and shutdown */
 
+static int http_handler(const char *path, evd_buf_t *body, void *ud);
+
 static void on_sighup(uv_signal_t *h, int sig)
 {
     daemon_t *d = evd_container_of(h, daemon_t, sighup);
@@ -359,13 +361,35 @@ static void on_sighup(uv_signal_t *h, int sig)
         EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("path", d->opts.config_path), F_STR("error", err));
         return;
     }
+    /* A new http.listen is bound before anything else changes: one that cannot be refuses the
+     * reload, and the old listener stays. */
+    const char *ol = d->cfg->cfg->http_listen, *nl = cfg->http_listen;
+    bool http_changed = (ol == NULL) != (nl == NULL) || (ol && strcmp(ol, nl) != 0);
+    evd_http_t *nh = NULL;
+    if (http_changed && nl) {
+        int rc = evd_http_start(d->loop, nl, http_handler, d, &nh);
+        if (rc < 0) {
+            EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("path", d->opts.config_path),
+                    F_STR("setting", "http.listen"), F_STR("listen", nl), F_STR("error", uv_strerror(rc)));
+            evd_config_free(cfg);
+            return;
+        }
+    }
     cfgref_t *ref = calloc(1, sizeof(*ref));
     target_t *nt = NULL;
     if (!ref || targets_build(d, cfg, d->targets, d->ntargets, &nt) < 0) {
         EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("error", "out of memory"));
+        if (nh)
+            evd_http_close(nh);
         free(ref);
         evd_config_free(cfg);
         return;
+    }
+    if (http_changed) {
+        if (d->http)
+            evd_http_close(d->http);
+        d->http = nh;
+        EVD_LOG(EVD_LOG_INFO, "http", F_STR("listen", nl ? nl : "off"));
     }
     target_t *ot = d->targets;
     size_t nold = d->ntargets;

@@ -1106,6 +1106,48 @@ class DaemonTest(unittest.TestCase):
         d.wait_log("ack_skipped", 10, since=since)
         self.assertEqual(self.sql("SELECT id FROM evictd.outbox"), [(held,)], "acked in the old database")
 
+    def test_10g_sighup_moves_the_http_listener(self):
+        """SIGHUP reloads http.listen: the new address serves, the old one closes; an address that
+        cannot be bound refuses the reload and the listener stays where it was."""
+        def get(port):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    return s.recv(4096).split(b"\r\n", 1)[0]
+            except ConnectionRefusedError:
+                return None
+        a, b = harness.free_port(), harness.free_port()
+        cfg = self.config(http={"listen": "127.0.0.1:%d" % a})
+        d = self.start_ready(self.daemon(cfg))
+        self.assertEqual(get(a), b"HTTP/1.1 200 OK")
+        since = d.mark()
+        cfg["http"]["listen"] = "127.0.0.1:%d" % b
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        self.assertEqual(get(b), b"HTTP/1.1 200 OK")
+        self.wait(lambda: get(a) is None, 5, "the old listener closed", d)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        since = d.mark()
+        cfg["http"]["listen"] = "127.0.0.1:%d" % taken.getsockname()[1]
+        cfg["log"]["level"] = "debug"
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        rec = d.wait_log("config_rejected", 5, since=since)
+        self.assertEqual(rec.get("setting"), "http.listen", rec)
+        self.assertEqual(get(b), b"HTTP/1.1 200 OK")
+        self.assertFalse(d.find("config_reloaded", since=since), d.tail())
+        since = d.mark()
+        del cfg["http"]
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        self.wait(lambda: get(b) is None, 5, "the listener closed once http is off", d)
+        self.assertEqual(d.stop(), 0, d.tail())
+
     def test_10d_stats_retries_survive_a_reload(self):
         """A target replaced by a reload takes its retries along into the stats lines' deltas:
         the count after the reload never goes below zero."""
