@@ -310,6 +310,7 @@ static void on_stats(uv_timer_t *t)
 {
     daemon_t *d = evd_container_of(t, daemon_t, stats_timer);
     uint64_t retries = retries_total(d);
+    uint64_t dl_lines = evd_dl_lines(d->dl), dl_dropped = evd_dl_dropped(d->dl);
     double p50 = 0, p99 = 0;
     if (d->nlags) {
         qsort(d->lags, d->nlags, sizeof(double), cmp_double);
@@ -318,10 +319,14 @@ static void on_stats(uv_timer_t *t)
     }
     EVD_LOG(EVD_LOG_INFO, "stats", F_INT("changes", d->n_changes), F_INT("keys", d->n_keys),
             F_INT("patterns", d->n_patterns), F_INT("retries", retries - d->retries_seen),
-            F_INT("dead_letters", d->n_dead), F_INT("unmatched", d->n_unmatched), F_INT("bad_input", d->n_bad),
-            F_DBL("lag_p50_ms", p50), F_DBL("lag_p99_ms", p99), F_INT("pending", (int64_t)d->pending));
+            F_INT("dead_letters", (int64_t)(dl_lines - d->dl_lines_seen)),
+            F_INT("dead_letters_dropped", (int64_t)(dl_dropped - d->dl_dropped_seen)),
+            F_INT("unmatched", d->n_unmatched), F_INT("bad_input", d->n_bad), F_DBL("lag_p50_ms", p50),
+            F_DBL("lag_p99_ms", p99), F_INT("pending", (int64_t)d->pending));
     d->retries_seen = retries;
-    d->n_changes = d->n_keys = d->n_patterns = d->n_dead = d->n_unmatched = d->n_bad = 0;
+    d->dl_lines_seen = dl_lines;
+    d->dl_dropped_seen = dl_dropped;
+    d->n_changes = d->n_keys = d->n_patterns = d->n_unmatched = d->n_bad = 0;
     d->nlags = 0;
     reap_retired(d);
 }
@@ -540,6 +545,9 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
         return 404;
     }
     backlog_refresh(d);
+    for (int i = 0; i < EVD_DL_REASONS; i++)
+        d->m.dead_letters[i] = evd_dl_lines_by_reason(d->dl, i);
+    d->m.dead_letters_dropped = evd_dl_dropped(d->dl);
     int rc = evd_metrics_render(&d->m, body);
     /* Per-target counters, from each target's stats. */
     static const struct {
@@ -557,8 +565,9 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
             if (!d->targets[i].r)
                 continue;
             const char *st = (const char *)evd_redis_stats(d->targets[i].r);
-            rc |= evd_buf_printf(body, "%s{target=\"%s\"} %llu\n", per_target[m].name, d->targets[i].name,
-                                 (unsigned long long)*(const uint64_t *)(st + per_target[m].off));
+            rc |= evd_buf_printf(body, "%s{target=\"", per_target[m].name);
+            rc |= evd_metrics_label(body, d->targets[i].name);
+            rc |= evd_buf_printf(body, "\"} %llu\n", (unsigned long long)*(const uint64_t *)(st + per_target[m].off));
         }
     }
     rc |= evd_buf_puts(body, "# HELP evictd_reconnects_total Connections established, by connection.\n"
@@ -571,10 +580,13 @@ static int http_handler(const char *path, evd_buf_t *body, void *ud)
         if (conns[i].pg)
             rc |= evd_buf_printf(body, "evictd_reconnects_total{conn=\"%s\"} %llu\n", conns[i].name,
                                  (unsigned long long)evd_pg_reconnects(conns[i].pg));
-    for (size_t i = 0; i < d->ntargets; i++)
-        if (d->targets[i].r)
-            rc |= evd_buf_printf(body, "evictd_reconnects_total{conn=\"redis:%s\"} %llu\n", d->targets[i].name,
-                                 (unsigned long long)evd_redis_stats(d->targets[i].r)->reconnects);
+    for (size_t i = 0; i < d->ntargets; i++) {
+        if (!d->targets[i].r)
+            continue;
+        rc |= evd_buf_puts(body, "evictd_reconnects_total{conn=\"redis:");
+        rc |= evd_metrics_label(body, d->targets[i].name);
+        rc |= evd_buf_printf(body, "\"} %llu\n", (unsigned long long)evd_redis_stats(d->targets[i].r)->reconnects);
+    }
     rc |= evd_buf_printf(body,
                          "# HELP evictd_pending Changes held in memory.\n# TYPE evictd_pending gauge\n"
                          "evictd_pending %zu\n"
@@ -691,14 +703,16 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     if (pg_start(d) < 0)
         return 1;
     uv_run(d->loop, UV_RUN_DEFAULT);
+    /* The loop ran until no dead-letter write was left: these are the final counts. */
+    uint64_t dl_lines = evd_dl_lines(d->dl), dl_dropped = evd_dl_dropped(d->dl);
     /* Dead-letter writes queued by cancelled jobs complete here. */
     evd_dl_close(d->dl);
     uv_run(d->loop, UV_RUN_DEFAULT);
-    EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)d->t_dead),
-            F_INT("unacknowledged", (int64_t)d->pending), F_INT("doorbells", (int64_t)d->t_doorbells),
-            F_INT("hints", (int64_t)d->t_hints), F_INT("idle_flags_set", (int64_t)d->t_idle_sets),
-            F_INT("claims", (int64_t)d->t_claims), F_INT("rows_claimed", (int64_t)d->t_claimed),
-            F_INT("unrung", (int64_t)d->t_unrung));
+    EVD_LOG(EVD_LOG_INFO, "stopped", F_INT("changes", (int64_t)d->t_changes), F_INT("dead_letters", (int64_t)dl_lines),
+            F_INT("dead_letters_dropped", (int64_t)dl_dropped), F_INT("unacknowledged", (int64_t)d->pending),
+            F_INT("doorbells", (int64_t)d->t_doorbells), F_INT("hints", (int64_t)d->t_hints),
+            F_INT("idle_flags_set", (int64_t)d->t_idle_sets), F_INT("claims", (int64_t)d->t_claims),
+            F_INT("rows_claimed", (int64_t)d->t_claimed), F_INT("unrung", (int64_t)d->t_unrung));
     evd_log_flush();
     while (d->units)
         unit_free(d->units);

@@ -248,16 +248,18 @@ struct daemon {
     int exit_code;
 
     /* stats for the current interval and in total */
-    uint64_t n_changes, n_keys, n_patterns, n_dead, n_unmatched, n_bad;
-    uint64_t t_changes, t_dead;
+    uint64_t n_changes, n_keys, n_patterns, n_unmatched, n_bad;
+    uint64_t t_changes;
     uint64_t t_doorbells, t_idle_sets; /* doorbells heard, idle flags set (writers that rang) */
     uint64_t t_hints;                  /* hints applied */
     uint64_t t_claims, t_claimed;      /* claims that found rows, and the rows they found */
     uint64_t t_unrung;                 /* rows claimed under a lease that rang none (hint_state) */
     double lags[LAG_SAMPLES];
     size_t nlags;
-    uint64_t retries_seen;   /* retries_total at the last stats line */
-    uint64_t retries_closed; /* retries of targets closed since start */
+    uint64_t retries_seen;    /* retries_total at the last stats line */
+    uint64_t dl_lines_seen;   /* evd_dl_lines ... */
+    uint64_t dl_dropped_seen; /* ... and evd_dl_dropped at the last stats line */
+    uint64_t retries_closed;  /* retries of targets closed since start */
 
     /* /metrics and /readyz */
     evd_metrics_t m;

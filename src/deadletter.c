@@ -1,8 +1,10 @@
 /* deadletter.c - appends dead-letter batches on the thread pool, one at a time, each fsynced. */
 #include "deadletter.h"
+#include "metrics.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -37,7 +39,8 @@ typedef struct dl_req {
     int status;
     size_t written;
     uint64_t nlines;
-    bool torn; /* the file now ends in a partial line */
+    uint64_t by_reason[EVD_DL_REASONS]; /* of nlines */
+    bool torn;                          /* the file now ends in a partial line */
 } dl_req_t;
 
 struct evd_dl {
@@ -46,6 +49,7 @@ struct evd_dl {
     int64_t size; /* fstat at open plus bytes written since */
     int64_t max_bytes;
     uint64_t lines;
+    uint64_t by_reason[EVD_DL_REASONS]; /* of lines */
     uint64_t dropped;
     dl_req_t *head, *tail;
     bool busy;    /* head is on the thread pool */
@@ -53,14 +57,53 @@ struct evd_dl {
     bool torn;
 };
 
+/* A file just created is not durable until its directory entry is: fsync the directory once. */
+static int fsync_dir_of(const char *path)
+{
+    char dir[4096];
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == path)
+        snprintf(dir, sizeof(dir), "/");
+    else if ((size_t)(slash - path) < sizeof(dir))
+        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path), path);
+    else
+        return -ENAMETOOLONG;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    while (fsync(fd) < 0) {
+        /* Some file systems refuse to fsync a directory (EINVAL); PostgreSQL's fsync_fname
+         * lets that pass too. */
+        if (errno != EINTR) {
+            rc = errno == EINVAL ? 0 : -errno;
+            break;
+        }
+    }
+    close(fd);
+    return rc;
+}
+
 static int open_file(const char *path, int *fd_out, int64_t *size_out)
 {
-    int fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0640); /* read: ends_torn */
+    const int flags = O_RDWR | O_APPEND | O_CLOEXEC; /* read: ends_torn */
+    bool created = false;
+    int fd = open(path, flags);
+    if (fd < 0 && errno == ENOENT) {
+        fd = open(path, flags | O_CREAT | O_EXCL, 0640);
+        created = fd >= 0;
+        if (fd < 0 && errno == EEXIST) /* created meanwhile by someone else */
+            fd = open(path, flags);
+    }
     if (fd < 0)
         return -errno;
     struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int err = -errno;
+    int err = fstat(fd, &st) < 0 ? -errno : 0;
+    if (err == 0 && created)
+        err = fsync_dir_of(path);
+    if (err < 0) {
         close(fd);
         return err;
     }
@@ -78,18 +121,46 @@ static bool ends_torn(int fd)
     return fstat(fd, &st) == 0 && st.st_size > 0 && pread(fd, &last, 1, st.st_size - 1) == 1 && last != '\n';
 }
 
-/* A final line without its '\n' still counts. */
-static uint64_t count_lines(const char *p, size_t n)
+/* The line's reason as an index in evd_metrics_reasons[], or -1. Lines start
+ * {"ts":<number>,"reason":"<reason>", (pipeline.c, dl_line), so the key after the first comma is
+ * the line's own "reason". */
+static int line_reason(const char *p, size_t n)
 {
-    if (n == 0)
-        return 0;
-    uint64_t lines = 0;
-    const char *end = p + n, *nl;
-    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
-        lines++;
+    static const char key[] = ",\"reason\":\"";
+    const char *comma = memchr(p, ',', n);
+    if (!comma)
+        return -1;
+    size_t left = n - (size_t)(comma - p);
+    if (left < sizeof(key) - 1 || memcmp(comma, key, sizeof(key) - 1) != 0)
+        return -1;
+    p = comma + sizeof(key) - 1;
+    left -= sizeof(key) - 1;
+    for (int i = 0; i < EVD_DL_REASONS; i++) {
+        size_t len = strlen(evd_metrics_reasons[i]);
+        if (left > len && memcmp(p, evd_metrics_reasons[i], len) == 0 && p[len] == '"')
+            return i;
+    }
+    return -1;
+}
+
+/* Counts the lines of r's buffer, and each by its reason. A final line without its '\n' still
+ * counts. */
+static void count_lines(dl_req_t *r)
+{
+    if (r->buf.len == 0)
+        return;
+    const char *p = r->buf.data, *end = p + r->buf.len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *eol = nl ? nl : end;
+        int reason = line_reason(p, (size_t)(eol - p));
+        r->nlines++;
+        if (reason >= 0)
+            r->by_reason[reason]++;
+        if (!nl)
+            break;
         p = nl + 1;
     }
-    return lines + (p < end ? 1 : 0);
 }
 
 static int write_all(int fd, const char *p, size_t n, size_t *written)
@@ -112,7 +183,7 @@ static int write_all(int fd, const char *p, size_t n, size_t *written)
 static void work_cb(uv_work_t *w)
 {
     dl_req_t *r = evd_container_of(w, dl_req_t, work);
-    r->nlines = count_lines(r->buf.data, r->buf.len);
+    count_lines(r);
     r->torn = r->lead_nl;
     if (r->drop || r->buf.len == 0)
         return;
@@ -190,8 +261,11 @@ static void after_cb(uv_work_t *w, int status)
     } else {
         dl->size += (int64_t)r->written;
         dl->torn = r->torn;
-        if (status == 0)
+        if (status == 0) {
             dl->lines += r->nlines;
+            for (int i = 0; i < EVD_DL_REASONS; i++)
+                dl->by_reason[i] += r->by_reason[i];
+        }
     }
     evd_buf_free(&r->buf);
     free(r);
@@ -269,6 +343,11 @@ int evd_dl_reopen(evd_dl_t *dl, const char *path, int64_t max_bytes)
 uint64_t evd_dl_lines(const evd_dl_t *dl)
 {
     return dl->lines;
+}
+
+uint64_t evd_dl_lines_by_reason(const evd_dl_t *dl, int reason)
+{
+    return reason >= 0 && reason < EVD_DL_REASONS ? dl->by_reason[reason] : 0;
 }
 
 uint64_t evd_dl_dropped(const evd_dl_t *dl)

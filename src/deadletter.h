@@ -7,8 +7,9 @@
 
 typedef struct evd_dl evd_dl_t;
 
-/* Opens (creating, appending) path; its directory must exist. max_bytes <= 0 means no limit.
- * Returns 0 or a negative errno. Loop thread only, like everything below. */
+/* Opens (creating, appending) path; its directory must exist, and is fsynced when the file is
+ * created. max_bytes <= 0 means no limit. Returns 0 or a negative errno. Loop thread only, like
+ * everything below. */
 int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t **out) EVD_MUST_CHECK;
 
 /* Writes lines (one JSON object per line, each ending in '\n') on the thread pool, fsyncs, then
@@ -24,8 +25,11 @@ int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(in
  * go to the old file, later ones to the new one. */
 int evd_dl_reopen(evd_dl_t *dl, const char *path, int64_t max_bytes) EVD_MUST_CHECK;
 
-/* Lines written and fsynced / bad-input lines dropped past max_bytes, since open. */
+/* Lines written and fsynced / bad-input lines dropped past max_bytes, since open. Only lines
+ * written are dead letters: evd_dl_lines_by_reason counts them by their "reason",
+ * evd_metrics_reasons[reason] (a line of another form counts only in evd_dl_lines). */
 uint64_t evd_dl_lines(const evd_dl_t *dl);
+uint64_t evd_dl_lines_by_reason(const evd_dl_t *dl, int reason);
 uint64_t evd_dl_dropped(const evd_dl_t *dl);
 
 /* Closes after pending writes complete (their callbacks still run); frees dl, at once when

@@ -1,4 +1,4 @@
-/* http.c - the health and metrics endpoint: HTTP/1.1 GET only, one request per connection. */
+/* http.c - the health and metrics endpoint: HTTP/1.1 GET and HEAD, one request per connection. */
 #include "http.h"
 #include "log.h"
 
@@ -22,15 +22,20 @@ typedef struct client {
     evd_buf_t out;
     int closing; /* handles still to close */
     bool responded;
+    bool head_only; /* a HEAD request: the headers of the GET, no body */
 } client_t;
 
 struct evd_http {
     uv_tcp_t listener;
+    uv_tcp_t refused; /* takes a connection there is no memory for, and closes it */
     uv_loop_t *loop;
     evd_http_handler_fn fn;
     void *ud;
     client_t *clients;
     int nclients;
+    int handles;   /* of listener and refused, not yet closed: h is freed when none is left */
+    bool refusing; /* refused is closing */
+    bool waiting;  /* ... and a connection waits for it to close, unaccepted */
     bool closing;
 };
 
@@ -77,7 +82,7 @@ static void respond(client_t *c, int code, const char *reason, const char *body,
                        "HTTP/1.1 %d %s\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
                        "Content-Length: %zu\r\nConnection: close\r\n\r\n",
                        code, reason, blen) < 0 ||
-        evd_buf_append(&c->out, body, blen) < 0) {
+        (!c->head_only && evd_buf_append(&c->out, body, blen) < 0)) {
         client_close(c);
         return;
     }
@@ -113,6 +118,7 @@ static void handle(client_t *c)
         respond(c, 405, reason_of(405), "only GET\n", 9);
         return;
     }
+    c->head_only = strcmp(method, "HEAD") == 0;
     char *q = strchr(path, '?');
     if (q)
         *q = '\0';
@@ -153,14 +159,53 @@ static void on_timeout(uv_timer_t *t)
     client_close(t->data);
 }
 
+static void on_connection(uv_stream_t *server, int status);
+
+static void free_if_closed(evd_http_t *h)
+{
+    if (--h->handles == 0)
+        free(h);
+}
+
+static void refused_closed(uv_handle_t *hd)
+{
+    evd_http_t *h = hd->data;
+    h->refusing = false;
+    if (h->waiting && !h->closing) {
+        h->waiting = false;
+        on_connection((uv_stream_t *)&h->listener, 0);
+    }
+    free_if_closed(h);
+}
+
+/* No memory for a client: the connection is accepted and closed at once. Left unaccepted it
+ * would stop the listener for good, as libuv watches it again only once it is accepted. One
+ * that comes while the last refused one is still closing waits (unaccepted) until it is. */
+static void refuse(evd_http_t *h)
+{
+    EVD_LOG(EVD_LOG_WARN, "http", F_STR("error", "out of memory: connection refused"));
+    if (h->refusing) {
+        h->waiting = true;
+        return;
+    }
+    uv_tcp_init(h->loop, &h->refused);
+    h->refused.data = h;
+    h->refusing = true;
+    h->handles++;
+    (void)uv_accept((uv_stream_t *)&h->listener, (uv_stream_t *)&h->refused);
+    uv_close((uv_handle_t *)&h->refused, refused_closed);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     evd_http_t *h = server->data;
     if (status < 0)
         return;
     client_t *c = calloc(1, sizeof(*c));
-    if (!c)
+    if (!c) {
+        refuse(h);
         return;
+    }
     uv_tcp_init(h->loop, &c->tcp);
     uv_timer_init(h->loop, &c->timer);
     c->tcp.data = c->timer.data = c;
@@ -234,6 +279,7 @@ int evd_http_start(uv_loop_t *loop, const char *listen, evd_http_handler_fn fn, 
     h->loop = loop;
     h->fn = fn;
     h->ud = ud;
+    h->handles = 1;
     uv_tcp_init(loop, &h->listener);
     h->listener.data = h;
     rc = uv_tcp_bind(&h->listener, (const struct sockaddr *)&addr, 0);
@@ -249,7 +295,7 @@ int evd_http_start(uv_loop_t *loop, const char *listen, evd_http_handler_fn fn, 
 
 static void listener_closed(uv_handle_t *hd)
 {
-    free(hd->data);
+    free_if_closed(hd->data);
 }
 
 void evd_http_close(evd_http_t *h)

@@ -7,7 +7,8 @@
 
 typedef struct evd_http evd_http_t;
 
-/* Fills body and returns the status code for a GET of path; content type is text/plain. */
+/* Fills body and returns the status code for a GET of path; content type is text/plain. A HEAD
+ * gets the same status and headers, without the body. */
 typedef int (*evd_http_handler_fn)(const char *path, evd_buf_t *body, void *ud);
 
 /* Listens on "host:port". Returns 0 or a negative libuv error. At most 64 clients at once; a

@@ -1,4 +1,5 @@
 /* main.c - parses the command line and hands over to run, check, sql or replay. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,8 +39,13 @@ static int cmd_sql(const char *path)
     }
     evd_buf_t out = {0};
     int rc = evd_sqlgen(cfg, &out);
-    if (rc == 0)
-        fputs(out.data, stdout);
+    if (rc < 0) {
+        fprintf(stderr, "evictd: %s\n", strerror(-rc));
+    } else if (fputs(out.data, stdout) == EOF || fflush(stdout) != 0) {
+        /* A full disk must not pass for SQL written: the file would hold part of it, or none. */
+        rc = errno ? -errno : -EIO;
+        fprintf(stderr, "evictd: writing the SQL to stdout: %s\n", strerror(-rc));
+    }
     evd_buf_free(&out);
     evd_config_free(cfg);
     return rc == 0 ? 0 : 1;

@@ -41,13 +41,6 @@ void evd_metrics_change(evd_metrics_t *m, const char *table, int op_index)
     t->ops[op_index] = 1;
 }
 
-void evd_metrics_dead_letter(evd_metrics_t *m, const char *reason)
-{
-    for (int i = 0; i < EVD_DL_REASONS; i++)
-        if (strcmp(reason, evd_metrics_reasons[i]) == 0)
-            m->dead_letters[i]++;
-}
-
 void evd_metrics_lag(evd_metrics_t *m, double lag_ms)
 {
     double s = lag_ms / 1000.0;
@@ -61,20 +54,48 @@ void evd_metrics_lag(evd_metrics_t *m, double lag_ms)
     m->lag_sum_s += s;
 }
 
+int evd_metrics_label(evd_buf_t *out, const char *s)
+{
+    for (;;) {
+        size_t n = strcspn(s, "\\\"\n");
+        if (evd_buf_append(out, s, n) < 0)
+            return -ENOMEM;
+        s += n;
+        if (!*s)
+            return 0;
+        if (evd_buf_putc(out, '\\') < 0 || evd_buf_putc(out, *s == '\n' ? 'n' : *s) < 0)
+            return -ENOMEM;
+        s++;
+    }
+}
+
 int evd_metrics_render(const evd_metrics_t *m, evd_buf_t *out)
 {
     int rc = evd_buf_puts(out, "# HELP evictd_changes_total Changes read, by table and operation.\n"
                                "# TYPE evictd_changes_total counter\n");
-    for (size_t i = 0; i < m->ntables && rc == 0; i++)
-        for (int op = 0; op < 4 && rc == 0; op++)
-            rc = evd_buf_printf(out, "evictd_changes_total{table=\"%s\",op=\"%s\"} %llu\n", m->tables[i].name,
-                                op_names[op], (unsigned long long)m->tables[i].ops[op]);
+    for (size_t i = 0; i < m->ntables && rc == 0; i++) {
+        for (int op = 0; op < 4 && rc == 0; op++) {
+            rc = evd_buf_puts(out, "evictd_changes_total{table=\"");
+            if (rc == 0)
+                rc = evd_metrics_label(out, m->tables[i].name);
+            unsigned long long n = m->tables[i].ops[op];
+            if (rc == 0)
+                rc = evd_buf_printf(out, "\",op=\"%s\"} %llu\n", op_names[op], n);
+        }
+    }
     if (rc == 0)
         rc = evd_buf_puts(out, "# HELP evictd_dead_letters_total Dead-letter lines written, by reason.\n"
                                "# TYPE evictd_dead_letters_total counter\n");
     for (int i = 0; i < EVD_DL_REASONS && rc == 0; i++)
         rc = evd_buf_printf(out, "evictd_dead_letters_total{reason=\"%s\"} %llu\n", evd_metrics_reasons[i],
                             (unsigned long long)m->dead_letters[i]);
+    if (rc == 0)
+        rc = evd_buf_printf(out,
+                            "# HELP evictd_dead_letters_dropped_total Bad-input lines not written: the "
+                            "dead-letter file was past dead_letter.max_bytes.\n"
+                            "# TYPE evictd_dead_letters_dropped_total counter\n"
+                            "evictd_dead_letters_dropped_total %llu\n",
+                            (unsigned long long)m->dead_letters_dropped);
     if (rc == 0)
         rc = evd_buf_puts(out, "# HELP evictd_lag_seconds Commit (trigger) to delete-confirmed time.\n"
                                "# TYPE evictd_lag_seconds histogram\n");

@@ -166,11 +166,11 @@ static int unit_push(unit_t *u, rec_t *r)
 /* Appends one dead-letter line for rec r (target < 0: bad input). */
 static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const char *error, int attempts)
 {
-    daemon_t *d = u->d;
     evd_buf_t *b = target < 0 ? &u->dl_bad : &u->dl;
     char ts[40];
     snprintf(ts, sizeof(ts), "%.3f", evd_now_wall_ms());
     size_t start = b->len;
+    /* The writer counts the lines it wrote by the reason in this head (deadletter.c, line_reason). */
     int rc = evd_buf_printf(b, "{\"ts\":%s,\"reason\":\"%s\",\"target\":", ts, reason);
     if (target >= 0) {
         const char *tname = u->cfg->cfg->targets[r->job_target[target]].name;
@@ -220,9 +220,6 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
                 F_STR("reason", reason), F_STR("table", r->table), F_INT("id", r->id));
         return;
     }
-    d->n_dead++;
-    evd_metrics_dead_letter(&d->m, reason);
-    d->t_dead++;
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
             F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error), F_INT("attempts", attempts));

@@ -171,8 +171,17 @@ int evd_replay_run(const char *config_path, const char *dl_file)
             return 1;
         }
     }
+    /* getline returns -1 at the end of the file and on a read error alike (EISDIR, EIO): an error
+     * must not pass for the end, which would replay part of the file and report success. */
+    int read_err = ferror(f) ? (errno ? errno : EIO) : 0;
     free(line);
     fclose(f);
+    if (read_err) {
+        fprintf(stderr, "evictd: %s: %s (nothing replayed)\n", dl_file, strerror(read_err));
+        evd_strv_free(&lines);
+        evd_config_free(cfg);
+        return 1;
+    }
     /* Each line yields at most one item per target. */
     rp.items = calloc(lines.n * (cfg->ntargets + 1) + 1, sizeof(item_t));
     rp.targets = calloc(cfg->ntargets, sizeof(evd_redis_t *));

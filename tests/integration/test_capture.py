@@ -1010,6 +1010,27 @@ class CaptureTest(unittest.TestCase):
         self.pg.psql("\n".join(line for line in WATCH_SQL.splitlines()
                                if "'scratch'" in line or "'events'" in line or "'drivers'" in line))
 
+    def test_evictd_sql_reports_a_failed_write(self):
+        """`evictd sql > /dev/full`: the SQL did not reach its file, so an error on stderr and exit 1
+        (psql down a pipe would otherwise apply half of it, or nothing, and nobody would know)."""
+        if not os.path.exists("/dev/full"):
+            self.skipTest("no /dev/full")
+        cfg = {
+            "postgres": {"url": "postgresql://unused@127.0.0.1/none"},
+            "redis": {"default": {"url": "redis://127.0.0.1:1/0"}},
+            "rules": [{"table": "scratch", "keys": ["s:{id}"]}],
+        }
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(cfg, f)
+        try:
+            with open("/dev/full", "w") as full:
+                p = subprocess.run([evictd_bin(), "sql", "--config", f.name], stdout=full, stderr=subprocess.PIPE,
+                                   text=True, timeout=30)
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("No space left on device", p.stderr)
+
     def test_zz_uninstall(self):
         self.pg.psql(file=UNINSTALL)
         self.pg.psql(file=UNINSTALL)  # idempotent

@@ -2311,6 +2311,17 @@ class DaemonTest(unittest.TestCase):
             with open(fp) as f:
                 self.assertEqual([json.loads(x) for x in f.read().splitlines()], [not_list, nothing])
 
+    def test_19b_replay_read_error_is_not_the_end_of_the_file(self):
+        """A DEAD_LETTER_FILE that opens but cannot be read (a directory: read gives EISDIR) is an
+        error, exit 1, not an empty file replayed with success."""
+        d = self.daemon()  # its config only
+        p = subprocess.run([evictd_bin(), "replay", "--config", d.cfg_path, self.tmp],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("Is a directory", p.stderr)
+        self.assertNotIn("msg=replayed", p.stdout + p.stderr)
+        self.assertEqual(glob.glob(self.tmp + ".failed-*"), [])
+
     # -- 20 ----------------------------------------------------------------------------------
     def test_20_redis_user_without_password(self):
         """redis://cache@host names an ACL user with no password (nopass): evictd authenticates

@@ -1,7 +1,9 @@
 """test_http.py: /healthz, /readyz and /metrics of a running evictd, against real servers."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +30,23 @@ def get(url, timeout=5):
         raise OSError("curl %s: %s" % (url, p.stderr.strip()))
     body, _, code = p.stdout.rpartition("\n")
     return int(code), body
+
+
+def raw(port, request, timeout=5):
+    """Everything the server sends back to one request written on a raw socket, up to its close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+# One sample line of the Prometheus text format: label values escape \\, \" and newline.
+SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+                    r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*\})? \S+')
 
 
 def metric(text, name, labels=""):
@@ -222,6 +241,135 @@ class HttpTest(unittest.TestCase):
             return get(url, timeout=1)[0] == 200
         except OSError:
             return False
+
+    @contextlib.contextmanager
+    def _second(self, name, change=None, binary=None, env=None):
+        """A second evictd on this class's servers, with its own port, dead-letter file and log
+        (yields (port, log path)); change(cfg) edits its config first. It must stop with 0."""
+        with open(self.cfg) as f:
+            cfg = json.load(f)
+        port = free_port()
+        cfg["http"]["listen"] = "127.0.0.1:%d" % port
+        cfg["dead_letter"]["path"] = os.path.join(self.tmp, "dl-%s.jsonl" % name)
+        if change:
+            change(cfg)
+        path = os.path.join(self.tmp, "%s.json" % name)
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        log_path = os.path.join(self.tmp, "%s.log" % name)
+        with open(log_path, "w+") as log:
+            proc = subprocess.Popen([binary or evictd_bin(), "run", "--config", path], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, env=env)
+            try:
+                wait_until(lambda: self._get_ok("http://127.0.0.1:%d/readyz" % port), timeout=20,
+                           what="/readyz of the second evictd")
+                yield port, log_path
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                code = proc.wait(timeout=15)
+        with open(log_path) as f:
+            text = f.read()
+        for mark in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
+            self.assertNotIn(mark, text)
+        self.assertEqual(code, 0, text[-4000:])
+
+    def test_head_gets_the_get_headers_without_a_body(self):
+        for path in (b"/healthz", b"/nope", b"/metrics"):
+            with self.subTest(path=path):
+                got = raw(self.http_port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                head = raw(self.http_port, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+                got_head, _, got_body = got.partition(b"\r\n\r\n")
+                head_head, sep, head_body = head.partition(b"\r\n\r\n")
+                self.assertEqual(sep, b"\r\n\r\n", head)
+                self.assertEqual(head_body, b"", head)
+                self.assertEqual(head_head.split(b"\r\n")[0], got_head.split(b"\r\n")[0])
+                if path != b"/metrics":  # its body changes between two requests
+                    self.assertEqual(head_head, got_head)
+                    self.assertIn(b"\r\nContent-Length: %d" % len(got_body), head_head)
+                else:
+                    self.assertRegex(head_head, rb"\r\nContent-Length: [1-9][0-9]*\r\n")
+
+    def test_metrics_escape_label_values(self):
+        """A target name may hold any character: \\, \" and newline are escaped in its labels, so
+        every line of the scrape still parses."""
+        weird = 'we"ird\\na\nme'
+        url = "redis://:%s@127.0.0.1:%d/0" % (self.password, self.rd.port)
+
+        def change(cfg):
+            cfg["redis"][weird] = {"url": url}
+        with self._second("weird", change) as (port, _):
+            code, text = get("http://127.0.0.1:%d/metrics" % port)
+        self.assertEqual(code, 200)
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                self.assertRegex(line, SAMPLE)
+        escaped = 'we\\"ird\\\\na\\nme'
+        self.assertIsNotNone(metric(text, "evictd_keys_deleted_total", '{target="%s"}' % escaped), text)
+        self.assertIsNotNone(metric(text, "evictd_reconnects_total", '{conn="redis:%s"}' % escaped), text)
+
+    def test_dead_letters_count_only_lines_written(self):
+        """A bad payload is a dead letter (bad_payload); past dead_letter.max_bytes it is dropped,
+        and then counted as dropped, in /metrics and in stats, not as a dead letter."""
+        text = get(self.base + "/metrics")[1]
+        before = metric(text, "evictd_dead_letters_total", '{reason="bad_payload"}')
+        self.assertEqual(metric(text, "evictd_dead_letters_dropped_total"), 0)
+        self.pg.psql("NOTIFY evictd, 'not json'")
+        wait_until(lambda: metric(get(self.base + "/metrics")[1], "evictd_dead_letters_total",
+                                  '{reason="bad_payload"}') == before + 1, timeout=10, what="a dead letter counted")
+
+        def full(cfg):
+            cfg["dead_letter"]["max_bytes"] = 1 << 20
+            with open(cfg["dead_letter"]["path"], "w") as f:
+                f.write(("{\"pad\":\"%s\"}\n" % ("x" * 1000)) * 1100)
+        with self._second("full", full) as (port, log_path):
+            dl = os.path.join(self.tmp, "dl-full.jsonl")
+            size = os.path.getsize(dl)
+            self.pg.psql("NOTIFY evictd, 'not json either'")
+            url = "http://127.0.0.1:%d/metrics" % port
+            wait_until(lambda: metric(get(url)[1], "evictd_dead_letters_dropped_total") == 1, timeout=10,
+                       what="a dropped dead letter counted")
+            self.assertEqual(metric(get(url)[1], "evictd_dead_letters_total", '{reason="bad_payload"}'), 0)
+            self.assertEqual(os.path.getsize(dl), size)
+
+            def stats():
+                with open(log_path) as f:
+                    return [line for line in f if "msg=stats" in line]
+            wait_until(lambda: any(" dead_letters_dropped=1 " in line for line in stats()), timeout=10,
+                       what="dead_letters_dropped=1 in a stats line")
+            for line in stats():
+                self.assertIn(" dead_letters=0 ", line)
+
+    def test_accept_out_of_memory_keeps_listening(self):
+        """evictd_oom (tests/oom/alloc_fail.c) fails every 2nd of evictd's own allocations: a
+        connection that gets no memory is closed at once, and the listener keeps serving (it used
+        to stop accepting for good)."""
+        binary = os.path.join(os.path.dirname(os.path.abspath(evictd_bin())), "evictd_oom")
+        if not os.path.exists(binary):
+            self.skipTest("no evictd_oom next to %s" % evictd_bin())
+        flag = os.path.join(self.tmp, "oom.on")
+        with self._second("oom", binary=binary, env=dict(os.environ, EVD_OOM_FILE=flag)) as (port, log_path):
+            with open(flag, "w") as f:
+                f.write("2\n")
+            try:
+                refused = False
+                for _ in range(300):
+                    try:  # an answer or a closed connection both do; a stalled listener does not
+                        raw(port, b"GET /healthz HTTP/1.1\r\n\r\n", timeout=3)
+                    except ConnectionError:  # reset, or closed before the request was sent
+                        pass
+                    except socket.timeout:
+                        self.fail("no answer and no close: the listener stalled")
+                    with open(log_path) as f:
+                        if "connection refused" in f.read():
+                            refused = True
+                            break
+                self.assertTrue(refused, "no allocation failed at accept")
+            finally:
+                os.unlink(flag)
+            # The file is looked at every 64 allocations: connections go on until it is seen.
+            wait_until(lambda: self._get_ok("http://127.0.0.1:%d/healthz" % port), timeout=20,
+                       what="/healthz 200 once allocations succeed again")
 
     def test_zz_no_password_in_logs(self):
         self.log.flush()

@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "deadletter.h"
+#include "metrics.h"
 #include "util.h"
 
 #define MAX_CALLS 16
@@ -204,6 +205,35 @@ static void test_bad_input_past_max_dropped(void **state)
     evd_dl_close(dl);
 }
 
+/* Only lines written are dead letters: counted by their reason; dropped ones apart. */
+static void test_counts_by_reason(void **state)
+{
+    fixture_t *f = *state;
+    evd_dl_t *dl;
+    assert_int_equal(evd_dl_open(&f->loop, f->path, 200, &dl), 0);
+    write_str(dl,
+              "{\"ts\":1.5,\"reason\":\"retries_exhausted\",\"target\":\"a\"}\n"
+              "{\"ts\":2,\"reason\":\"shutdown\",\"target\":\"a\"}\n"
+              "{\"ts\":3,\"reason\":\"retries_exhausted\",\"target\":\"b\"}",
+              false, 1);
+    write_str(dl,
+              "{\"ts\":4,\"reason\":\"bad_payload\",\"target\":null}\n"
+              "{\"ts\":5,\"reason\":\"unknown_table\",\"target\":null}\n",
+              true, 2);
+    write_str(dl, "{\"ts\":6,\"reason\":\"bad_payloads\"}\n{\"reason\":\"shutdown\"}\n{}\n", false, 3);
+    write_str(dl, "{\"ts\":7,\"reason\":\"bad_payload\",\"target\":null}\n", true, 4); /* past 200 bytes */
+    run(f);
+    assert_calls(f, 4);
+    assert_int_equal(evd_dl_lines(dl), 8);
+    assert_int_equal(evd_dl_dropped(dl), 1);
+    static const uint64_t want[EVD_DL_REASONS] = {2, 1, 1, 1}; /* evd_metrics_reasons[] */
+    for (int i = 0; i < EVD_DL_REASONS; i++)
+        assert_int_equal(evd_dl_lines_by_reason(dl, i), want[i]);
+    assert_int_equal(evd_dl_lines_by_reason(dl, -1), 0);
+    assert_int_equal(evd_dl_lines_by_reason(dl, EVD_DL_REASONS), 0);
+    evd_dl_close(dl);
+}
+
 static void test_max_counts_existing_size(void **state)
 {
     fixture_t *f = *state;
@@ -322,6 +352,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_appends_to_existing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_partial_last_line, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_input_past_max_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_counts_by_reason, setup, teardown),
         cmocka_unit_test_setup_teardown(test_max_counts_existing_size, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_after_rename, setup, teardown),
         cmocka_unit_test_setup_teardown(test_open_errors, setup, teardown),
