@@ -30,6 +30,7 @@ typedef struct dl_req {
     /* DL_SWITCH: the already opened file and its settings. DL_WRITE: the file to write, set
      * on the loop just before the work is queued. */
     int fd;
+    int dir_fd; /* the file's directory, to fsync once: the file was just created (else -1) */
     int64_t size;
     int64_t max_bytes;
     /* Set on the loop before queueing, read by the worker. */
@@ -46,6 +47,7 @@ typedef struct dl_req {
 struct evd_dl {
     uv_loop_t *loop;
     int fd;
+    int dir_fd;   /* the directory of the file just created, until a write has fsynced it; or -1 */
     int64_t size; /* fstat at open plus bytes written since */
     int64_t max_bytes;
     uint64_t lines;
@@ -57,8 +59,9 @@ struct evd_dl {
     bool torn;
 };
 
-/* A file just created is not durable until its directory entry is: fsync the directory once. */
-static int fsync_dir_of(const char *path)
+/* A file just created is not durable until its directory entry is: its directory is opened here
+ * and fsynced by the first write, on the thread pool (an fsync on the loop would stall it). */
+static int open_dir_of(const char *path)
 {
     char dir[4096];
     const char *slash = strrchr(path, '/');
@@ -71,22 +74,21 @@ static int fsync_dir_of(const char *path)
     else
         return -ENAMETOOLONG;
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    int rc = 0;
+    return fd < 0 ? -errno : fd;
+}
+
+static int fsync_fd(int fd, bool dir)
+{
     while (fsync(fd) < 0) {
         /* Some file systems refuse to fsync a directory (EINVAL); PostgreSQL's fsync_fname
          * lets that pass too. */
-        if (errno != EINTR) {
-            rc = errno == EINVAL ? 0 : -errno;
-            break;
-        }
+        if (errno != EINTR)
+            return dir && errno == EINVAL ? 0 : -errno;
     }
-    close(fd);
-    return rc;
+    return 0;
 }
 
-static int open_file(const char *path, int *fd_out, int64_t *size_out)
+static int open_file(const char *path, int *fd_out, int *dir_fd_out, int64_t *size_out)
 {
     const int flags = O_RDWR | O_APPEND | O_CLOEXEC; /* read: ends_torn */
     bool created = false;
@@ -101,13 +103,15 @@ static int open_file(const char *path, int *fd_out, int64_t *size_out)
         return -errno;
     struct stat st;
     int err = fstat(fd, &st) < 0 ? -errno : 0;
-    if (err == 0 && created)
-        err = fsync_dir_of(path);
+    int dir_fd = err == 0 && created ? open_dir_of(path) : -1;
+    if (created && dir_fd < 0 && err == 0)
+        err = dir_fd;
     if (err < 0) {
         close(fd);
         return err;
     }
     *fd_out = fd;
+    *dir_fd_out = dir_fd;
     *size_out = (int64_t)st.st_size;
     return 0;
 }
@@ -200,16 +204,20 @@ static void work_cb(uv_work_t *w)
         r->torn = r->buf.data[data - 1] != '\n';
     if (r->status < 0)
         return;
-    while (fsync(r->fd) < 0) {
-        if (errno != EINTR) {
-            r->status = -errno;
-            break;
+    r->status = fsync_fd(r->fd, false);
+    if (r->status == 0 && r->dir_fd >= 0) {
+        r->status = fsync_fd(r->dir_fd, true);
+        if (r->status == 0) {
+            close(r->dir_fd);
+            r->dir_fd = -1;
         }
     }
 }
 
 static void dl_destroy(evd_dl_t *dl)
 {
+    if (dl->dir_fd >= 0)
+        close(dl->dir_fd);
     close(dl->fd);
     free(dl);
 }
@@ -225,7 +233,10 @@ static void pump(evd_dl_t *dl)
         if (r->op == DL_SWITCH) {
             dl->head = r->next;
             close(dl->fd);
+            if (dl->dir_fd >= 0)
+                close(dl->dir_fd);
             dl->fd = r->fd;
+            dl->dir_fd = r->dir_fd;
             dl->size = r->size;
             dl->max_bytes = r->max_bytes;
             dl->torn = ends_torn(dl->fd);
@@ -233,6 +244,8 @@ static void pump(evd_dl_t *dl)
             continue;
         }
         r->fd = dl->fd;
+        r->dir_fd = dl->dir_fd; /* handed back in after_cb unless the write fsynced it */
+        dl->dir_fd = -1;
         r->drop = r->bad_input && dl->max_bytes > 0 && dl->size >= dl->max_bytes;
         r->lead_nl = dl->torn;
         /* Fails only for a NULL work callback. */
@@ -254,6 +267,7 @@ static void after_cb(uv_work_t *w, int status)
 
     dl->head = r->next;
     dl->busy = false;
+    dl->dir_fd = r->dir_fd;
     if (status == 0) /* UV_ECANCELED is impossible: nothing calls uv_cancel */
         status = r->status;
     if (r->drop) {
@@ -294,7 +308,7 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t *
     evd_dl_t *dl = calloc(1, sizeof(*dl));
     if (!dl)
         return -ENOMEM;
-    int rc = open_file(path, &dl->fd, &dl->size);
+    int rc = open_file(path, &dl->fd, &dl->dir_fd, &dl->size);
     if (rc < 0) {
         free(dl);
         return rc;
@@ -317,7 +331,7 @@ int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(in
     r->bad_input = bad_input;
     r->done = done;
     r->arg = arg;
-    r->fd = -1;
+    r->fd = r->dir_fd = -1;
     enqueue(dl, r);
     return 0;
 }
@@ -329,7 +343,7 @@ int evd_dl_reopen(evd_dl_t *dl, const char *path, int64_t max_bytes)
     dl_req_t *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
-    int rc = open_file(path, &r->fd, &r->size);
+    int rc = open_file(path, &r->fd, &r->dir_fd, &r->size);
     if (rc < 0) {
         free(r);
         return rc;
