@@ -356,6 +356,26 @@ static int apply_log(daemon_t *d, const evd_config_t *cfg)
 
 static int http_handler(const char *path, evd_buf_t *body, void *ud);
 
+/* Binds a reload's http.listen nl (no name lookup: that would block the loop). When the old
+ * listener holds its port (the same address spelled otherwise, or [::ffff:127.0.0.1] for
+ * 127.0.0.1) the old one closes first (its socket at once), and listens again if nl cannot be
+ * bound. */
+static int http_rebind(daemon_t *d, const char *nl, evd_http_t **out)
+{
+    int rc = evd_http_start(d->loop, nl, false, http_handler, d, out);
+    if (rc != UV_EADDRINUSE || !d->http)
+        return rc;
+    const char *ol = d->cfg->cfg->http_listen;
+    evd_http_close(d->http);
+    d->http = NULL;
+    rc = evd_http_start(d->loop, nl, false, http_handler, d, out);
+    if (rc < 0 && evd_http_start(d->loop, ol, false, http_handler, d, &d->http) < 0) {
+        d->http = NULL; /* the next reload tries again */
+        EVD_LOG(EVD_LOG_ERROR, "http", F_STR("listen", ol), F_STR("error", "cannot listen again"));
+    }
+    return rc;
+}
+
 static void on_sighup(uv_signal_t *h, int sig)
 {
     daemon_t *d = evd_container_of(h, daemon_t, sighup);
@@ -369,13 +389,16 @@ static void on_sighup(uv_signal_t *h, int sig)
     /* A new http.listen is bound before anything else changes: one that cannot be refuses the
      * reload, and the old listener stays. */
     const char *ol = d->cfg->cfg->http_listen, *nl = cfg->http_listen;
-    bool http_changed = (ol == NULL) != (nl == NULL) || (ol && strcmp(ol, nl) != 0);
+    bool http_changed = (ol == NULL) != (nl == NULL) || (ol && strcmp(ol, nl) != 0) || (nl && !d->http);
     evd_http_t *nh = NULL;
     if (http_changed && nl) {
-        int rc = evd_http_start(d->loop, nl, http_handler, d, &nh);
+        int rc = http_rebind(d, nl, &nh);
         if (rc < 0) {
             EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("path", d->opts.config_path),
-                    F_STR("setting", "http.listen"), F_STR("listen", nl), F_STR("error", uv_strerror(rc)));
+                    F_STR("setting", "http.listen"), F_STR("listen", nl),
+                    F_STR("error", rc == UV_ENOTSUP ? "a host name is resolved only at start: give an address, or "
+                                                      "restart evictd"
+                                                    : uv_strerror(rc)));
             evd_config_free(cfg);
             return;
         }
@@ -425,8 +448,10 @@ static void on_sighup(uv_signal_t *h, int sig)
     if (pg_changed) {
         /* Another database, perhaps: rows claimed from the old one are not acknowledged in it
          * (the same ids there are other changes); if it is the same one, they are claimed again. */
-        if (url_changed)
+        if (url_changed) {
             d->db_gen++;
+            outbox_forget(d);
+        }
         pg_stop(d);
         if (pg_start(d) < 0)
             EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
@@ -691,7 +716,7 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     stats_arm(d);
     d->backlog = -1;
     if (cfg->http_listen) {
-        rc = evd_http_start(d->loop, cfg->http_listen, http_handler, d, &d->http);
+        rc = evd_http_start(d->loop, cfg->http_listen, true, http_handler, d, &d->http);
         if (rc < 0) {
             EVD_LOG(EVD_LOG_ERROR, "http", F_STR("config", opts->config_path), F_STR("setting", "http.listen"),
                     F_STR("listen", cfg->http_listen), F_STR("error", uv_strerror(rc)));

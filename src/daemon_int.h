@@ -55,6 +55,10 @@ typedef struct claimer {
     /* A ROLLBACK could not be queued (out of memory) while a transaction was open: the next
      * claim on pg sends one first, and no released ack goes on pg until then */
     bool needs_rollback;
+    /* A ROLLBACK of an unacknowledged claim is queued: once it is done the next claims start at
+     * this id (rows_back; 0: none), if the database is still the one of db_gen back_gen */
+    int64_t back_low;
+    uint64_t back_gen;
 } claimer_t;
 
 #define NCLAIMERS 2
@@ -94,10 +98,10 @@ struct unit {
     claimer_t *cl;   /* the connection that claimed them */
     bool in_tx;      /* the claim's transaction is still open */
     bool released;   /* the claim was released (retry backoff): ack with SKIP LOCKED */
-    size_t claimed;  /* outbox rows its claim took */
-    int64_t low;     /* ... the lowest of their ids */
-    uint64_t db_gen; /* the daemon's db_gen when claimed */
+    size_t claimed;  /* outbox rows its claim took ... */
     bool deleted;    /* ... by deleting them in its open transaction (else by locking them) */
+    int64_t low;     /* the lowest of their ids */
+    uint64_t db_gen; /* the daemon's db_gen when claimed */
     rec_t **recs;
     size_t nrecs, cap;
     size_t weight;       /* row images held: what batch.max_pending counts */
@@ -282,6 +286,7 @@ void update_pause(daemon_t *d);
 void claim_connected(evd_pg_t *pg, void *ud);
 void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
 void claimer_lost(claimer_t *cl);
+void outbox_forget(daemon_t *d);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
 evd_pg_t *quiet_conn(daemon_t *d);

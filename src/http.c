@@ -115,7 +115,7 @@ static void handle(client_t *c)
         return;
     }
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
-        respond(c, 405, reason_of(405), "only GET\n", 9);
+        respond(c, 405, reason_of(405), "only GET and HEAD\n", 18);
         return;
     }
     c->head_only = strcmp(method, "HEAD") == 0;
@@ -183,7 +183,8 @@ static void refused_closed(uv_handle_t *hd)
  * that comes while the last refused one is still closing waits (unaccepted) until it is. */
 static void refuse(evd_http_t *h)
 {
-    EVD_LOG(EVD_LOG_WARN, "http", F_STR("error", "out of memory: connection refused"));
+    evd_log_ratelimited("http_refused", "http",
+                        (const evd_field_t[]){F_STR("error", "out of memory: connection refused"), {0}});
     if (h->refusing) {
         h->waiting = true;
         return;
@@ -228,7 +229,8 @@ static void on_connection(uv_stream_t *server, int status)
         client_close(c);
 }
 
-int evd_http_start(uv_loop_t *loop, const char *listen, evd_http_handler_fn fn, void *ud, evd_http_t **out)
+int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_handler_fn fn, void *ud,
+                   evd_http_t **out)
 {
     char host[128];
     const char *colon = strrchr(listen, ':');
@@ -252,7 +254,9 @@ int evd_http_start(uv_loop_t *loop, const char *listen, evd_http_handler_fn fn, 
     if (rc < 0) {
         /* A name (localhost): resolved once, at start, before the loop runs (no callback:
          * libuv resolves it synchronously); listened on at its first IPv4 address, else its
-         * first address (localhost: 127.0.0.1, not ::1). */
+         * first address (localhost: 127.0.0.1, not ::1). Never on the loop (a reload). */
+        if (!resolve)
+            return UV_ENOTSUP;
         uv_getaddrinfo_t req;
         struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
         rc = uv_getaddrinfo(loop, &req, NULL, h0, NULL, &hints);

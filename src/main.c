@@ -39,6 +39,7 @@ static int cmd_sql(const char *path)
     }
     evd_buf_t out = {0};
     int rc = evd_sqlgen(cfg, &out);
+    errno = 0;
     if (rc < 0) {
         fprintf(stderr, "evictd: %s\n", strerror(-rc));
     } else if (fputs(out.data, stdout) == EOF || fflush(stdout) != 0) {

@@ -113,26 +113,62 @@ static int rollback(claimer_t *cl)
     return rc;
 }
 
-/* u's rows stay in the outbox, or go back to it, unacknowledged (an ack withheld, failed or not
- * sent): the next claims start at them. While they were held, claims and the floor check skipped
- * them and moved on (the cursor, where passes restart, the floor), and past a long enough retry
- * they would otherwise be claimed again only after a reconnect. */
-static void rows_back(unit_t *u)
+/* The next claims start at id low: the cursor, where passes restart and the floor go back below
+ * it. Its rows were skipped while held (claims and the floor check leave held ids out) and moved
+ * past, and after a long enough retry they would otherwise be claimed again only after a
+ * reconnect. A claim in flight was sent while they were held: it does not move the cursor on. */
+static void lower_to(daemon_t *d, int64_t low)
 {
-    daemon_t *d = u->d;
-    if (!u->claim || u->low <= 0 || d->opts.dry_run || u->db_gen != d->db_gen)
-        return;
-    int64_t to = u->low - 1;
-    if (to < d->cursor) {
+    int64_t to = low - 1;
+    if (to < d->cursor)
         d->cursor = to;
-        d->cursor_gen++; /* a claim in flight does not move it on */
-    }
+    d->cursor_gen++;
     if (to < d->restart)
         d->restart = to;
     if (to < d->floor_from)
         d->floor_from = to;
     d->floor_pend_m = -1; /* a raise worked out while they were held would pass them again */
     d->want_drain = true;
+}
+
+static void rows_back_done(const PGresult *res, const char *err, void *arg)
+{
+    claimer_t *cl = arg;
+    daemon_t *d = cl->d;
+    (void)res;
+    (void)err;
+    /* Done or failed, the transaction is over (a failed ROLLBACK: the connection is gone). */
+    if (cl->back_low > 0 && cl->back_gen == d->db_gen)
+        lower_to(d, cl->back_low);
+    cl->back_low = 0;
+    maybe_drain(d);
+}
+
+/* u's rows stay in the outbox, or go back to it, unacknowledged (an ack withheld, failed or not
+ * sent): the next claims start at them (lower_to). end_tx: u's transaction is still open; its
+ * ROLLBACK goes first, and only once it is done are the rows there to claim (a claim on the
+ * other connection meanwhile would skip them, still locked, and move on). Returns what queueing
+ * the ROLLBACK did (0 when end_tx is false). */
+static int rows_back(unit_t *u, bool end_tx)
+{
+    daemon_t *d = u->d;
+    bool lower = u->claim && u->low > 0 && !d->opts.dry_run && u->db_gen == d->db_gen;
+    int rc = 0;
+    if (end_tx) {
+        claimer_t *cl = u->cl;
+        rc = evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, rows_back_done, cl);
+        if (rc == -ENOMEM)
+            cl->needs_rollback = true;
+        if (rc == 0 && lower) {
+            if (cl->back_low == 0 || u->low < cl->back_low)
+                cl->back_low = u->low;
+            cl->back_gen = d->db_gen;
+            return 0;
+        }
+    }
+    if (lower)
+        lower_to(d, u->low);
+    return rc;
 }
 
 /* A COMMIT in a transaction that an earlier statement aborted answers ROLLBACK: nothing deleted. */
@@ -148,15 +184,13 @@ static void after_ack(const PGresult *res, const char *err, void *arg)
     if (res && rolled_back(res)) {
         EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "transaction rolled back"),
                 F_INT("changes", (int64_t)u->nrecs));
-        rows_back(u);
+        (void)rows_back(u, false);
     } else if (!res) {
-        rows_back(u);
         EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", err), F_INT("changes", (int64_t)u->nrecs));
         /* A failed delete: end the transaction it left open (its rows stay in the outbox and
          * are claimed again). Not after a failed COMMIT, which ended it: a ROLLBACK queued now
          * would land in the next claim's transaction, queued behind the COMMIT, and undo it. */
-        if (u->in_tx && !u->deleted)
-            (void)rollback(u->cl);
+        (void)rows_back(u, u->in_tx && !u->deleted);
     }
     unit_free(u);
     maybe_drain(d);
@@ -246,9 +280,7 @@ void unit_send_ack(unit_t *u)
          * otherwise have them claimed and failed again at once). */
         EVD_LOG(EVD_LOG_WARN, "ack_withheld", F_STR("reason", u->keep), F_INT("changes", (int64_t)u->nrecs));
         d->withheld_until = uv_now(d->loop) + (uint64_t)d->cfg->cfg->poll_interval_ms;
-        rows_back(u);
-        if (u->in_tx)
-            (void)rollback(u->cl);
+        (void)rows_back(u, u->in_tx);
         if (u->cl->open == u)
             u->cl->open = NULL;
         unit_free(u);
@@ -261,8 +293,7 @@ void unit_send_ack(unit_t *u)
         /* A claimed row has no record here (out of memory while accepting it): put every row
          * back and delete those that have one; the others are claimed again. */
         u->in_tx = false;
-        rc = rollback(u->cl);
-        rows_back(u);
+        rc = rows_back(u, true);
     }
     if (u->in_tx && u->deleted) {
         rc = evd_pg_query(u->cl->pg, SQL_COMMIT, 0, NULL, false, after_ack, u);
@@ -285,11 +316,12 @@ void unit_send_ack(unit_t *u)
         maybe_drain(d);
         return;
     }
-    /* Not connected: the rows stay in the outbox and are claimed again (deletes are
-     * idempotent, so repeating them is harmless). */
-    EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", "postgres connection down"),
+    /* Not connected, or out of memory: the rows stay in the outbox and are claimed again
+     * (deletes are idempotent, so repeating them is harmless). A transaction still open ends
+     * first: the next claim on its connection would run inside it. */
+    EVD_LOG(EVD_LOG_WARN, "ack_failed", F_STR("error", rc == -ENOMEM ? "out of memory" : "postgres connection down"),
             F_INT("changes", (int64_t)u->nrecs));
-    rows_back(u);
+    (void)rows_back(u, u->in_tx);
     unit_free(u);
     maybe_drain(d);
 }
@@ -332,17 +364,23 @@ static void claim_done(const PGresult *res, const char *err, void *arg);
 static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 static void on_poll_timer(uv_timer_t *t);
 
-/* An outbox connection with nothing on it: up, no claim transaction open, nothing queued, no
- * ROLLBACK pending. For queries that must not land inside a claim: one that failed there would
- * abort the claim's transaction, and its COMMIT would answer ROLLBACK. */
+/* An outbox connection where a query lands outside any claim's transaction: up, no claim open or
+ * on its way, no ROLLBACK owed (what is queued there, an ack or a ROLLBACK, ends its transaction
+ * first). One with nothing queued if there is one. For queries that must not land inside a
+ * claim: one that failed there would abort the claim's transaction, and its COMMIT would answer
+ * ROLLBACK. */
 evd_pg_t *quiet_conn(daemon_t *d)
 {
+    evd_pg_t *busy = NULL;
     for (size_t k = 0; k < NCLAIMERS; k++) {
         claimer_t *cl = &d->cl[k];
-        if (cl->pg && evd_pg_ready(cl->pg) && !cl->open && !evd_pg_busy(cl->pg) && !cl->needs_rollback)
+        if (!cl->pg || !evd_pg_ready(cl->pg) || cl->open || d->claim_cl == cl || cl->needs_rollback)
+            continue;
+        if (!evd_pg_busy(cl->pg))
             return cl->pg;
+        busy = busy ? busy : cl->pg;
     }
-    return NULL;
+    return busy;
 }
 
 static void begin_done(const PGresult *res, const char *err, void *arg)
@@ -1071,18 +1109,17 @@ static void claim_setup_done(const PGresult *res, const char *err, void *arg)
     }
 }
 
-void claim_connected(evd_pg_t *pg, void *ud)
+/* Where claims stand in the outbox, forgotten: the first connection of a claim session (or a
+ * reload to another database, whose ids mean other rows) starts from id 0, reads evictd.watches
+ * before any claim, and knows nothing of the idle flag. */
+void outbox_forget(daemon_t *d)
 {
-    claimer_t *cl = ud;
-    daemon_t *d = cl->d;
-    cl->setup = evd_pg_query(pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
-    if (cl != &d->cl[0]) {
-        maybe_drain(d);
-        return;
-    }
     d->cursor = 0;
+    d->cursor_gen++;
     d->restart = 0;
     d->max_claimed = 0;
+    d->max_hint_id = 0;
+    d->covered = 0;
     d->floor_from = 0;
     d->floor_pend_m = -1;
     d->conn_gen++;
@@ -1094,6 +1131,18 @@ void claim_connected(evd_pg_t *pg, void *ud)
     /* Assume chunks until claims show otherwise: a backlog of 500-image chunks must not
      * arrive as 1000 rows at once. The average adapts within a few claims. */
     d->imgs_per_row = 100;
+}
+
+void claim_connected(evd_pg_t *pg, void *ud)
+{
+    claimer_t *cl = ud;
+    daemon_t *d = cl->d;
+    cl->setup = evd_pg_query(pg, SQL_CLAIM_SETUP, 0, NULL, false, claim_setup_done, cl) == 0;
+    if (cl != &d->cl[0]) {
+        maybe_drain(d);
+        return;
+    }
+    outbox_forget(d);
     if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
         d->watched_loaded = true;
 }

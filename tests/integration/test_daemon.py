@@ -391,6 +391,17 @@ class DaemonTest(unittest.TestCase):
             conn.rollback()
             conn.close()
 
+    def create_db(self, name, options=""):
+        """Another database in the cluster, with install.sql applied; dropped after the test."""
+        conn = self.pg.connect(autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE DATABASE %s %s" % (name, options))
+        finally:
+            conn.close()
+        self.addCleanup(self.pg.psql, "DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+        self.pg.psql(file=INSTALL, db=name)
+
     def outbox_count(self):
         return self.q1("SELECT count(*) FROM evictd.outbox")
 
@@ -1067,14 +1078,7 @@ class DaemonTest(unittest.TestCase):
         """A change in retry backoff when a reload points postgres.url at another database: its
         ack must not go to the new database, where the same outbox id is another change (that
         change was skipped as held, then deleted unapplied)."""
-        conn = self.pg.connect(autocommit=True)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("CREATE DATABASE second")
-        finally:
-            conn.close()
-        self.addCleanup(self.pg.psql, "DROP DATABASE IF EXISTS second WITH (FORCE)")
-        self.pg.psql(file=INSTALL, db="second")
+        self.create_db("second")
         self.pg.psql(SCHEMA_SQL, db="second")
         self.pg.psql(subprocess.run([evictd_bin(), "sql", "--config", self.base_config_path], capture_output=True,
                                     text=True, timeout=30, check=True).stdout, db="second")
@@ -1140,6 +1144,22 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(rec.get("setting"), "http.listen", rec)
         self.assertEqual(get(b), b"HTTP/1.1 200 OK")
         self.assertFalse(d.find("config_reloaded", since=since), d.tail())
+        # The same port on an address that overlaps the old one: the old listener gives it up.
+        since = d.mark()
+        cfg["http"]["listen"] = "[::ffff:127.0.0.1]:%d" % b
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        d.wait_log("config_reloaded", 5, since=since)
+        self.assertEqual(get(b), b"HTTP/1.1 200 OK")
+        # A host name would need a lookup on the loop: refused, the listener stays.
+        since = d.mark()
+        cfg["http"]["listen"] = "localhost:%d" % a
+        d.write_config(cfg)
+        d.signal(signal.SIGHUP)
+        rec = d.wait_log("config_rejected", 5, since=since)
+        self.assertIn("host name", rec.get("error", ""), rec)
+        self.assertEqual(get(b), b"HTTP/1.1 200 OK")
+        self.assertIsNone(get(a))
         since = d.mark()
         del cfg["http"]
         d.write_config(cfg)
@@ -2248,14 +2268,7 @@ class DaemonTest(unittest.TestCase):
     def test_18_latin1_database(self):
         """A LATIN1 database: evictd's connections ask for UTF-8, so text values arrive as UTF-8
         and make the keys Django makes (the bytes of 'café' in LATIN1 are not UTF-8: bad input)."""
-        conn = self.pg.connect(autocommit=True)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("CREATE DATABASE latin1 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-        finally:
-            conn.close()
-        self.addCleanup(self.pg.psql, "DROP DATABASE IF EXISTS latin1 WITH (FORCE)")
-        self.pg.psql(file=INSTALL, db="latin1")
+        self.create_db("latin1", "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
         self.pg.psql("CREATE TABLE products (id int PRIMARY KEY, name text)", db="latin1")
         cfg = self.config(rules=[{"table": "products", "keys": ["routex:1:product_{name}"]}])
         cfg["postgres"]["url"] = self.pg.dsn(db="latin1")
