@@ -280,5 +280,11 @@ int evd_check_run(const char *config_path, bool connect)
         printf("%s\n", rc ? "check failed" : "check passed");
     }
     evd_config_free(cfg);
+    /* A report that did not reach its reader (a full disk) must not pass for one that did. */
+    errno = 0;
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "evictd: writing the report to stdout: %s\n", strerror(errno ? errno : EIO));
+        return 1;
+    }
     return rc ? 1 : 0;
 }

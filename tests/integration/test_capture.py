@@ -1010,9 +1010,10 @@ class CaptureTest(unittest.TestCase):
         self.pg.psql("\n".join(line for line in WATCH_SQL.splitlines()
                                if "'scratch'" in line or "'events'" in line or "'drivers'" in line))
 
-    def test_evictd_sql_reports_a_failed_write(self):
-        """`evictd sql > /dev/full`: the SQL did not reach its file, so an error on stderr and exit 1
-        (psql down a pipe would otherwise apply half of it, or nothing, and nobody would know)."""
+    def run_to_dev_full(self, command):
+        """`evictd COMMAND --config X > /dev/full`: the output did not reach its reader, so an error
+        on stderr and exit 1 (psql down a pipe would otherwise apply half of `sql`, or nothing; a
+        script would take `check` for passed)."""
         if not os.path.exists("/dev/full"):
             self.skipTest("no /dev/full")
         cfg = {
@@ -1024,12 +1025,18 @@ class CaptureTest(unittest.TestCase):
             json.dump(cfg, f)
         try:
             with open("/dev/full", "w") as full:
-                p = subprocess.run([evictd_bin(), "sql", "--config", f.name], stdout=full, stderr=subprocess.PIPE,
+                p = subprocess.run([evictd_bin(), command, "--config", f.name], stdout=full, stderr=subprocess.PIPE,
                                    text=True, timeout=30)
         finally:
             os.unlink(f.name)
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertIn("No space left on device", p.stderr)
+
+    def test_evictd_sql_reports_a_failed_write(self):
+        self.run_to_dev_full("sql")
+
+    def test_evictd_check_reports_a_failed_write(self):
+        self.run_to_dev_full("check")
 
     def test_zz_uninstall(self):
         self.pg.psql(file=UNINSTALL)
