@@ -1123,48 +1123,41 @@ class DaemonTest(unittest.TestCase):
         a, b = harness.free_port(), harness.free_port()
         cfg = self.config(http={"listen": "127.0.0.1:%d" % a})
         d = self.start_ready(self.daemon(cfg))
+
+        def reload(listen, expect):
+            """SIGHUP with http.listen set to listen (None: no http section); the line expect."""
+            since = d.mark()
+            if listen is None:
+                del cfg["http"]
+            else:
+                cfg["http"]["listen"] = listen
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            rec = d.wait_log(expect, 5, since=since)
+            if expect == "config_rejected":
+                self.assertEqual(rec.get("setting"), "http.listen", rec)
+                self.assertFalse(d.find("config_reloaded", since=since), d.tail())
+            return rec
+
         self.assertEqual(get(a), b"HTTP/1.1 200 OK")
-        since = d.mark()
-        cfg["http"]["listen"] = "127.0.0.1:%d" % b
-        d.write_config(cfg)
-        d.signal(signal.SIGHUP)
-        d.wait_log("config_reloaded", 5, since=since)
+        reload("127.0.0.1:%d" % b, "config_reloaded")
         self.assertEqual(get(b), b"HTTP/1.1 200 OK")
         self.wait(lambda: get(a) is None, 5, "the old listener closed", d)
         taken = socket.socket()
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        since = d.mark()
-        cfg["http"]["listen"] = "127.0.0.1:%d" % taken.getsockname()[1]
-        cfg["log"]["level"] = "debug"
-        d.write_config(cfg)
-        d.signal(signal.SIGHUP)
-        rec = d.wait_log("config_rejected", 5, since=since)
-        self.assertEqual(rec.get("setting"), "http.listen", rec)
+        reload("127.0.0.1:%d" % taken.getsockname()[1], "config_rejected")
         self.assertEqual(get(b), b"HTTP/1.1 200 OK")
-        self.assertFalse(d.find("config_reloaded", since=since), d.tail())
         # The same port on an address that overlaps the old one: the old listener gives it up.
-        since = d.mark()
-        cfg["http"]["listen"] = "[::ffff:127.0.0.1]:%d" % b
-        d.write_config(cfg)
-        d.signal(signal.SIGHUP)
-        d.wait_log("config_reloaded", 5, since=since)
+        reload("[::ffff:127.0.0.1]:%d" % b, "config_reloaded")
         self.assertEqual(get(b), b"HTTP/1.1 200 OK")
         # A host name would need a lookup on the loop: refused, the listener stays.
-        since = d.mark()
-        cfg["http"]["listen"] = "localhost:%d" % a
-        d.write_config(cfg)
-        d.signal(signal.SIGHUP)
-        rec = d.wait_log("config_rejected", 5, since=since)
+        rec = reload("localhost:%d" % a, "config_rejected")
         self.assertIn("host name", rec.get("error", ""), rec)
         self.assertEqual(get(b), b"HTTP/1.1 200 OK")
         self.assertIsNone(get(a))
-        since = d.mark()
-        del cfg["http"]
-        d.write_config(cfg)
-        d.signal(signal.SIGHUP)
-        d.wait_log("config_reloaded", 5, since=since)
+        reload(None, "config_reloaded")
         self.wait(lambda: get(b) is None, 5, "the listener closed once http is off", d)
         self.assertEqual(d.stop(), 0, d.tail())
 
