@@ -104,12 +104,13 @@ struct unit {
     uint64_t db_gen; /* the daemon's db_gen when claimed */
     rec_t **recs;
     size_t nrecs, cap;
-    size_t weight;       /* row images held: what batch.max_pending counts */
-    int outstanding;     /* recs not finished, +1 until the unit is expanded */
-    int lookups_pending; /* lookups in flight, +1 until the unit is complete (unit_start) */
-    evd_buf_t dl;        /* retries_exhausted / shutdown lines */
-    evd_buf_t dl_bad;    /* bad-input lines */
-    int dl_writes;       /* dead-letter writes in flight */
+    size_t weight;                          /* row images held: what batch.max_pending counts */
+    int outstanding;                        /* recs not finished, +1 until the unit is expanded */
+    int lookups_pending;                    /* lookups in flight, +1 until the unit is complete (unit_start) */
+    evd_buf_t dl;                           /* retries_exhausted / shutdown lines */
+    evd_buf_t dl_bad;                       /* bad-input lines */
+    uint64_t dl_reasons[2][EVD_DL_REASONS]; /* lines in dl, dl_bad by reason (evd_metrics_reasons[]) */
+    int dl_writes;                          /* dead-letter writes in flight */
     /* Not to be acknowledged (its rows roll back and are claimed again): a change was neither
      * confirmed by Redis nor dead-lettered (cancelled at shutdown, or its dead-letter line
      * could not be written). Says why. */

@@ -125,46 +125,16 @@ static bool ends_torn(int fd)
     return fstat(fd, &st) == 0 && st.st_size > 0 && pread(fd, &last, 1, st.st_size - 1) == 1 && last != '\n';
 }
 
-/* The line's reason as an index in evd_metrics_reasons[], or -1. Lines start
- * {"ts":<number>,"reason":"<reason>", (pipeline.c, dl_line), so the key after the first comma is
- * the line's own "reason". */
-static int line_reason(const char *p, size_t n)
+/* A final line without its '\n' still counts. */
+static uint64_t count_lines(const char *p, size_t n)
 {
-    static const char key[] = ",\"reason\":\"";
-    const char *comma = memchr(p, ',', n);
-    if (!comma)
-        return -1;
-    size_t left = n - (size_t)(comma - p);
-    if (left < sizeof(key) - 1 || memcmp(comma, key, sizeof(key) - 1) != 0)
-        return -1;
-    p = comma + sizeof(key) - 1;
-    left -= sizeof(key) - 1;
-    for (int i = 0; i < EVD_DL_REASONS; i++) {
-        size_t len = strlen(evd_metrics_reasons[i]);
-        if (left > len && memcmp(p, evd_metrics_reasons[i], len) == 0 && p[len] == '"')
-            return i;
-    }
-    return -1;
-}
-
-/* Counts the lines of r's buffer, and each by its reason. A final line without its '\n' still
- * counts. */
-static void count_lines(dl_req_t *r)
-{
-    if (r->buf.len == 0)
-        return;
-    const char *p = r->buf.data, *end = p + r->buf.len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *eol = nl ? nl : end;
-        int reason = line_reason(p, (size_t)(eol - p));
-        r->nlines++;
-        if (reason >= 0)
-            r->by_reason[reason]++;
-        if (!nl)
-            break;
+    uint64_t lines = 0;
+    const char *end = p + n, *nl;
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        lines++;
         p = nl + 1;
     }
+    return lines + (p < end ? 1 : 0);
 }
 
 static int write_all(int fd, const char *p, size_t n, size_t *written)
@@ -187,7 +157,7 @@ static int write_all(int fd, const char *p, size_t n, size_t *written)
 static void work_cb(uv_work_t *w)
 {
     dl_req_t *r = evd_container_of(w, dl_req_t, work);
-    count_lines(r);
+    r->nlines = count_lines(r->buf.data, r->buf.len);
     r->torn = r->lead_nl;
     if (r->drop || r->buf.len == 0)
         return;
@@ -320,12 +290,15 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t *
     return 0;
 }
 
-int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(int status, void *arg), void *arg)
+int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, const uint64_t *by_reason, bool bad_input,
+                 void (*done)(int status, void *arg), void *arg)
 {
     dl_req_t *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
     r->op = DL_WRITE;
+    if (by_reason)
+        memcpy(r->by_reason, by_reason, sizeof(r->by_reason));
     r->buf = *lines;
     *lines = (evd_buf_t){0};
     r->bad_input = bad_input;

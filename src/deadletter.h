@@ -15,10 +15,12 @@ int evd_dl_open(uv_loop_t *loop, const char *path, int64_t max_bytes, evd_dl_t *
 /* Writes lines (one JSON object per line, each ending in '\n') on the thread pool, fsyncs, then
  * calls done(status, arg) on the loop with 0 or a negative errno. Batches are written one at a
  * time in call order and their callbacks run in that order, never from inside this call.
- * `bad_input` lines are dropped (counted, done(0)) once the file is past max_bytes.
+ * `bad_input` lines are dropped (counted, done(0)) once the file is past max_bytes. by_reason:
+ * NULL, or EVD_DL_REASONS counts of the lines by reason (evd_metrics_reasons[] order).
  * Returns 0 with the buffer taken over (*lines is left empty), or -ENOMEM with nothing queued,
  * *lines untouched and done never called. May be called from done. */
-int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(int status, void *arg), void *arg);
+int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, const uint64_t *by_reason, bool bad_input,
+                 void (*done)(int status, void *arg), void *arg);
 
 /* Reopens the file by path (SIGHUP), possibly at a new path. The new file is opened now, so
  * an error (negative errno) leaves the old file in use; batches queued before this call still
@@ -26,8 +28,8 @@ int evd_dl_write(evd_dl_t *dl, evd_buf_t *lines, bool bad_input, void (*done)(in
 int evd_dl_reopen(evd_dl_t *dl, const char *path, int64_t max_bytes) EVD_MUST_CHECK;
 
 /* Lines written and fsynced / bad-input lines dropped past max_bytes, since open. Only lines
- * written are dead letters: evd_dl_lines_by_reason counts them by their "reason",
- * evd_metrics_reasons[reason] (a line of another form counts only in evd_dl_lines). */
+ * written are dead letters: evd_dl_lines_by_reason counts them by reason (an index in
+ * evd_metrics_reasons[]), from the counts each evd_dl_write was given. */
 uint64_t evd_dl_lines(const evd_dl_t *dl);
 uint64_t evd_dl_lines_by_reason(const evd_dl_t *dl, int reason);
 uint64_t evd_dl_dropped(const evd_dl_t *dl);

@@ -27,6 +27,8 @@ typedef struct evd_metrics {
 } evd_metrics_t;
 
 extern const char *const evd_metrics_reasons[EVD_DL_REASONS];
+/* reason's index in evd_metrics_reasons[], or -1. */
+int evd_metrics_reason(const char *reason);
 extern const double evd_metrics_lag_bounds[EVD_LAG_BUCKETS];
 
 /* op_index: 0..3 for INSERT, UPDATE, DELETE, TRUNCATE. */

@@ -170,7 +170,6 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     char ts[40];
     snprintf(ts, sizeof(ts), "%.3f", evd_now_wall_ms());
     size_t start = b->len;
-    /* The writer counts the lines it wrote by the reason in this head (deadletter.c, line_reason). */
     int rc = evd_buf_printf(b, "{\"ts\":%s,\"reason\":\"%s\",\"target\":", ts, reason);
     if (target >= 0) {
         const char *tname = u->cfg->cfg->targets[r->job_target[target]].name;
@@ -220,6 +219,9 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
                 F_STR("reason", reason), F_STR("table", r->table), F_INT("id", r->id));
         return;
     }
+    int ri = evd_metrics_reason(reason);
+    if (ri >= 0)
+        u->dl_reasons[target < 0][ri]++;
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
             F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error), F_INT("attempts", attempts));
@@ -245,14 +247,14 @@ static void unit_finish_rec(unit_t *u)
     u->dl_writes++;
     if (u->dl.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl, false, dl_written, u) < 0) {
+        if (evd_dl_write(d->dl, &u->dl, u->dl_reasons[0], false, dl_written, u) < 0) {
             u->dl_writes--;
             u->keep = "dead-letter write failed";
         }
     }
     if (u->dl_bad.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl_bad, true, dl_written, u) < 0) {
+        if (evd_dl_write(d->dl, &u->dl_bad, u->dl_reasons[1], true, dl_written, u) < 0) {
             u->dl_writes--;
             u->keep = "dead-letter write failed";
         }

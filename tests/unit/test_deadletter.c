@@ -93,14 +93,19 @@ static void on_done(int status, void *arg)
     }
 }
 
-static void write_str(evd_dl_t *dl, const char *s, bool bad_input, int id)
+static void write_counted(evd_dl_t *dl, const char *s, const uint64_t *by_reason, bool bad_input, int id)
 {
     evd_buf_t b = {0};
     assert_int_equal(evd_buf_puts(&b, s), 0);
-    assert_int_equal(evd_dl_write(dl, &b, bad_input, on_done, (void *)(intptr_t)id), 0);
+    assert_int_equal(evd_dl_write(dl, &b, by_reason, bad_input, on_done, (void *)(intptr_t)id), 0);
     assert_null(b.data);
     assert_int_equal(b.len, 0);
     assert_int_equal(b.cap, 0);
+}
+
+static void write_str(evd_dl_t *dl, const char *s, bool bad_input, int id)
+{
+    write_counted(dl, s, NULL, bad_input, id);
 }
 
 static char *slurp(const char *path)
@@ -205,23 +210,23 @@ static void test_bad_input_past_max_dropped(void **state)
     evd_dl_close(dl);
 }
 
-/* Only lines written are dead letters: counted by their reason; dropped ones apart. */
+/* Only lines written are dead letters: counted by the reasons their writes gave; dropped ones,
+ * and those of a write that failed, apart. */
 static void test_counts_by_reason(void **state)
 {
     fixture_t *f = *state;
     evd_dl_t *dl;
     assert_int_equal(evd_dl_open(&f->loop, f->path, 200, &dl), 0);
-    write_str(dl,
-              "{\"ts\":1.5,\"reason\":\"retries_exhausted\",\"target\":\"a\"}\n"
-              "{\"ts\":2,\"reason\":\"shutdown\",\"target\":\"a\"}\n"
-              "{\"ts\":3,\"reason\":\"retries_exhausted\",\"target\":\"b\"}",
-              false, 1);
-    write_str(dl,
-              "{\"ts\":4,\"reason\":\"bad_payload\",\"target\":null}\n"
-              "{\"ts\":5,\"reason\":\"unknown_table\",\"target\":null}\n",
-              true, 2);
-    write_str(dl, "{\"ts\":6,\"reason\":\"bad_payloads\"}\n{\"reason\":\"shutdown\"}\n{}\n", false, 3);
-    write_str(dl, "{\"ts\":7,\"reason\":\"bad_payload\",\"target\":null}\n", true, 4); /* past 200 bytes */
+    static const uint64_t first[EVD_DL_REASONS] = {2, 0, 0, 1}, second[EVD_DL_REASONS] = {0, 1, 1, 0},
+                          dropped[EVD_DL_REASONS] = {0, 1, 0, 0};
+    write_counted(dl,
+                  "{\"a\":\"0123456789012345678901234567890123456789\"}\n"
+                  "{\"b\":\"0123456789012345678901234567890123456789\"}\n"
+                  "{\"c\":\"0123456789012345678901234567890123456789\"}",
+                  first, false, 1); /* 148 bytes */
+    write_counted(dl, "{\"d\":\"01234567890123456789\"}\n{\"e\":\"01234567890123456789\"}\n", second, true, 2);
+    write_str(dl, "{\"f\":6}\n{}\n{}\n", false, 3);
+    write_counted(dl, "{\"g\":7}\n", dropped, true, 4); /* past 200 bytes */
     run(f);
     assert_calls(f, 4);
     assert_int_equal(evd_dl_lines(dl), 8);
