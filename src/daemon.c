@@ -356,23 +356,38 @@ static int apply_log(daemon_t *d, const evd_config_t *cfg)
 
 static int http_handler(const char *path, evd_buf_t *body, void *ud);
 
-/* Binds a reload's http.listen nl (no name lookup: that would block the loop). When the old
- * listener holds its port (the same address spelled otherwise, or [::ffff:127.0.0.1] for
- * 127.0.0.1) the old one closes first (its socket at once), and listens again if nl cannot be
- * bound. */
-static int http_rebind(daemon_t *d, const char *nl, evd_http_t **out)
+static int port_of(const struct sockaddr_storage *a)
 {
-    int rc = evd_http_start(d->loop, nl, false, http_handler, d, out);
-    if (rc != UV_EADDRINUSE || !d->http)
+    return a->ss_family == AF_INET    ? ntohs(((const struct sockaddr_in *)a)->sin_port)
+           : a->ss_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)a)->sin6_port)
+                                      : -1;
+}
+
+/* The old listener listens again at old (a reload that had it give up its port failed). */
+static void http_restore(daemon_t *d, const struct sockaddr_storage *old)
+{
+    if (evd_http_start(d->loop, (const struct sockaddr *)old, http_handler, d, &d->http) < 0) {
+        d->http = NULL;
+        EVD_LOG(EVD_LOG_ERROR, "http", F_STR("error", "the old listener cannot listen again: none until a reload"));
+    }
+}
+
+/* Listens on a reload's address na. When the old listener holds that port (the same address
+ * spelled otherwise, or [::ffff:127.0.0.1] for 127.0.0.1) it closes first (its socket at once):
+ * *moved, with its address in *old; if na still cannot be bound it listens again there. */
+static int http_rebind(daemon_t *d, const struct sockaddr_storage *na, evd_http_t **out, struct sockaddr_storage *old,
+                       bool *moved)
+{
+    *moved = false;
+    int rc = evd_http_start(d->loop, (const struct sockaddr *)na, http_handler, d, out);
+    if (rc != UV_EADDRINUSE || !d->http || evd_http_bound(d->http, old) < 0 || port_of(old) != port_of(na))
         return rc;
-    const char *ol = d->cfg->cfg->http_listen;
     evd_http_close(d->http);
     d->http = NULL;
-    rc = evd_http_start(d->loop, nl, false, http_handler, d, out);
-    if (rc < 0 && evd_http_start(d->loop, ol, false, http_handler, d, &d->http) < 0) {
-        d->http = NULL; /* the next reload tries again */
-        EVD_LOG(EVD_LOG_ERROR, "http", F_STR("listen", ol), F_STR("error", "cannot listen again"));
-    }
+    rc = evd_http_start(d->loop, (const struct sockaddr *)na, http_handler, d, out);
+    if (rc < 0)
+        http_restore(d, old);
+    *moved = rc == 0;
     return rc;
 }
 
@@ -389,19 +404,25 @@ static void on_sighup(uv_signal_t *h, int sig)
     /* A new http.listen is bound before anything else changes: one that cannot be refuses the
      * reload, and the old listener stays. */
     const char *ol = d->cfg->cfg->http_listen, *nl = cfg->http_listen;
-    bool http_changed = (ol == NULL) != (nl == NULL) || (ol && strcmp(ol, nl) != 0) || (nl && !d->http);
+    bool http_changed = (ol == NULL) != (nl == NULL) || (ol && strcmp(ol, nl) != 0);
+    bool http_retry = !http_changed && nl && !d->http; /* a listener lost by a reload (http_restore) */
     evd_http_t *nh = NULL;
-    if (http_changed && nl) {
-        int rc = http_rebind(d, nl, &nh);
-        if (rc < 0) {
+    struct sockaddr_storage na, was;
+    bool moved = false;
+    if ((http_changed || http_retry) && nl) {
+        int rc = evd_http_addr(d->loop, nl, false, &na);
+        rc = rc == 0 ? http_rebind(d, &na, &nh, &was, &moved) : rc;
+        static const char name_msg[] = "a host name is resolved only at start: give an address, or restart evictd";
+        const char *why = rc == UV_ENOTSUP ? name_msg : rc < 0 ? uv_strerror(rc) : NULL;
+        if (why && http_retry) {
+            EVD_LOG(EVD_LOG_ERROR, "http", F_STR("listen", nl), F_STR("error", why));
+        } else if (why) {
             EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("path", d->opts.config_path),
-                    F_STR("setting", "http.listen"), F_STR("listen", nl),
-                    F_STR("error", rc == UV_ENOTSUP ? "a host name is resolved only at start: give an address, or "
-                                                      "restart evictd"
-                                                    : uv_strerror(rc)));
+                    F_STR("setting", "http.listen"), F_STR("listen", nl), F_STR("error", why));
             evd_config_free(cfg);
             return;
         }
+        http_changed = nh != NULL;
     }
     cfgref_t *ref = calloc(1, sizeof(*ref));
     target_t *nt = NULL;
@@ -409,6 +430,8 @@ static void on_sighup(uv_signal_t *h, int sig)
         EVD_LOG(EVD_LOG_ERROR, "config_rejected", F_STR("error", "out of memory"));
         if (nh)
             evd_http_close(nh);
+        if (moved)
+            http_restore(d, &was);
         free(ref);
         evd_config_free(cfg);
         return;
@@ -450,7 +473,7 @@ static void on_sighup(uv_signal_t *h, int sig)
          * (the same ids there are other changes); if it is the same one, they are claimed again. */
         if (url_changed) {
             d->db_gen++;
-            outbox_forget(d);
+            outbox_forget(d, true);
         }
         pg_stop(d);
         if (pg_start(d) < 0)
@@ -458,7 +481,7 @@ static void on_sighup(uv_signal_t *h, int sig)
     } else if (d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
         /* Re-check the capture against the new rules, on a connection with no claim open (else
          * at the next safety poll that finds one). */
-        evd_pg_t *pg = quiet_conn(d);
+        evd_pg_t *pg = quiet_conn(d, false);
         if (!pg || evd_pg_query(pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0) {
             d->watches_failed = true;
             d->watches_tried_at = 0;
@@ -525,7 +548,7 @@ static void backlog_refresh(daemon_t *d)
 {
     static const char sql[] = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM evictd.outbox WHERE id > $1";
     /* Not inside a claim's transaction: the figure of the last scrape stays meanwhile. */
-    evd_pg_t *pg = d->backlog_query || d->opts.dry_run ? NULL : quiet_conn(d);
+    evd_pg_t *pg = d->backlog_query || d->opts.dry_run ? NULL : quiet_conn(d, false);
     if (!pg)
         return;
     char from[32];
@@ -716,7 +739,9 @@ int evd_daemon_run(const evd_run_opts_t *opts)
     stats_arm(d);
     d->backlog = -1;
     if (cfg->http_listen) {
-        rc = evd_http_start(d->loop, cfg->http_listen, true, http_handler, d, &d->http);
+        struct sockaddr_storage addr;
+        rc = evd_http_addr(d->loop, cfg->http_listen, true, &addr);
+        rc = rc == 0 ? evd_http_start(d->loop, (const struct sockaddr *)&addr, http_handler, d, &d->http) : rc;
         if (rc < 0) {
             EVD_LOG(EVD_LOG_ERROR, "http", F_STR("config", opts->config_path), F_STR("setting", "http.listen"),
                     F_STR("listen", cfg->http_listen), F_STR("error", uv_strerror(rc)));

@@ -104,13 +104,13 @@ struct unit {
     uint64_t db_gen; /* the daemon's db_gen when claimed */
     rec_t **recs;
     size_t nrecs, cap;
-    size_t weight;                          /* row images held: what batch.max_pending counts */
-    int outstanding;                        /* recs not finished, +1 until the unit is expanded */
-    int lookups_pending;                    /* lookups in flight, +1 until the unit is complete (unit_start) */
-    evd_buf_t dl;                           /* retries_exhausted / shutdown lines */
-    evd_buf_t dl_bad;                       /* bad-input lines */
-    uint64_t dl_reasons[2][EVD_DL_REASONS]; /* lines in dl, dl_bad by reason (evd_metrics_reasons[]) */
-    int dl_writes;                          /* dead-letter writes in flight */
+    size_t weight;       /* row images held: what batch.max_pending counts */
+    int outstanding;     /* recs not finished, +1 until the unit is expanded */
+    int lookups_pending; /* lookups in flight, +1 until the unit is complete (unit_start) */
+    evd_buf_t dl;        /* retries_exhausted / shutdown lines */
+    evd_buf_t dl_bad;    /* bad-input lines */
+    uint64_t dl_n[EVD_DL_REASONS], dl_bad_n[EVD_DL_REASONS]; /* lines in dl, dl_bad by reason (evd_metrics_reasons[]) */
+    int dl_writes;                                           /* dead-letter writes in flight */
     /* Not to be acknowledged (its rows roll back and are claimed again): a change was neither
      * confirmed by Redis nor dead-lettered (cancelled at shutdown, or its dead-letter line
      * could not be written). Says why. */
@@ -141,19 +141,19 @@ struct daemon {
     evd_run_opts_t opts;
     cfgref_t *cfg;
     evd_pg_t *listen;
-    claimer_t cl[NCLAIMERS];                   /* cl[0] also reads evictd.watches and the backlog */
-    claimer_t *claim_cl;                       /* the claimer of the claim in flight, NULL when none */
-    size_t claim_turn;                         /* the claimer to try first next time */
-    int64_t claim_from;                        /* the cursor the claim in flight was sent with */
-    int64_t restart;                           /* where a pass starts: just below the lowest id found lately */
-    bool floor_due;                            /* the poll interval passed since the last floor check was sent */
-    evd_pg_t *floor_pg;                        /* the connection the floor check in flight runs on, NULL when none */
-    uint64_t cursor_gen;                       /* bumped when the floor check moves the cursor back ... */
-    uint64_t claim_gen;                        /* ... and the claim in flight was sent before: it moves no cursor */
-    int64_t max_claimed;                       /* the highest id claimed since connecting */
-    int64_t floor_from;                        /* the floor check scans ids above this (floor_raise) */
-    int64_t floor_pend_m;                      /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
-    int64_t floor_pend_xmax;                   /* the xid of the check that set floor_pend_m */
+    claimer_t cl[NCLAIMERS]; /* cl[0] also reads evictd.watches and the backlog */
+    claimer_t *claim_cl;     /* the claimer of the claim in flight, NULL when none */
+    size_t claim_turn;       /* the claimer to try first next time */
+    int64_t claim_from;      /* the cursor the claim in flight was sent with */
+    int64_t restart;         /* where a pass starts: just below the lowest id found lately */
+    bool floor_due;          /* the poll interval passed since the last floor check was sent */
+    evd_pg_t *floor_pg;      /* the connection the floor check in flight runs on, NULL when none */
+    uint64_t cursor_gen;     /* bumped when the cursor is moved back (floor check, lower_to, outbox_forget) ... */
+    uint64_t claim_gen;      /* ... and the claim in flight was sent before: it moves no cursor */
+    int64_t max_claimed;     /* the highest id claimed since connecting */
+    int64_t floor_from;      /* the floor check scans ids above this (floor_raise) */
+    int64_t floor_pend_m;    /* ids up to this are final once xmin reaches floor_pend_xmax; -1 none */
+    int64_t floor_pend_xmax; /* the xid of the check that set floor_pend_m */
     int64_t floor_sent_cursor, floor_sent_max; /* of the floor check in flight */
     uint64_t conn_gen;                         /* bumped when the claim connection (re)connects */
     uint64_t db_gen;    /* bumped when a reload changes postgres.url: claims of before are not acked */
@@ -287,10 +287,10 @@ void update_pause(daemon_t *d);
 void claim_connected(evd_pg_t *pg, void *ud);
 void claim_disconnected(evd_pg_t *pg, const char *why, void *ud);
 void claimer_lost(claimer_t *cl);
-void outbox_forget(daemon_t *d);
+void outbox_forget(daemon_t *d, bool other_db);
 void floor_check(uv_timer_t *t);
 void maybe_drain(daemon_t *d);
-evd_pg_t *quiet_conn(daemon_t *d);
+evd_pg_t *quiet_conn(daemon_t *d, bool idle_only);
 /* What a doorbell brought: nothing, or the change of its one-row write (a hint), applied from it
  * or not (its rules need lookups, which read the claimed row; no rule names its table; a dry
  * run): then its claim does all, and goes at once. */

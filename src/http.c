@@ -229,8 +229,7 @@ static void on_connection(uv_stream_t *server, int status)
         client_close(c);
 }
 
-int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_handler_fn fn, void *ud,
-                   evd_http_t **out)
+int evd_http_addr(uv_loop_t *loop, const char *listen, bool lookup, struct sockaddr_storage *out)
 {
     char host[128];
     const char *colon = strrchr(listen, ':');
@@ -247,7 +246,7 @@ int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_h
         h0++;
     }
     int port = atoi(colon + 1);
-    struct sockaddr_storage addr;
+    struct sockaddr_storage addr = {0};
     int rc = uv_ip4_addr(h0, port, (struct sockaddr_in *)&addr);
     if (rc < 0)
         rc = uv_ip6_addr(h0, port, (struct sockaddr_in6 *)&addr);
@@ -255,7 +254,7 @@ int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_h
         /* A name (localhost): resolved once, at start, before the loop runs (no callback:
          * libuv resolves it synchronously); listened on at its first IPv4 address, else its
          * first address (localhost: 127.0.0.1, not ::1). Never on the loop (a reload). */
-        if (!resolve)
+        if (!lookup)
             return UV_ENOTSUP;
         uv_getaddrinfo_t req;
         struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
@@ -277,6 +276,18 @@ int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_h
         else
             return UV_EAI_FAMILY;
     }
+    *out = addr;
+    return 0;
+}
+
+int evd_http_bound(const evd_http_t *h, struct sockaddr_storage *out)
+{
+    int len = (int)sizeof(*out);
+    return uv_tcp_getsockname(&h->listener, (struct sockaddr *)out, &len);
+}
+
+int evd_http_start(uv_loop_t *loop, const struct sockaddr *addr, evd_http_handler_fn fn, void *ud, evd_http_t **out)
+{
     evd_http_t *h = calloc(1, sizeof(*h));
     if (!h)
         return UV_ENOMEM;
@@ -286,7 +297,7 @@ int evd_http_start(uv_loop_t *loop, const char *listen, bool resolve, evd_http_h
     h->handles = 1;
     uv_tcp_init(loop, &h->listener);
     h->listener.data = h;
-    rc = uv_tcp_bind(&h->listener, (const struct sockaddr *)&addr, 0);
+    int rc = uv_tcp_bind(&h->listener, addr, 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&h->listener, 64, on_connection);
     if (rc < 0) {

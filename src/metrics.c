@@ -15,6 +15,7 @@ int evd_metrics_reason(const char *reason)
             return i;
     return -1;
 }
+
 const double evd_metrics_lag_bounds[EVD_LAG_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                                         0.1,    0.25,  0.5,    1,     2.5,  5,     10};
 static const char *const op_names[4] = {"INSERT", "UPDATE", "DELETE", "TRUNCATE"};

@@ -155,15 +155,19 @@ static int rows_back(unit_t *u, bool end_tx)
     bool lower = u->claim && u->low > 0 && !d->opts.dry_run && u->db_gen == d->db_gen;
     int rc = 0;
     if (end_tx) {
+        /* Next on its connection: after a failed ack a claim or another query may be queued
+         * there already, which must not run inside the aborted transaction (nor this ROLLBACK
+         * inside that claim's). Out of memory: the next claim there sends it (needs_rollback),
+         * and the rows are back only then too. */
         claimer_t *cl = u->cl;
-        rc = evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, rows_back_done, cl);
+        rc = evd_pg_query_next(cl->pg, SQL_ROLLBACK, rows_back_done, cl);
         if (rc == -ENOMEM)
             cl->needs_rollback = true;
-        if (rc == 0 && lower) {
+        if ((rc == 0 || rc == -ENOMEM) && lower) {
             if (cl->back_low == 0 || u->low < cl->back_low)
                 cl->back_low = u->low;
             cl->back_gen = d->db_gen;
-            return 0;
+            return rc;
         }
     }
     if (lower)
@@ -366,10 +370,11 @@ static void on_poll_timer(uv_timer_t *t);
 
 /* An outbox connection where a query lands outside any claim's transaction: up, no claim open or
  * on its way, no ROLLBACK owed (what is queued there, an ack or a ROLLBACK, ends its transaction
- * first). One with nothing queued if there is one. For queries that must not land inside a
+ * first: a ROLLBACK after a failed ack goes next, rows_back). One with nothing queued if there is
+ * one, else (idle_only false) one with an ack queued. For queries that must not land inside a
  * claim: one that failed there would abort the claim's transaction, and its COMMIT would answer
  * ROLLBACK. */
-evd_pg_t *quiet_conn(daemon_t *d)
+evd_pg_t *quiet_conn(daemon_t *d, bool idle_only)
 {
     evd_pg_t *busy = NULL;
     for (size_t k = 0; k < NCLAIMERS; k++) {
@@ -380,7 +385,7 @@ evd_pg_t *quiet_conn(daemon_t *d)
             return cl->pg;
         busy = busy ? busy : cl->pg;
     }
-    return busy;
+    return idle_only ? NULL : busy;
 }
 
 static void begin_done(const PGresult *res, const char *err, void *arg)
@@ -413,7 +418,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         /* A ROLLBACK that could not be queued goes first (before the setup: a rollback would
          * undo its SETs); still out of memory: no claim now, the safety poll tries again. */
         if (cl->needs_rollback) {
-            if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, begin_done, NULL) < 0) {
+            if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, rows_back_done, cl) < 0) {
                 uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
                 return;
             }
@@ -558,7 +563,7 @@ static void on_poll_timer(uv_timer_t *t)
     /* Until evictd.watches is read, durable tables' doorbells are taken for notify-only changes
      * and a watched table no rule names for an unknown one: read it again. */
     uint64_t now = uv_now(d->loop);
-    evd_pg_t *pg = d->watches_failed && d->watched_loaded ? quiet_conn(d) : NULL;
+    evd_pg_t *pg = d->watches_failed && d->watched_loaded ? quiet_conn(d, false) : NULL;
     if (pg && now - d->watches_tried_at >= (uint64_t)d->cfg->cfg->poll_interval_ms) {
         /* (this timer also paces claims: at most once per poll interval, on a connection with
          * nothing on it, whose failure aborts no claim) */
@@ -802,8 +807,9 @@ static void floor_try(daemon_t *d)
     if (!d->floor_due || d->floor_pg || d->cursor <= 0 || d->stopping || d->opts.dry_run)
         return;
     /* A connection with nothing on it (claims keep off it until the check is back), else the
-     * next maybe_drain tries again. */
-    evd_pg_t *pg = quiet_conn(d);
+     * next maybe_drain tries again: during a drain the check waits rather than take a claim
+     * connection from it. */
+    evd_pg_t *pg = quiet_conn(d, true);
     if (!pg)
         return;
     evd_buf_t q = {0};
@@ -951,9 +957,11 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             F_DBL("ms", (double)(uv_hrtime() - d->claim_sent) / 1e6));
     if (n == 0) {
         d->claimed_full = false;
-        if (!d->opts.dry_run)
-            if (evd_pg_query(cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL) < 0)
-                EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
+        int rc = d->opts.dry_run ? 0 : evd_pg_query(cl->pg, SQL_COMMIT, 0, NULL, false, begin_done, NULL);
+        if (rc < 0)
+            EVD_LOG(EVD_LOG_DEBUG, "commit_skipped");
+        if (rc == -ENOMEM) /* its transaction is still open: nothing may run inside it */
+            cl->needs_rollback = true;
         if (d->stopping)
             return;
         if (!d->opts.dry_run && d->claim_gen == d->cursor_gen) {
@@ -1110,16 +1118,21 @@ static void claim_setup_done(const PGresult *res, const char *err, void *arg)
 }
 
 /* Where claims stand in the outbox, forgotten: the first connection of a claim session (or a
- * reload to another database, whose ids mean other rows) starts from id 0, reads evictd.watches
- * before any claim, and knows nothing of the idle flag. */
-void outbox_forget(daemon_t *d)
+ * reload to another database, whose ids mean other rows: other_db) starts from id 0, reads
+ * evictd.watches before any claim, and knows nothing of the idle flag. What hints and claims
+ * said of ids is kept unless the database is another (hints applied before a reconnect still
+ * have their rows taken by the last claim at shutdown, outbox_stop). */
+void outbox_forget(daemon_t *d, bool other_db)
 {
     d->cursor = 0;
     d->cursor_gen++;
     d->restart = 0;
     d->max_claimed = 0;
-    d->max_hint_id = 0;
-    d->covered = 0;
+    if (other_db) {
+        d->max_hint_id = 0;
+        d->covered = 0;
+        d->nclaimed_ids = 0;
+    }
     d->floor_from = 0;
     d->floor_pend_m = -1;
     d->conn_gen++;
@@ -1142,7 +1155,7 @@ void claim_connected(evd_pg_t *pg, void *ud)
         maybe_drain(d);
         return;
     }
-    outbox_forget(d);
+    outbox_forget(d, false);
     if (evd_pg_query(d->cl[0].pg, SQL_WATCHES, 0, NULL, false, watches_loaded, d) < 0)
         d->watched_loaded = true;
 }
@@ -1154,7 +1167,10 @@ void claimer_lost(claimer_t *cl)
     if (d->claim_cl == cl)
         d->claim_cl = NULL;
     cl->setup = false;
-    cl->needs_rollback = false; /* the server rolled it back */
+    cl->needs_rollback = false;                        /* the server rolled it back */
+    if (cl->back_low > 0 && cl->back_gen == d->db_gen) /* ... so its rows are there again */
+        lower_to(d, cl->back_low);
+    cl->back_low = 0;
     if (cl->open) {
         cl->open->in_tx = false;
         cl->open->released = true;

@@ -611,8 +611,9 @@ fail:
     return -ENOMEM;
 }
 
-int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *params, bool prepare,
-                 evd_pg_result_cb cb, void *arg)
+/* Queues a query: last, or (next) right after the one in flight, before any other waiting. */
+static int queue_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *params, bool prepare,
+                       evd_pg_result_cb cb, void *arg, bool next)
 {
     if (pg->state != PG_READY)
         return -ENOTCONN;
@@ -638,11 +639,19 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
     }
     q->nparams = nparams;
     bool idle = pg->head == NULL;
-    if (pg->tail)
+    if (next && pg->head) {
+        /* The head is in flight while busy; between two queries (a callback) it is the next. */
+        query_t **at = pg->busy ? &pg->head->next : &pg->head;
+        q->next = *at;
+        *at = q;
+        if (!q->next)
+            pg->tail = q;
+    } else if (pg->tail) {
         pg->tail->next = q;
-    else
-        pg->head = q;
-    pg->tail = q;
+        pg->tail = q;
+    } else {
+        pg->head = pg->tail = q;
+    }
     if (idle && send_next(pg, true)) {
         int fl = PQflush(pg->conn);
         if (fl < 0)
@@ -651,6 +660,17 @@ int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *
             defer_reset(pg, "cannot watch socket", NULL);
     }
     return 0;
+}
+
+int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *params, bool prepare,
+                 evd_pg_result_cb cb, void *arg)
+{
+    return queue_query(pg, sql, nparams, params, prepare, cb, arg, false);
+}
+
+int evd_pg_query_next(evd_pg_t *pg, const char *sql, evd_pg_result_cb cb, void *arg)
+{
+    return queue_query(pg, sql, 0, NULL, false, cb, arg, true);
 }
 
 bool evd_pg_ready(const evd_pg_t *pg)

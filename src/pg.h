@@ -33,6 +33,10 @@ int evd_pg_new(uv_loop_t *loop, const char *name, const char *conninfo, char *co
  * statement (the sql string is the cache key). */
 int evd_pg_query(evd_pg_t *pg, const char *sql, int nparams, const char *const *params, bool prepare,
                  evd_pg_result_cb cb, void *arg) EVD_MUST_CHECK;
+/* As evd_pg_query, no parameters, but queued right after the query in flight (from a query's
+ * callback: first), ahead of any other waiting: a ROLLBACK that must end a transaction before
+ * queries queued behind it begin. */
+int evd_pg_query_next(evd_pg_t *pg, const char *sql, evd_pg_result_cb cb, void *arg) EVD_MUST_CHECK;
 
 bool evd_pg_ready(const evd_pg_t *pg);
 /* True while a query is queued or in flight. */

@@ -221,7 +221,7 @@ static void dl_line(unit_t *u, rec_t *r, const char *reason, int target, const c
     }
     int ri = evd_metrics_reason(reason);
     if (ri >= 0)
-        u->dl_reasons[target < 0][ri]++;
+        (target < 0 ? u->dl_bad_n : u->dl_n)[ri]++;
     EVD_LOG(EVD_LOG_WARN, "dead_letter", F_STR("reason", reason),
             F_STR("target", target >= 0 ? u->cfg->cfg->targets[r->job_target[target]].name : NULL),
             F_STR("table", r->table), F_INT("id", r->id), F_STR("error", error), F_INT("attempts", attempts));
@@ -247,14 +247,14 @@ static void unit_finish_rec(unit_t *u)
     u->dl_writes++;
     if (u->dl.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl, u->dl_reasons[0], false, dl_written, u) < 0) {
+        if (evd_dl_write(d->dl, &u->dl, u->dl_n, false, dl_written, u) < 0) {
             u->dl_writes--;
             u->keep = "dead-letter write failed";
         }
     }
     if (u->dl_bad.len) {
         u->dl_writes++;
-        if (evd_dl_write(d->dl, &u->dl_bad, u->dl_reasons[1], true, dl_written, u) < 0) {
+        if (evd_dl_write(d->dl, &u->dl_bad, u->dl_bad_n, true, dl_written, u) < 0) {
             u->dl_writes--;
             u->keep = "dead-letter write failed";
         }
