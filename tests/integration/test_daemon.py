@@ -2200,6 +2200,34 @@ class DaemonTest(unittest.TestCase):
         self.assertFalse(d.find("connected", since=since, where=lambda r: r.get("conn") == "outbox"),
                          "applied only after a reconnect\n" + d.tail())
 
+    def test_16i_failed_acks_roll_back_before_the_next_claim(self):
+        """While a backlog drains (claims lock their rows, acks delete them), every ack's DELETE
+        fails for a while. Its ROLLBACK must run before the claim that maybe_drain queued behind
+        the ack on the same connection: that claim used to run inside the aborted transaction
+        ("current transaction is aborted"). Once acks succeed again everything is applied."""
+        self.sql("CREATE TABLE IF NOT EXISTS public.ack_gate (fail bool NOT NULL)",
+                 "TRUNCATE public.ack_gate", "INSERT INTO public.ack_gate VALUES (true)",
+                 """CREATE OR REPLACE FUNCTION public.ack_gate_check() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                        IF pg_catalog.current_query() LIKE '%evictd_ack%' AND (SELECT fail FROM public.ack_gate) THEN
+                            RAISE EXCEPTION 'ack refused by the test';
+                        END IF;
+                        RETURN NULL;
+                    END $$""",
+                 "CREATE TRIGGER ack_gate BEFORE DELETE ON evictd.outbox FOR EACH STATEMENT "
+                 "EXECUTE FUNCTION public.ack_gate_check()")
+        self.addCleanup(self.sql, "DROP TABLE public.ack_gate", "DROP TRIGGER IF EXISTS ack_gate ON evictd.outbox",
+                        "DROP FUNCTION public.ack_gate_check()")
+        d = self.start_ready(self.daemon())
+        since = d.mark()
+        self.sql("DO $$BEGIN FOR i IN 1..20000 LOOP UPDATE products SET stock = stock + 1 WHERE id = 1 + i % 4; "
+                 "END LOOP; END$$")
+        self.wait(lambda: d.count("ack_failed", since=since) >= 20, 20, "acks refused", d)
+        self.sql("UPDATE public.ack_gate SET fail = false")
+        self.wait_outbox_empty(d, timeout=30)
+        aborted = [r for r in d.find("claim_failed", since=since) if "aborted" in (r.get("error") or "")]
+        self.assertEqual(aborted, [], d.tail())
+
     # -- 17 ----------------------------------------------------------------------------------
     def test_17_out_of_memory_loses_nothing(self):
         """evictd_oom (tests/oom/alloc_fail.c): every 2nd, then 3rd, then 7th of evictd's own
