@@ -422,7 +422,7 @@ static void on_sighup(uv_signal_t *h, int sig)
             evd_config_free(cfg);
             return;
         }
-        http_changed = nh != NULL;
+        http_changed = nh != NULL; /* (a retry that failed changes nothing) */
     }
     cfgref_t *ref = calloc(1, sizeof(*ref));
     target_t *nt = NULL;

@@ -103,9 +103,11 @@ static int open_file(const char *path, int *fd_out, int *dir_fd_out, int64_t *si
         return -errno;
     struct stat st;
     int err = fstat(fd, &st) < 0 ? -errno : 0;
-    int dir_fd = err == 0 && created ? open_dir_of(path) : -1;
-    if (created && dir_fd < 0 && err == 0)
-        err = dir_fd;
+    int dir_fd = -1;
+    if (err == 0 && created) {
+        dir_fd = open_dir_of(path);
+        err = dir_fd < 0 ? dir_fd : 0;
+    }
     if (err < 0) {
         close(fd);
         return err;

@@ -16,8 +16,8 @@ typedef int (*evd_http_handler_fn)(const char *path, evd_buf_t *body, void *ud);
  * before the loop runs; else UV_ENOTSUP. Returns 0 or a negative libuv error. */
 int evd_http_addr(uv_loop_t *loop, const char *listen, bool lookup, struct sockaddr_storage *out) EVD_MUST_CHECK;
 
-/* Listens on addr. Returns 0 or a negative libuv error. At most 64 clients
- * at once; a request head over 8 KiB gets 431, one not complete within 5 s is dropped, so a slow or malformed client
+/* Listens on addr. Returns 0 or a negative libuv error. At most 64 clients at once; a request
+ * head over 8 KiB gets 431, one not complete within 5 s is dropped, so a slow or malformed client
  * cannot stall the loop or exhaust memory. */
 int evd_http_start(uv_loop_t *loop, const struct sockaddr *addr, evd_http_handler_fn fn, void *ud,
                    evd_http_t **out) EVD_MUST_CHECK;

@@ -131,17 +131,21 @@ static void lower_to(daemon_t *d, int64_t low)
     d->want_drain = true;
 }
 
+/* cl's transaction is over: the rows its ROLLBACK was to give back are there to claim. */
+static void rows_returned(claimer_t *cl)
+{
+    if (cl->back_low > 0 && cl->back_gen == cl->d->db_gen)
+        lower_to(cl->d, cl->back_low);
+    cl->back_low = 0;
+}
+
 static void rows_back_done(const PGresult *res, const char *err, void *arg)
 {
     claimer_t *cl = arg;
-    daemon_t *d = cl->d;
     (void)res;
     (void)err;
-    /* Done or failed, the transaction is over (a failed ROLLBACK: the connection is gone). */
-    if (cl->back_low > 0 && cl->back_gen == d->db_gen)
-        lower_to(d, cl->back_low);
-    cl->back_low = 0;
-    maybe_drain(d);
+    rows_returned(cl); /* done or failed (the connection is gone), the transaction is over */
+    maybe_drain(cl->d);
 }
 
 /* u's rows stay in the outbox, or go back to it, unacknowledged (an ack withheld, failed or not
@@ -1167,10 +1171,8 @@ void claimer_lost(claimer_t *cl)
     if (d->claim_cl == cl)
         d->claim_cl = NULL;
     cl->setup = false;
-    cl->needs_rollback = false;                        /* the server rolled it back */
-    if (cl->back_low > 0 && cl->back_gen == d->db_gen) /* ... so its rows are there again */
-        lower_to(d, cl->back_low);
-    cl->back_low = 0;
+    cl->needs_rollback = false; /* the server rolled it back */
+    rows_returned(cl);
     if (cl->open) {
         cl->open->in_tx = false;
         cl->open->released = true;
