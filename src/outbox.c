@@ -500,9 +500,13 @@ void maybe_drain(daemon_t *d)
     if ((d->stopping ? !d->last_claim : d->paused) || d->claim_cl || !d->watched_loaded ||
         (d->lookupc && !evd_pg_ready(d->lookupc)))
         return;
-    /* Idle: the flag is set, so the next write rings; until then only the safety poll claims. */
-    if (d->idle && !d->want_drain)
+    /* Idle: the flag is set, so the next write rings; until then only the safety poll claims,
+     * which is always on its way while evictd is idle. */
+    if (d->idle && !d->want_drain) {
+        if (!uv_is_active((uv_handle_t *)&d->poll_timer))
+            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
         return;
+    }
     /* Paced (claim_done): while rows keep coming, a claim goes every PACE_MS at most; after an
      * ack was withheld (unit_send_ack), not before the poll interval. */
     uint64_t now = uv_now(d->loop);
@@ -926,8 +930,13 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         d->lease_since = uv_now(d->loop);
     if (flag >= 0)
         d->flag = res ? flag : -1; /* failed: it may be set or not */
+    /* Cleared: no writer rings until a claim sets it again, so evictd is not idle either. A
+     * claim that clears the flag can go while evictd is idle: a hint rang during the claim that
+     * armed it under a lease, when the load was no longer light. Left idle, the claim after it
+     * that found the outbox empty stopped there with the flag clear and no poll to come (chaos
+     * soak: changes waited for the next PostgreSQL restart, 20 s). */
     if (flag >= 0 && !set_idle)
-        d->armed = false; /* cleared: no writer rings until a claim sets it again */
+        d->armed = d->idle = false;
     if (!res) {
         if (set_idle) /* the flag may not be set: the next empty claim sets it */
             d->armed = false;

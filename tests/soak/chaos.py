@@ -167,9 +167,16 @@ class Chaos:
                          "took_s": round(f["end"] - f["start"], 2), "detail": f["detail"]} for f in self.done]}
 
 
-def verdict(res):
+def verdict(res, max_lag_s=None):
     """(ok, [failed assertions])."""
     fails = []
+    # Liveness: faults last at most ~2 s each, with calm between them, so a change that waits far
+    # longer to be acknowledged was left behind by evictd (a stall until some later fault woke
+    # it: once 20 s, until the next PostgreSQL restart).
+    lag = res.get("apply", {}).get("lag_ms_max")
+    if max_lag_s and lag is not None and lag > max_lag_s * 1000:
+        fails.append("apply lag max %.0f ms > %.0f s (slowest: %s)" % (
+            lag, max_lag_s, res["apply"].get("slowest", [])[:3]))
     if res["lost"] != 0:
         fails.append("lost %d != 0 (outbox left %s, missing deletes %d)" % (
             res["lost"], res["outbox_left"], res["deletes"]["missing"]))
@@ -242,6 +249,8 @@ def main(argv=None):
     ap.add_argument("--calm-max", type=float, default=None, help="most calm time between faults (default 6, short 2.5)")
     ap.add_argument("--faults", default=",".join(KINDS), help="comma-separated fault kinds (default all)")
     ap.add_argument("--per-run", action="store_true", help="print RSS for every evictd run")
+    ap.add_argument("--max-lag-s", type=float, default=15.0,
+                    help="fail when a change waits longer than this from commit to its outbox row's ack (15; 0: no bound)")
     opts = ap.parse_args(argv)
     if opts.short and "--duration" not in " ".join(argv if argv is not None else sys.argv):
         opts.duration = 25.0
@@ -254,7 +263,7 @@ def main(argv=None):
     if not opts.no_evictd and not os.path.exists(checker.evictd_bin()):
         sys.exit("no evictd binary at %s (build it, or set EVICTD_BIN)" % checker.evictd_bin())
     res = checker.run(opts, chaos_factory=lambda run: Chaos(run, opts))
-    ok, fails = verdict(res)
+    ok, fails = verdict(res, None if opts.no_evictd else opts.max_lag_s)
     res["verdict"] = {"ok": ok, "failed": fails}
     print("\n".join(checker.summary_lines(res)))
     print("\n".join(summary(res)))
