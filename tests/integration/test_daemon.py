@@ -1730,6 +1730,80 @@ class DaemonTest(unittest.TestCase):
         self.assertEqual(d.count("change", since=since, where=lambda r: r.get("id") == oid), 1, d.tail())
         self.assertEqual(d.dead_letters(), [])
 
+    def test_13o_flag_cleared_while_idle_leaves_a_poll(self):
+        """A claim that clears the idle flag while evictd is idle must not leave it idle with no
+        safety poll. Under a lease, a doorbell rings during the claim that sets the lease when the
+        load is no longer light (evictd behind: 300 changes held for a frozen Redis), so evictd
+        asks for the flag to be cleared; that claim comes back with a row and evictd goes idle;
+        the next claim clears the flag and finds the outbox empty. It used to stop there, the
+        flag clear (no writer rings) and no poll armed, until a reconnect (chaos soak: 20 s). The
+        claim is held by a table lock taken as the write commits; the held changes are
+        notify-only ones (they ring nothing) and the late doorbell is forged (any role may
+        NOTIFY)."""
+        self.sql("SELECT evictd.watch('pings', ARRAY['id'], 'evictd', false)")
+        self.addCleanup(self.sql, "SELECT evictd.unwatch('pings')")
+        cfg = self.config(rules=RULES + [{"table": "pings", "durable": False, "keys": ["ping_{id}"]}])
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 5, "a lease (light load)", d)
+        since = d.mark()
+        w = self.pg.connect()
+        lk = self.pg.connect()
+        errors = []
+        try:
+            with w.cursor() as cur:
+                cur.execute("UPDATE products SET stock = 31 WHERE id = 1")
+                cur.execute("SELECT pg_backend_pid()")
+                wpid = cur.fetchone()[0]
+            with lk.cursor() as lcur:
+                lcur.execute("SELECT pg_backend_pid()")
+                lpid = lcur.fetchone()[0]
+            t = threading.Thread(target=self._run, args=(
+                lk, lambda cur: cur.execute("LOCK TABLE evictd.outbox IN EXCLUSIVE MODE"), errors))
+            t.start()
+            # The lock waits behind the write's and is granted as the write commits: the claim
+            # that the write's doorbell sends (it sets the lease) waits behind the lock.
+            self.wait(lambda: self.q1("SELECT count(*) FROM pg_locks WHERE pid = %d AND NOT granted" % lpid) == 1,
+                      5, "the LOCK queued behind the write", d)
+            w.commit()
+            t.join(10)
+            self.assertEqual(errors, [])
+            self.wait(lambda: self.q1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND pid NOT IN (%d, %d)" % (wpid, lpid)) == 1,
+                      5, "a claim waiting for the table lock", d)
+            self.rd.sigstop()
+            try:
+                self.sql("SELECT pg_notify('evictd', format('{\"v\":1,\"id\":null,\"tx\":1,\"ts\":%s,"
+                         "\"schema\":\"public\",\"table\":\"pings\",\"op\":\"UPDATE\","
+                         "\"old\":{\"id\":1},\"new\":{\"id\":1}}', i)) FROM generate_series(1, 300) AS i")
+                self.notify('{"v":1,"id":900001,"tx":1,"ts":1,"schema":"public","table":"products","op":"UPDATE",'
+                            '"rows":[{"old":{"id":3},"new":{"id":3}}]}')
+                # Its ring finds evictd behind (the 300 changes held): the flag is to be cleared.
+                d.wait_log("lease_off", 5, since=since, where=lambda r: r.get("reason") == "behind")
+                lk.commit()  # the claim goes on, and the claims after it
+                time.sleep(0.5)
+            finally:
+                self.rd.sigcont()
+        finally:
+            w.close()
+            lk.close()
+        # Once Redis has answered the held changes, a write that rings no doorbell (the flag is
+        # 0) is still claimed: at worst by the safety poll (100 ms here).
+        time.sleep(3.0)
+        self.fill([P(2)])
+        self.sql("SELECT setval('evictd.idle', 0)", "UPDATE products SET stock = 32 WHERE id = 2")
+        self.wait_gone([P(2)], d, timeout=5.0)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+
+    @staticmethod
+    def _run(conn, body, errors):
+        try:
+            with conn.cursor() as cur:
+                body(cur)
+        except Exception as e:  # noqa: BLE001 - the test checks errors
+            errors.append(e)
+
     def test_13j_doorbell_heard_after_its_claim(self):
         """A doorbell heard after its row was claimed (the claim and the LISTEN connection race)
         applies nothing: the claim applied the row. Here the real hint is replayed once its row is
