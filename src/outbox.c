@@ -503,7 +503,7 @@ void maybe_drain(daemon_t *d)
     /* Idle: the flag is set, so the next write rings; until then only the safety poll claims,
      * which is always on its way while evictd is idle. */
     if (d->idle && !d->want_drain) {
-        if (!uv_is_active((uv_handle_t *)&d->poll_timer))
+        if (!d->stopping && !uv_is_active((uv_handle_t *)&d->poll_timer))
             uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
         return;
     }
