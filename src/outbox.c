@@ -423,7 +423,8 @@ static void send_claim(daemon_t *d, claimer_t *cl)
          * undo its SETs); still out of memory: no claim now, the safety poll tries again. */
         if (cl->needs_rollback) {
             if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, rows_back_done, cl) < 0) {
-                uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+                if (!d->stopping) /* (stopping, the timer is the shutdown poll's) */
+                    uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
                 return;
             }
             cl->needs_rollback = false;
@@ -480,7 +481,8 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         /* Out of memory: nothing went, and no doorbell may ring again; the safety poll claims. */
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
         d->want_drain = true;
-        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        if (!d->stopping)
+            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
     }
 }
 

@@ -1744,12 +1744,20 @@ class DaemonTest(unittest.TestCase):
         self.addCleanup(self.sql, "SELECT evictd.unwatch('pings')")
         cfg = self.config(rules=RULES + [{"table": "pings", "durable": False, "keys": ["ping_{id}"]}])
         cfg["log"]["level"] = "debug"
+        # No safety poll in the way: the claim held below must be the one that sets the lease.
+        cfg["postgres"]["poll_interval_ms"] = 3000
         d = self.start_ready(self.daemon(cfg))
         self.wait(lambda: self.q1("SELECT last_value FROM evictd.idle") > 1, 5, "a lease (light load)", d)
+        # A fresh lease (evictd takes one older than a second, seen by a safety poll, as 1).
+        self.fill([P(4)])
+        self.sql("UPDATE products SET stock = 30 WHERE id = 4")
+        self.wait_gone([P(4)], d)
+        self.wait_outbox_empty(d)
         since = d.mark()
         w = self.pg.connect()
         lk = self.pg.connect()
         errors = []
+        t = None
         try:
             with w.cursor() as cur:
                 cur.execute("UPDATE products SET stock = 31 WHERE id = 1")
@@ -1769,8 +1777,9 @@ class DaemonTest(unittest.TestCase):
             t.join(10)
             self.assertEqual(errors, [])
             self.wait(lambda: self.q1("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                      "AND pid NOT IN (%d, %d)" % (wpid, lpid)) == 1,
-                      5, "a claim waiting for the table lock", d)
+                                      "AND pid NOT IN (%d, %d) AND query LIKE '%%evictd_claim_snap(%%, true)%%'"
+                                      % (wpid, lpid)) == 1,
+                      5, "the claim that sets the lease waiting for the table lock", d)
             self.rd.sigstop()
             try:
                 self.sql("SELECT pg_notify('evictd', format('{\"v\":1,\"id\":null,\"tx\":1,\"ts\":%s,"
@@ -1787,12 +1796,14 @@ class DaemonTest(unittest.TestCase):
         finally:
             w.close()
             lk.close()
+            if t:
+                t.join(10)
         # Once Redis has answered the held changes, a write that rings no doorbell (the flag is
-        # 0) is still claimed: at worst by the safety poll (100 ms here).
+        # 0) is still claimed: at worst by the safety poll (3 s here).
         time.sleep(3.0)
         self.fill([P(2)])
         self.sql("SELECT setval('evictd.idle', 0)", "UPDATE products SET stock = 32 WHERE id = 2")
-        self.wait_gone([P(2)], d, timeout=5.0)
+        self.wait_gone([P(2)], d, timeout=10.0)
         self.wait_outbox_empty(d)
         self.assertEqual(d.dead_letters(), [])
 

@@ -174,7 +174,7 @@ def verdict(res, max_lag_s=None):
     # longer to be acknowledged was left behind by evictd (a stall until some later fault woke
     # it: once 20 s, until the next PostgreSQL restart).
     lag = res.get("apply", {}).get("lag_ms_max")
-    if max_lag_s and lag is not None and lag > max_lag_s * 1000:
+    if max_lag_s and max_lag_s > 0 and lag is not None and lag > max_lag_s * 1000:
         fails.append("apply lag max %.0f ms > %.0f s (slowest: %s)" % (
             lag, max_lag_s, res["apply"].get("slowest", [])[:3]))
     if res["lost"] != 0:
