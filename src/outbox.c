@@ -372,6 +372,13 @@ static void claim_done(const PGresult *res, const char *err, void *arg);
 static void claim_setup_done(const PGresult *res, const char *err, void *arg);
 static void on_poll_timer(uv_timer_t *t);
 
+/* The safety poll, in poll_interval_ms; not once stopping (the timer is then the shutdown poll's). */
+static void safety_poll(daemon_t *d)
+{
+    if (!d->stopping)
+        uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+}
+
 /* An outbox connection where a query lands outside any claim's transaction: up, no claim open or
  * on its way, no ROLLBACK owed (what is queued there, an ack or a ROLLBACK, ends its transaction
  * first: a ROLLBACK after a failed ack goes next, rows_back). One with nothing queued if there is
@@ -423,8 +430,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
          * undo its SETs); still out of memory: no claim now, the safety poll tries again. */
         if (cl->needs_rollback) {
             if (evd_pg_query(cl->pg, SQL_ROLLBACK, 0, NULL, false, rows_back_done, cl) < 0) {
-                if (!d->stopping) /* (stopping, the timer is the shutdown poll's) */
-                    uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+                safety_poll(d);
                 return;
             }
             cl->needs_rollback = false;
@@ -481,8 +487,7 @@ static void send_claim(daemon_t *d, claimer_t *cl)
         /* Out of memory: nothing went, and no doorbell may ring again; the safety poll claims. */
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
         d->want_drain = true;
-        if (!d->stopping)
-            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        safety_poll(d);
     }
 }
 
@@ -505,8 +510,8 @@ void maybe_drain(daemon_t *d)
     /* Idle: the flag is set, so the next write rings; until then only the safety poll claims,
      * which is always on its way while evictd is idle. */
     if (d->idle && !d->want_drain) {
-        if (!d->stopping && !uv_is_active((uv_handle_t *)&d->poll_timer))
-            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        if (!uv_is_active((uv_handle_t *)&d->poll_timer))
+            safety_poll(d);
         return;
     }
     /* Paced (claim_done): while rows keep coming, a claim goes every PACE_MS at most; after an
@@ -947,8 +952,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         EVD_LOG(d->stopping ? EVD_LOG_DEBUG : EVD_LOG_WARN, "claim_failed", F_STR("error", err));
         if (!d->opts.dry_run)
             (void)rollback(cl);
-        if (!d->stopping)
-            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        safety_poll(d);
         return;
     }
     int n = PQntuples(res);
@@ -993,7 +997,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
             if (d->want_drain)
                 maybe_drain(d);
             else
-                uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+                safety_poll(d);
             return;
         }
         if (d->armed) {
@@ -1038,8 +1042,7 @@ static void claim_done(const PGresult *res, const char *err, void *arg)
         EVD_LOG(EVD_LOG_ERROR, "claim_failed", F_STR("error", "out of memory"));
         if (!d->opts.dry_run)
             (void)rollback(cl);
-        if (!d->stopping) /* the safety poll claims them again */
-            uv_timer_start(&d->poll_timer, on_poll_timer, (uint64_t)d->cfg->cfg->poll_interval_ms, 0);
+        safety_poll(d); /* it claims them again */
         return;
     }
     u->in_tx = !d->opts.dry_run;
