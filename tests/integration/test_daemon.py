@@ -863,6 +863,40 @@ class DaemonTest(unittest.TestCase):
         self.assertFalse(last.get("locks"), "claims still lock after the backlog: %s" % last)
         self.assertEqual(d.dead_letters(), [])
 
+    def test_08f_late_row_found_during_a_long_drain(self):
+        """A transaction that took its outbox id before a long backlog and commits while the
+        backlog is drained leaves its row below the cursor. The floor check (every poll
+        interval) must find it while the drain goes on, although both outbox connections take
+        turns claiming then and the check runs only on one with nothing on it: not only when the
+        drain's pass ends. Found 0.05-0.10 s after its commit with 357,000 rows still to drain; with
+        floor_try() switched off, 2.0 s, after the last of them."""
+        self.sql("UPDATE products SET stock = 3 WHERE id = 1")
+        payload = self.q1("SELECT (payload::jsonb - 'id')::text FROM evictd.outbox ORDER BY id DESC LIMIT 1")
+        self.sql("DELETE FROM evictd.outbox")
+        self.fill([P(1), P(2), PL])
+        late = self.pg.connect()
+        try:
+            with late.cursor() as cur:
+                cur.execute("UPDATE products SET stock = 4 WHERE id = 2")  # its outbox id: below the backlog
+            self.sql("INSERT INTO evictd.outbox (id, payload) SELECT nextval('evictd.outbox_id_seq'), %s "
+                     "FROM generate_series(1, 400000)" % self.lit(payload))
+            cfg = self.config()
+            d = self.daemon(cfg)
+            d.start()
+            self.wait(lambda: self.outbox_count() < 390000, 30, "the drain under way", d)
+            late.commit()
+            committed = time.monotonic()
+            self.wait_gone([P(2)], d, timeout=60)
+            took = time.monotonic() - committed
+            left = self.outbox_count()
+        finally:
+            late.close()
+        sys.stderr.write("[08f] late row applied %.2f s after its commit, %d backlog rows left\n" % (took, left))
+        self.assertGreater(left, 0, "the drain ended first: nothing shown (took %.2f s)" % took)
+        self.assertLess(took, 3.0, "the late row waited for the drain")
+        self.wait_outbox_empty(d, timeout=120)
+        self.assertEqual(d.dead_letters(), [])
+
     def test_08e_backlog_claims_ignore_stale_statistics(self):
         """Autovacuum analyzes the outbox when it likes, often when it is all but empty: its
         statistics then say a handful of rows with ids below the next backlog's. A backlog
