@@ -55,10 +55,18 @@ static void process_incoming(daemon_t *d)
     unit_start(u);
 }
 
+static void reap_retired(daemon_t *d);
+
 static void on_check(uv_check_t *h)
 {
     daemon_t *d = evd_container_of(h, daemon_t, check);
     process_incoming(d);
+    /* A target a reload replaced is closed once its last batch is answered: here, after the
+     * callbacks of each loop turn (not from inside its own), rather than at the next stats line,
+     * which may be a minute off or never come (stats_interval_s 0), while it kept reconnecting
+     * to a server taken out of the config. */
+    if (d->nretiring)
+        reap_retired(d);
     evd_log_flush();
 }
 
@@ -328,7 +336,6 @@ static void on_stats(uv_timer_t *t)
     d->dl_dropped_seen = dl_dropped;
     d->n_changes = d->n_keys = d->n_patterns = d->n_unmatched = d->n_bad = 0;
     d->nlags = 0;
-    reap_retired(d);
 }
 
 static void stats_arm(daemon_t *d)
@@ -467,7 +474,6 @@ static void on_sighup(uv_signal_t *h, int sig)
     if (evd_dl_reopen(d->dl, cfg->dl_path, cfg->dl_max_bytes) < 0)
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "cannot reopen"), F_STR("path", cfg->dl_path));
     stats_arm(d);
-    reap_retired(d);
     if (pg_changed) {
         /* Another database, perhaps: rows claimed from the old one are not acknowledged in it
          * (the same ids there are other changes); if it is the same one, they are claimed again. */

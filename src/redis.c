@@ -1407,8 +1407,11 @@ static void on_reply(redisAsyncContext *ac, void *reply_, void *privdata)
     case CMD_AUTH:
     case CMD_SELECT:
         if (reply->type == REDIS_REPLY_ERROR) {
+            /* One reset, also for the errors conn_error() knows (a SELECT without AUTH gets
+             * NOAUTH): a second would count the failure twice, doubling the reconnect backoff. */
             reset(r, "%s failed: %.*s", cmd.kind == CMD_AUTH ? "AUTH" : "SELECT", (int)reply->len, reply->str);
-            break;
+            end(r);
+            return;
         }
         advance(r, cmd.kind == CMD_AUTH ? ST_SELECT : ST_READY);
         break;

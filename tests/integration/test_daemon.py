@@ -1254,6 +1254,41 @@ class DaemonTest(unittest.TestCase):
         finally:
             self.rd.start()
 
+    def test_10h_replaced_target_closed_after_its_last_batch(self):
+        """A target a reload replaced while a batch to it was in flight is closed once that batch
+        is answered. It used to be closed only at the next stats line (never, with
+        log.stats_interval_s 0, until another reload), keeping its connection to the old server
+        meanwhile and reconnecting whenever that one dropped it."""
+        cfg = self.config()
+        cfg["redis"]["default"]["timeout_ms"] = 10000  # the frozen server's answer, not a timeout
+        cfg["log"]["stats_interval_s"] = 0
+        cfg["log"]["level"] = "debug"
+        d = self.start_ready(self.daemon(cfg))
+        new = Redis()
+        self.addCleanup(new.cleanup)
+        self.fill([P(1)])
+
+        def old_conns():  # evictd's connection to the old server: its last command its batch's
+            return [c for c in self.r().client_list() if c.get("cmd") in ("unlink", "scan")]
+
+        since = d.mark()
+        self.rd.sigstop()
+        try:
+            self.sql("UPDATE products SET stock = stock + 1 WHERE id = 1")
+            d.wait_log("change", 5, since=since)
+            time.sleep(0.3)  # its UNLINK goes out to the frozen server
+            cfg = copy.deepcopy(d.config)
+            cfg["redis"]["default"]["url"] = new.url()
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            d.wait_log("config_reloaded", 5, since=since)
+        finally:
+            self.rd.sigcont()
+        self.wait_gone([P(1)], d)  # answered by the old server
+        self.wait(lambda: not old_conns(), 3, "the replaced target's connection closed", d)
+        self.wait_outbox_empty(d)
+        self.assertEqual(d.dead_letters(), [])
+
     # -- 11 ----------------------------------------------------------------------------------
     def check(self, cfg_path):
         p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],
@@ -2044,6 +2079,31 @@ class DaemonTest(unittest.TestCase):
         finally:
             locked.cleanup()
             self.r().execute_command("ACL", "DELUSER", "evacl")
+
+    def test_14b_refused_select_is_one_failure(self):
+        """A target with a database but no password, on a server that wants one: SELECT gets
+        NOAUTH. That is one failed connection attempt: one `disconnected` line, one step of the
+        reconnect backoff. It used to reset the connection twice (once for the failed SELECT,
+        once more because NOAUTH is an error that means the connection is wrong), which counted
+        each attempt as two failures and doubled the backoff's growth."""
+        locked = Redis(extra_args=["--requirepass", "reqSecret3J7v"])
+        try:
+            cfg = self.config(rules=RULES + [{"table": "products", "targets": ["locked"],
+                                              "keys": ["routex:1:product_{id}"]}],
+                              retry={"max_attempts": 1000, "initial_backoff_ms": 50, "max_backoff_ms": 50})
+            cfg["redis"]["locked"] = {"url": "redis://127.0.0.1:%d/1" % locked.port, "timeout_ms": 500}
+            cfg["log"]["level"] = "debug"
+            d = self.start_ready(self.daemon(cfg))
+            mine = lambda r: r.get("target") == "locked"  # noqa: E731
+            self.wait(lambda: len(d.find("disconnected", where=mine)) >= 6, 10, "six failed connections", d)
+            d.stop()
+            lines = d.find("disconnected", where=mine)
+            errors = [r.get("error", "") for r in lines]
+            self.assertTrue(all(e.startswith("SELECT failed: NOAUTH") for e in errors), errors)
+            failures = [r["failures"] for r in lines[1:]]  # the first line (a warning) has no count
+            self.assertEqual(failures, list(range(2, len(lines) + 1)), "one failure counted per attempt")
+        finally:
+            locked.cleanup()
 
     # -- 15 ----------------------------------------------------------------------------------
     def test_15_two_replicas_share_the_outbox(self):
