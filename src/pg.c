@@ -65,7 +65,8 @@ struct evd_pg {
     size_t nprepared;
 
     int backoff_ms;
-    bool was_up; /* logged `connected` since the last `disconnected` */
+    bool was_up;      /* logged `connected` since the last `disconnected` */
+    bool down_logged; /* this outage's first failure was logged as a warning */
     char last_error[256];
     uint64_t reconnects;
     int closing; /* handles still to close */
@@ -155,13 +156,16 @@ static void teardown(evd_pg_t *pg)
     pg->nprepared = 0;
     if (pg->state == PG_CLOSED)
         return;
+    /* Once an outage at the default level, saying why (a server down at start, a wrong password,
+     * a bad URL), as Redis targets do; each further attempt at debug. */
     if (pg->was_up) {
         EVD_LOG(EVD_LOG_WARN, "disconnected", F_STR("conn", pg->name), F_STR("error", pg->last_error));
         pg->was_up = false;
     } else {
-        EVD_LOG(EVD_LOG_DEBUG, "connect_failed", F_STR("conn", pg->name), F_STR("error", pg->last_error),
-                F_INT("retry_in_ms", pg->backoff_ms));
+        EVD_LOG(pg->down_logged ? EVD_LOG_DEBUG : EVD_LOG_WARN, "connect_failed", F_STR("conn", pg->name),
+                F_STR("error", pg->last_error), F_INT("retry_in_ms", pg->backoff_ms));
     }
+    pg->down_logged = true;
     pg->state = PG_BACKOFF;
     fail_queries(pg, pg->last_error);
     if (pg->h.disconnected)
@@ -182,7 +186,10 @@ static void on_backoff_timer(uv_timer_t *t)
 static void on_poll(uv_poll_t *h, int status, int events)
 {
     evd_pg_t *pg = evd_container_of(h, pg_poll_t, h)->pg;
-    if (status < 0) {
+    /* While connecting, an error on the socket (a refused connect) is libpq's to read: it says
+     * why ("Connection refused", not "bad file descriptor") and goes on to the next host or
+     * address of a list, where a reset would start the whole list again. */
+    if (status < 0 && pg->state != PG_CONNECTING) {
         pg_reset(pg, "poll error: %s", uv_strerror(status));
         return;
     }
@@ -344,6 +351,7 @@ static void became_ready(evd_pg_t *pg)
 {
     pg->state = PG_READY;
     pg->backoff_ms = 100;
+    pg->down_logged = false;
     if (!pg->was_up) {
         pg->was_up = true;
         pg->reconnects++;

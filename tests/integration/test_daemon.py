@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2570,6 +2571,99 @@ class DaemonTest(unittest.TestCase):
             c.execute_command("REPLICAOF", "NO", "ONE")
         self.wait_gone([P(1)], d)
         self.assertEqual(d.dead_letters(), [])
+
+    def test_20c_postgres_host_list_after_a_refused_host(self):
+        """postgres.url lists two hosts and the first refuses. The refused connect shows as an
+        error on the socket (libuv: EBADF), and evictd used to reset the whole attempt on it,
+        so the next attempt began with the first host again: the connections never came up,
+        and said so only at debug ("poll error: bad file descriptor"). While connecting, libpq
+        now reads that error itself and goes on to the next host."""
+        refused = harness.free_port()
+        cfg = self.config()
+        cfg["postgres"]["url"] = "postgresql://postgres@127.0.0.1:%d,127.0.0.1:%d/postgres" % (refused, self.pg.port)
+        d = self.start_ready(self.daemon(cfg))
+        self.assertEqual({r["port"] for r in d.find("connected") if r.get("conn")}, {str(self.pg.port)})
+        self.step(d, "UPDATE products SET stock = 5 WHERE id = 2", [P(2), PL], [P(3)])
+
+    def test_20e_postgres_host_list_past_a_read_only_host(self):
+        """A primary/standby host list with target_session_attrs=read-write, the first host
+        read-only: libpq closes that socket after the handshake and connects to the next host,
+        usually under the same descriptor number. evictd follows it there (libuv registers the
+        socket again because the poll events change; a review suspected a stall, this shows
+        none, also on the code before). The first host is a stub that answers the startup
+        handshake as a read-only server."""
+        ro = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ro.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ro.bind(("127.0.0.1", 0))
+        ro.listen(16)
+        ro.settimeout(0.2)
+        stop = threading.Event()
+        served = []
+
+        def msg(kind, body):
+            return kind + struct.pack("!I", len(body) + 4) + body
+
+        def serve():
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    c, _ = ro.accept()
+                except socket.timeout:
+                    continue
+                with c:
+                    c.settimeout(2)
+                    try:
+                        for _ in range(3):  # SSL / GSS requests ('N'), then the startup packet
+                            n = struct.unpack("!I", c.recv(4, socket.MSG_WAITALL))[0]
+                            body = c.recv(n - 4, socket.MSG_WAITALL)
+                            if struct.unpack("!I", body[:4])[0] in (80877103, 80877104):
+                                c.sendall(b"N")
+                                continue
+                            out = msg(b"R", struct.pack("!I", 0))
+                            for k, v in (("server_version", "15.0"), ("default_transaction_read_only", "on"),
+                                         ("in_hot_standby", "on"), ("client_encoding", "UTF8")):
+                                out += msg(b"S", k.encode() + b"\0" + v.encode() + b"\0")
+                            out += msg(b"K", struct.pack("!II", 1, 2)) + msg(b"Z", b"I")
+                            c.sendall(out)
+                            served.append(1)
+                            c.recv(1024)  # until libpq closes it
+                            break
+                    except (OSError, struct.error):
+                        pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        try:
+            cfg = self.config()
+            cfg["postgres"]["url"] = ("postgresql://postgres@127.0.0.1:%d,127.0.0.1:%d/postgres"
+                                      "?target_session_attrs=read-write" % (ro.getsockname()[1], self.pg.port))
+            d = self.start_ready(self.daemon(cfg))
+            self.assertGreaterEqual(len(served), 1, "the read-only stub was never asked")
+            self.assertEqual({r["port"] for r in d.find("connected") if r.get("conn")}, {str(self.pg.port)})
+            self.step(d, "UPDATE products SET stock = 6 WHERE id = 2", [P(2), PL], [P(3)])
+        finally:
+            stop.set()
+            t.join(5)
+            ro.close()
+
+    def test_20d_postgres_unreachable_said_at_the_default_level(self):
+        """PostgreSQL unreachable from the start: the first failed attempt of each connection is a
+        warning that says why (it used to be logged at debug only, so at the default level
+        evictd said nothing while it retried); the retries after it stay at debug."""
+        cfg = self.config()
+        cfg["postgres"]["url"] = "postgresql://postgres@127.0.0.1:%d/postgres" % harness.free_port()
+        d = self.daemon(cfg)
+        d.start()
+        conns = ("listen", "outbox")
+        for conn in conns:
+            d.wait_log("connect_failed", 10, where=lambda r, c=conn: r.get("conn") == c)
+        time.sleep(1.5)  # several more attempts (100 ms, then doubling)
+        for conn in conns:
+            lines = d.find("connect_failed", where=lambda r, c=conn: r.get("conn") == c)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertEqual(lines[0].get("level"), "warn", lines[0])
+            self.assertIn("refused", lines[0].get("error", ""), lines[0])
+        self.assertTrue(d.running())
 
 
 class _Result(unittest.TextTestResult):
