@@ -56,6 +56,7 @@ static void process_incoming(daemon_t *d)
 }
 
 static void reap_retired(daemon_t *d);
+static void listen_old_close(daemon_t *d);
 
 static void on_check(uv_check_t *h)
 {
@@ -67,6 +68,8 @@ static void on_check(uv_check_t *h)
      * to a server taken out of the config. */
     if (d->nretiring)
         reap_retired(d);
+    if (d->listen_old_done)
+        listen_old_close(d);
     evd_log_flush();
 }
 
@@ -130,10 +133,35 @@ void watches_loaded(const PGresult *res, const char *err, void *arg)
     maybe_drain(d);
 }
 
+static void listen_old_synced(const PGresult *res, const char *err, void *arg)
+{
+    (void)res;
+    (void)err;
+    ((daemon_t *)arg)->listen_old_done = true;
+}
+
+/* Closes the listener a reload replaced, after handing on what it holds. */
+static void listen_old_close(daemon_t *d)
+{
+    if (!d->listen_old)
+        return;
+    evd_pg_take_notifies(d->listen_old);
+    evd_pg_close(d->listen_old, NULL, NULL);
+    d->listen_old = NULL;
+    d->listen_old_done = false;
+}
+
 static void listen_connected(evd_pg_t *pg, void *ud)
 {
     daemon_t *d = ud;
-    (void)pg;
+    /* The new listener of a reload listens: one round trip on the old one, and it goes. The
+     * server sends a connection the notifications due to it before it says it is ready for
+     * the next query, so every change committed before the new LISTEN has reached evictd
+     * through one of them (some through both: deletes are idempotent). */
+    if (pg == d->listen && d->listen_old &&
+        (!evd_pg_ready(d->listen_old) ||
+         evd_pg_query(d->listen_old, "SELECT 1", 0, NULL, false, listen_old_synced, d) < 0))
+        d->listen_old_done = true;
     /* Notifications sent while we were away are lost: the outbox has them. */
     d->want_drain = true;
     maybe_drain(d);
@@ -164,24 +192,39 @@ static bool has_lookups(const evd_config_t *cfg)
     return false;
 }
 
-static int pg_start(daemon_t *d)
+static int listen_start(daemon_t *d)
 {
     const evd_config_t *cfg = d->cfg->cfg;
     int rc = evd_pg_new(d->loop, "listen", cfg->pg_url, cfg->channels, cfg->nchannels, &listen_handlers, d, &d->listen);
-    static const char *const names[NCLAIMERS] = {"outbox", "outbox2"};
-    for (size_t i = 0; i < NCLAIMERS && rc == 0; i++) {
-        d->cl[i].d = d;
-        rc = evd_pg_new(d->loop, names[i], cfg->pg_url, NULL, 0, &claim_handlers, &d->cl[i], &d->cl[i].pg);
-    }
-    if (rc == 0 && has_lookups(cfg))
-        rc = evd_pg_new(d->loop, "lookups", cfg->pg_url, NULL, 0, &lookup_handlers, d, &d->lookupc);
     if (rc == 0 && d->paused)
         evd_pg_pause(d->listen, true);
     return rc;
 }
 
+static int lookups_start(daemon_t *d)
+{
+    const evd_config_t *cfg = d->cfg->cfg;
+    return has_lookups(cfg) ? evd_pg_new(d->loop, "lookups", cfg->pg_url, NULL, 0, &lookup_handlers, d, &d->lookupc)
+                            : 0;
+}
+
+static int pg_start(daemon_t *d)
+{
+    const evd_config_t *cfg = d->cfg->cfg;
+    int rc = listen_start(d);
+    static const char *const names[NCLAIMERS] = {"outbox", "outbox2"};
+    for (size_t i = 0; i < NCLAIMERS && rc == 0; i++) {
+        d->cl[i].d = d;
+        rc = evd_pg_new(d->loop, names[i], cfg->pg_url, NULL, 0, &claim_handlers, &d->cl[i], &d->cl[i].pg);
+    }
+    if (rc == 0)
+        rc = lookups_start(d);
+    return rc;
+}
+
 static void pg_stop(daemon_t *d)
 {
+    listen_old_close(d);
     if (d->listen)
         evd_pg_close(d->listen, NULL, NULL);
     for (size_t i = 0; i < NCLAIMERS; i++) {
@@ -462,9 +505,10 @@ static void on_sighup(uv_signal_t *h, int sig)
     free(ot);
     const evd_config_t *old = d->cfg->cfg;
     bool url_changed = strcmp(old->pg_url, cfg->pg_url) != 0;
-    bool pg_changed = url_changed || old->nchannels != cfg->nchannels || has_lookups(old) != has_lookups(cfg);
-    for (size_t i = 0; !pg_changed && i < cfg->nchannels; i++)
-        pg_changed = strcmp(old->channels[i], cfg->channels[i]) != 0;
+    bool chan_changed = old->nchannels != cfg->nchannels;
+    for (size_t i = 0; !chan_changed && i < cfg->nchannels; i++)
+        chan_changed = strcmp(old->channels[i], cfg->channels[i]) != 0;
+    bool lookups_changed = has_lookups(old) != has_lookups(cfg);
     ref->cfg = cfg;
     ref->refs = 1;
     cfg_put(d->cfg);
@@ -474,17 +518,36 @@ static void on_sighup(uv_signal_t *h, int sig)
     if (evd_dl_reopen(d->dl, cfg->dl_path, cfg->dl_max_bytes) < 0)
         EVD_LOG(EVD_LOG_ERROR, "dead_letter", F_STR("error", "cannot reopen"), F_STR("path", cfg->dl_path));
     stats_arm(d);
-    if (pg_changed) {
+    if (url_changed) {
         /* Another database, perhaps: rows claimed from the old one are not acknowledged in it
          * (the same ids there are other changes); if it is the same one, they are claimed again. */
-        if (url_changed) {
-            d->db_gen++;
-            outbox_forget(d, true);
-        }
+        d->db_gen++;
+        outbox_forget(d, true);
         pg_stop(d);
         if (pg_start(d) < 0)
             EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
-    } else if (d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
+    } else {
+        /* The same database: only what changed is replaced. A new channel list gets a new
+         * listener, and the old one delivers until it listens (listen_connected): closing it
+         * first lost the notify-only changes committed in between. The outbox connections
+         * stay, and so do their claims. */
+        int rc = 0;
+        if (chan_changed) {
+            listen_old_close(d);
+            d->listen_old = d->listen;
+            d->listen = NULL;
+            rc = listen_start(d);
+        }
+        if (lookups_changed && d->lookupc) {
+            evd_pg_close(d->lookupc, NULL, NULL);
+            d->lookupc = NULL;
+        } else if (lookups_changed && rc == 0) {
+            rc = lookups_start(d);
+        }
+        if (rc < 0)
+            EVD_LOG(EVD_LOG_ERROR, "config_reloaded", F_STR("error", "cannot start postgres connections"));
+    }
+    if (!url_changed && d->cl[0].pg && evd_pg_ready(d->cl[0].pg)) {
         /* Re-check the capture against the new rules, on a connection with no claim open (else
          * at the next safety poll that finds one). */
         evd_pg_t *pg = quiet_conn(d, false);
@@ -494,7 +557,7 @@ static void on_sighup(uv_signal_t *h, int sig)
         }
     }
     EVD_LOG(EVD_LOG_INFO, "config_reloaded", F_STR("path", cfg->path), F_INT("rules", (int64_t)cfg->rules.n),
-            F_INT("targets", (int64_t)cfg->ntargets), F_BOOL("postgres_reconnect", pg_changed));
+            F_INT("targets", (int64_t)cfg->ntargets), F_BOOL("postgres_reconnect", url_changed || chan_changed));
     update_pause(d);
     maybe_drain(d);
 }

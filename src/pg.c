@@ -716,6 +716,16 @@ void evd_pg_pause(evd_pg_t *pg, bool paused)
     }
 }
 
+void evd_pg_take_notifies(evd_pg_t *pg)
+{
+    PGnotify *n;
+    while (pg->state == PG_READY && (n = PQnotifies(pg->conn)) != NULL) {
+        if (pg->h.notify)
+            pg->h.notify(pg, n->relname, n->extra, strlen(n->extra), pg->ud);
+        PQfreemem(n);
+    }
+}
+
 static void handle_closed(uv_handle_t *h)
 {
     evd_pg_t *pg = h->data;

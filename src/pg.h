@@ -45,6 +45,9 @@ const char *evd_pg_last_error(const evd_pg_t *pg);
 uint64_t evd_pg_reconnects(const evd_pg_t *pg);
 /* Stops (or resumes) reading the socket: backpressure for the LISTEN connection. */
 void evd_pg_pause(evd_pg_t *pg, bool paused);
+/* Delivers the notifications libpq has read and holds, paused or not: for a listener about to
+ * be closed. */
+void evd_pg_take_notifies(evd_pg_t *pg);
 /* Fails queued queries, closes the connection and handles, frees pg in the last close callback,
  * then calls closed(arg). Safe from a callback. */
 void evd_pg_close(evd_pg_t *pg, void (*closed)(void *arg), void *arg);

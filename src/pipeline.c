@@ -979,6 +979,8 @@ void update_pause(daemon_t *d)
         d->paused = pause;
         if (d->listen)
             evd_pg_pause(d->listen, pause);
+        if (d->listen_old)
+            evd_pg_pause(d->listen_old, pause);
         EVD_LOG(EVD_LOG_DEBUG, pause ? "paused" : "resumed", F_INT("pending", (int64_t)d->pending));
     }
 }

@@ -1290,6 +1290,73 @@ class DaemonTest(unittest.TestCase):
         self.wait_outbox_empty(d)
         self.assertEqual(d.dead_letters(), [])
 
+    def test_10i_channel_change_loses_no_notify_only_change(self):
+        """A reload that changes postgres.channels needs a new LISTEN connection. evictd closed
+        the old one first (and the outbox connections with it), so notify-only changes committed
+        before the new one listened were lost: nothing keeps them. Now the old listener delivers
+        until the new one listens, and the outbox connections stay."""
+        cfg = self.config(rules=RULES + [{"table": "pings", "durable": False, "keys": ["routex:1:ping_{id}"]}])
+        d = self.daemon(cfg)
+        self.apply_sql(d.cfg_path)
+        try:
+            n = 1500
+            self.sql("INSERT INTO pings (id, note) SELECT g, 'x' FROM generate_series(10, %d) g" % (9 + n))
+            self.start_ready(d)
+            keys = ["routex:1:ping_%d" % i for i in range(10, 10 + n)]
+            self.fill(keys)
+            errors = []
+
+            def writer(cur):  # 1,000 notify-only changes a second, for 1.5 s
+                t0 = time.monotonic()
+                for k in range(n):
+                    cur.execute("UPDATE pings SET note = 'y' WHERE id = %d" % (10 + k))
+                    keep_pace(t0, k + 1, 1000)
+
+            t = self.writer_thread(writer, errors)
+            t.start()
+            time.sleep(0.5)
+            cfg = copy.deepcopy(d.config)
+            cfg["postgres"]["channels"] = ["evictd", "evictd_more"]
+            since = d.mark()
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            rec = d.wait_log("config_reloaded", 5, since=since)
+            self.assertTrue(rec.get("postgres_reconnect"), rec)
+            t.join(30)
+            self.assertEqual(errors, [])
+            self.wait_gone(keys, d, timeout=10)
+            self.assertEqual(d.count("connected", since=since, where=lambda r: r.get("conn") == "listen"), 1)
+            self.assertEqual(d.count("connected", since=since, where=lambda r: r.get("conn") == "outbox"), 0,
+                             "the outbox connections were made again")
+            self.assertEqual(d.dead_letters(), [])
+        finally:
+            self.sql("SELECT evictd.unwatch('pings')")
+
+    def test_10j_lookups_added_and_removed_by_reload(self):
+        """A reload that adds the first rule with lookups, or removes the last, starts or closes
+        only the lookups connection: the LISTEN and outbox connections stay (they were all made
+        again, which lost the notify-only changes of the moment)."""
+        plain = [RULES[0], RULES[2], {"table": "shipments", "keys": ["routex:1:product_{product_id}"]}]
+        d = self.start_ready(self.daemon(self.config(rules=plain)))
+        self.assertEqual(d.count("connected", where=lambda r: r.get("conn") == "lookups"), 0)
+        for rules, lookups in ((RULES, True), (plain, False)):
+            cfg = copy.deepcopy(d.config)
+            cfg["rules"] = rules
+            since = d.mark()
+            d.write_config(cfg)
+            d.signal(signal.SIGHUP)
+            rec = d.wait_log("config_reloaded", 5, since=since)
+            self.assertFalse(rec.get("postgres_reconnect"), rec)
+            if lookups:
+                d.wait_log("connected", 10, since=since, where=lambda r: r.get("conn") == "lookups")
+                self.step(d, "UPDATE shipments SET driver_id = 2 WHERE id = 1", [DS(102), P(3)], [DS(103)])
+            else:
+                self.step(d, "UPDATE shipments SET driver_id = 3 WHERE id = 1", [P(3)], [DS(103)])
+            made = [r.get("conn") for r in d.find("connected", since=since) if r.get("conn")]
+            self.assertEqual(made, ["lookups"] if lookups else [], made)
+        self.assertEqual(d.count("lookup_failed"), 0, d.tail())
+        self.assertEqual(d.dead_letters(), [])
+
     # -- 11 ----------------------------------------------------------------------------------
     def check(self, cfg_path):
         p = subprocess.run([evictd_bin(), "check", "--connect", "--config", cfg_path],
