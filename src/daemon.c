@@ -56,7 +56,7 @@ static void process_incoming(daemon_t *d)
 }
 
 static void reap_retired(daemon_t *d);
-static void listen_old_close(daemon_t *d);
+static void listen_old_close(daemon_t *d, bool hand_on);
 
 static void on_check(uv_check_t *h)
 {
@@ -69,7 +69,7 @@ static void on_check(uv_check_t *h)
     if (d->nretiring)
         reap_retired(d);
     if (d->listen_old_done)
-        listen_old_close(d);
+        listen_old_close(d, true);
     evd_log_flush();
 }
 
@@ -140,12 +140,14 @@ static void listen_old_synced(const PGresult *res, const char *err, void *arg)
     ((daemon_t *)arg)->listen_old_done = true;
 }
 
-/* Closes the listener a reload replaced, after handing on what it holds. */
-static void listen_old_close(daemon_t *d)
+/* Closes the listener a reload replaced, after handing on what it holds (hand_on; not when the
+ * database changes or evictd stops, as for the main listener). */
+static void listen_old_close(daemon_t *d, bool hand_on)
 {
     if (!d->listen_old)
         return;
-    evd_pg_take_notifies(d->listen_old);
+    if (hand_on)
+        evd_pg_take_notifies(d->listen_old);
     evd_pg_close(d->listen_old, NULL, NULL);
     d->listen_old = NULL;
     d->listen_old_done = false;
@@ -224,7 +226,7 @@ static int pg_start(daemon_t *d)
 
 static void pg_stop(daemon_t *d)
 {
-    listen_old_close(d);
+    listen_old_close(d, false);
     if (d->listen)
         evd_pg_close(d->listen, NULL, NULL);
     for (size_t i = 0; i < NCLAIMERS; i++) {
@@ -340,7 +342,7 @@ static uint64_t retries_total(const daemon_t *d)
 static void reap_retired(daemon_t *d)
 {
     for (size_t i = 0; i < d->nretiring;) {
-        if (evd_redis_pending(d->retiring[i]) == 0) {
+        if (evd_redis_idle(d->retiring[i])) {
             close_target(d, d->retiring[i]);
             d->retiring[i] = d->retiring[--d->nretiring];
         } else {
@@ -533,8 +535,15 @@ static void on_sighup(uv_signal_t *h, int sig)
          * stay, and so do their claims. */
         int rc = 0;
         if (chan_changed) {
-            listen_old_close(d);
-            d->listen_old = d->listen;
+            /* Again before the last one's new listener listens: that one goes, the one that
+             * listens stays until the newest listens. */
+            if (d->listen_old && (!d->listen || !evd_pg_ready(d->listen))) {
+                if (d->listen)
+                    evd_pg_close(d->listen, NULL, NULL);
+            } else {
+                listen_old_close(d, true);
+                d->listen_old = d->listen;
+            }
             d->listen = NULL;
             rc = listen_start(d);
         }

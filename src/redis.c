@@ -1629,6 +1629,11 @@ size_t evd_redis_pending(const evd_redis_t *r)
     return r->npending;
 }
 
+bool evd_redis_idle(const evd_redis_t *r)
+{
+    return r->npending == 0 && r->redel_nsegs == 0 && !r->redeletes;
+}
+
 const evd_redis_stats_t *evd_redis_stats(const evd_redis_t *r)
 {
     return &r->stats;

@@ -71,6 +71,8 @@ bool evd_redis_connected(const evd_redis_t *r);
 const char *evd_redis_last_error(const evd_redis_t *r);
 /* Jobs submitted and not yet called back. */
 size_t evd_redis_pending(const evd_redis_t *r);
+/* No job pending and no re-delete (batch.redelete_after_ms) waiting or in flight. */
+bool evd_redis_idle(const evd_redis_t *r);
 const evd_redis_stats_t *evd_redis_stats(const evd_redis_t *r);
 const char *evd_redis_name(const evd_redis_t *r);
 /* True when cfg would need a new connection (url, credentials, db or timeout differ). */
@@ -79,7 +81,7 @@ bool evd_redis_cfg_differs(const evd_redis_t *r, const evd_target_cfg_t *cfg);
 /* A reload replaced the target: its queued jobs and those waiting in retry backoff are called
  * back at once with EVD_REDIS_MOVED, and so is every batch in flight that fails from now on
  * (instead of being retried here); batches Redis confirms finish as usual. Close it once
- * evd_redis_pending is 0. */
+ * evd_redis_idle (its confirmed batches' re-deletes have gone too). */
 void evd_redis_retire(evd_redis_t *r);
 /* Fails every pending job with -ECANCELED (callbacks run before this returns), disconnects,
  * closes the handles and frees r in the last close callback; then calls closed(arg) if set. */
