@@ -290,6 +290,12 @@ static void start_connect(evd_pg_t *pg)
         else if (strcmp(o->keyword, "hostaddr") == 0)
             hostaddr = o->val;
     }
+    /* PG* variables: libpq reads them at connect time, not PQconninfoParse; a host name from
+     * PGHOST is resolved here too, off the loop (a list of names is left to libpq). */
+    if (!host || !*host)
+        host = getenv("PGHOST");
+    if (!hostaddr || !*hostaddr)
+        hostaddr = getenv("PGHOSTADDR");
     unsigned char tmp[sizeof(struct in6_addr)];
     bool needs_dns = host && *host && host[0] != '/' && !strchr(host, ',') && !(hostaddr && *hostaddr) &&
                      inet_pton(AF_INET, host, tmp) != 1 && inet_pton(AF_INET6, host, tmp) != 1;

@@ -2725,6 +2725,27 @@ class DaemonTest(unittest.TestCase):
             t.join(5)
             ro.close()
 
+    def test_20f_pghost_name_resolved_off_the_loop(self):
+        """The SPEC has PG* variables work and no blocking lookup on the loop. A host name that
+        comes from PGHOST (the URL names none) used to be left to libpq, which resolves it with
+        a blocking getaddrinfo() inside the loop; now evictd resolves it off the loop first, as
+        one in the URL. Its error says whose lookup failed: evictd's "cannot resolve host"
+        rather than libpq's "could not translate host name"."""
+        cfg = self.config()
+        cfg["postgres"]["url"] = "port=%d user=postgres dbname=postgres" % self.pg.port
+        cfg["log"]["level"] = "debug"  # connect_failed was debug only before it became a warning
+        d = self.daemon(cfg)
+        d.env = dict(os.environ, PGHOST="evictd-test.invalid")
+        d.start()
+        rec = d.wait_log("connect_failed", 30, where=lambda r: r.get("conn") == "listen")
+        self.assertTrue(rec.get("error", "").startswith("cannot resolve host"), rec)
+        d.stop()
+        since = d.mark()
+        d.env = dict(os.environ, PGHOST="127.0.0.1")
+        self.start_ready(d)
+        self.step(d, "UPDATE products SET stock = 8 WHERE id = 2", [P(2), PL], [P(3)])
+        self.assertEqual(d.count("connect_failed", since=since), 0)
+
     def test_20d_postgres_unreachable_said_at_the_default_level(self):
         """PostgreSQL unreachable from the start: the first failed attempt of each connection is a
         warning that says why (it used to be logged at debug only, so at the default level
