@@ -283,22 +283,28 @@ static void start_connect(evd_pg_t *pg)
         PQfreemem(err);
         return;
     }
-    const char *host = NULL, *hostaddr = NULL;
+    const char *host = NULL, *hostaddr = NULL, *service = getenv("PGSERVICE");
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (strcmp(o->keyword, "host") == 0)
             host = o->val;
         else if (strcmp(o->keyword, "hostaddr") == 0)
             hostaddr = o->val;
+        else if (strcmp(o->keyword, "service") == 0 && o->val && *o->val)
+            service = o->val;
     }
     /* PG* variables: libpq reads them at connect time, not PQconninfoParse; a host name from
-     * PGHOST is resolved here too, off the loop (a list of names is left to libpq). */
-    if (!host || !*host)
+     * PGHOST is resolved here too, off the loop (a list of names is left to libpq). Not with a
+     * service file, whose host and hostaddr come before the variables (left to libpq). */
+    bool no_service = !service || !*service;
+    if ((!host || !*host) && no_service)
         host = getenv("PGHOST");
-    if (!hostaddr || !*hostaddr)
+    if ((!hostaddr || !*hostaddr) && no_service)
         hostaddr = getenv("PGHOSTADDR");
     unsigned char tmp[sizeof(struct in6_addr)];
-    bool needs_dns = host && *host && host[0] != '/' && !strchr(host, ',') && !(hostaddr && *hostaddr) &&
-                     inet_pton(AF_INET, host, tmp) != 1 && inet_pton(AF_INET6, host, tmp) != 1;
+    /* (a host that starts with '/' or '@' is a Unix socket, '@' an abstract one) */
+    bool needs_dns = host && *host && host[0] != '/' && host[0] != '@' && !strchr(host, ',') &&
+                     !(hostaddr && *hostaddr) && inet_pton(AF_INET, host, tmp) != 1 &&
+                     inet_pton(AF_INET6, host, tmp) != 1;
     if (needs_dns && pg->state != PG_CONNECTING) {
         pg->state = PG_RESOLVING;
         struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};

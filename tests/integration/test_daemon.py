@@ -2730,7 +2730,9 @@ class DaemonTest(unittest.TestCase):
         comes from PGHOST (the URL names none) used to be left to libpq, which resolves it with
         a blocking getaddrinfo() inside the loop; now evictd resolves it off the loop first, as
         one in the URL. Its error says whose lookup failed: evictd's "cannot resolve host"
-        rather than libpq's "could not translate host name"."""
+        rather than libpq's "could not translate host name". With a service file (PGSERVICE)
+        the service's host wins over PGHOST, as in libpq, and evictd leaves it to libpq (a
+        first version of this fix resolved PGHOST there and never connected)."""
         cfg = self.config()
         cfg["postgres"]["url"] = "port=%d user=postgres dbname=postgres" % self.pg.port
         cfg["log"]["level"] = "debug"  # connect_failed was debug only before it became a warning
@@ -2744,6 +2746,18 @@ class DaemonTest(unittest.TestCase):
         d.env = dict(os.environ, PGHOST="127.0.0.1")
         self.start_ready(d)
         self.step(d, "UPDATE products SET stock = 8 WHERE id = 2", [P(2), PL], [P(3)])
+        self.assertEqual(d.count("connect_failed", since=since), 0)
+        # A service file's host comes before PGHOST (libpq's order): evictd leaves it to libpq.
+        d.stop()
+        since = d.mark()
+        service = os.path.join(self.tmp, "pg_service.conf")
+        with open(service, "w") as f:
+            f.write("[evd]\nhost=127.0.0.1\nport=%d\n" % self.pg.port)
+        cfg["postgres"]["url"] = "user=postgres dbname=postgres"
+        d.write_config(cfg)
+        d.env = dict(os.environ, PGHOST="evictd-test.invalid", PGSERVICEFILE=service, PGSERVICE="evd")
+        self.start_ready(d)
+        self.step(d, "UPDATE products SET stock = 9 WHERE id = 2", [P(2), PL], [P(3)])
         self.assertEqual(d.count("connect_failed", since=since), 0)
 
     def test_20d_postgres_unreachable_said_at_the_default_level(self):
