@@ -53,6 +53,7 @@ struct evd_pg {
     pg_poll_t *poll;
     int poll_events;
     bool paused;
+    bool handing_on; /* evd_pg_take_notifies is delivering: a pause then only takes note */
     uv_timer_t timer;
     uv_getaddrinfo_t gai;
     bool gai_active;
@@ -533,7 +534,12 @@ static void step(evd_pg_t *pg)
         return;
     }
     if (!PQconsumeInput(pg->conn)) {
-        pg_reset(pg, "%s", PQerrorMessage(pg->conn));
+        /* What libpq read before the connection broke still goes out: notifications held while
+         * the listener was paused (backpressure) would be lost with it, and a notify-only
+         * change has nowhere else to come from. */
+        evd_pg_take_notifies(pg);
+        if (pg->state == PG_READY || pg->state == PG_LISTENING)
+            pg_reset(pg, "%s", PQerrorMessage(pg->conn));
         return;
     }
     for (int guard = 0; guard < 1000000; guard++) {
@@ -718,7 +724,7 @@ void evd_pg_pause(evd_pg_t *pg, bool paused)
     if (pg->paused == paused)
         return;
     pg->paused = paused;
-    if (pg->state == PG_READY) {
+    if (pg->state == PG_READY && !pg->handing_on) {
         if (!paused) {
             step(pg); /* deliver what arrived while paused */
             return;
@@ -731,11 +737,13 @@ void evd_pg_pause(evd_pg_t *pg, bool paused)
 void evd_pg_take_notifies(evd_pg_t *pg)
 {
     PGnotify *n;
+    pg->handing_on = true; /* the callback may pause: all of them still go (the socket may be gone) */
     while (pg->state == PG_READY && (n = PQnotifies(pg->conn)) != NULL) {
         if (pg->h.notify)
             pg->h.notify(pg, n->relname, n->extra, strlen(n->extra), pg->ud);
         PQfreemem(n);
     }
+    pg->handing_on = false;
 }
 
 static void handle_closed(uv_handle_t *h)

@@ -1462,6 +1462,43 @@ class DaemonTest(unittest.TestCase):
         finally:
             self.sql("SELECT evictd.unwatch('pings')")
 
+    def test_12b_held_notifications_outlive_a_dropped_listener(self):
+        """Backpressure: with batch.max_pending changes held (Redis frozen) the listener stops
+        taking notifications, and libpq keeps the ones it has read. When the server then drops
+        that connection (here its backend is killed), those used to go with it: notify-only
+        changes have nowhere else to come from. Now they are handed on first."""
+        cfg = self.config(rules=RULES + [{"table": "pings", "durable": False, "keys": ["routex:1:ping_{id}"]}],
+                          batch={"max_pending": 20},
+                          retry={"max_attempts": 1000, "initial_backoff_ms": 50, "max_backoff_ms": 200})
+        cfg["redis"]["default"]["timeout_ms"] = 20000  # the frozen server's answer, not a timeout
+        cfg["log"]["level"] = "debug"
+        d = self.daemon(cfg)
+        self.apply_sql(d.cfg_path)
+        n = 200
+        self.sql("INSERT INTO pings (id, note) SELECT g, 'x' FROM generate_series(10, %d) g" % (9 + n))
+        self.start_ready(d)
+        keys = ["routex:1:ping_%d" % i for i in range(10, 10 + n)]
+        self.fill(keys)
+        listen_pid = self.q1("SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")
+        since = d.mark()
+        self.rd.sigstop()
+        try:
+            self.sql("UPDATE pings SET note = 'y' WHERE id >= 10")  # 200 NOTIFYs at one commit
+            d.wait_log("paused", 10, since=since)
+            time.sleep(0.5)  # the listener has read what it reads
+            os.kill(listen_pid, signal.SIGKILL)  # the server restarts every backend
+            self.wait(lambda: self._pg_up(), 30, "PostgreSQL back after the crash", d)
+        finally:
+            self.rd.sigcont()
+        self.wait_gone(keys, d, timeout=20)
+        self.sql("SELECT evictd.unwatch('pings')")
+
+    def _pg_up(self):
+        try:
+            return self.q1("SELECT 1") == 1
+        except Exception:  # noqa: BLE001 - not yet
+            return False
+
     # -- 13 ----------------------------------------------------------------------------------
     def test_13_dry_run_deletes_and_acks_nothing(self):
         d = self.start_ready(self.daemon(), "--dry-run")
