@@ -56,7 +56,6 @@ static void process_incoming(daemon_t *d)
 }
 
 static void reap_retired(daemon_t *d);
-static void listen_old_close(daemon_t *d, bool hand_on);
 
 static void on_check(uv_check_t *h)
 {
@@ -68,8 +67,6 @@ static void on_check(uv_check_t *h)
      * to a server taken out of the config. */
     if (d->nretiring)
         reap_retired(d);
-    if (d->listen_old_done)
-        listen_old_close(d, true);
     evd_log_flush();
 }
 
@@ -133,24 +130,26 @@ void watches_loaded(const PGresult *res, const char *err, void *arg)
     maybe_drain(d);
 }
 
+/* Closes the listener a reload replaced, after handing on what it holds (hand_on; not when the
+ * database changes or evictd stops, as for the main listener). Its SELECT 1, if still pending,
+ * is failed by the close and calls back here: by then there is nothing to close. */
+static void listen_old_close(daemon_t *d, bool hand_on)
+{
+    evd_pg_t *old = d->listen_old;
+    if (!old)
+        return;
+    d->listen_old = NULL;
+    if (hand_on)
+        evd_pg_take_notifies(old);
+    evd_pg_close(old, NULL, NULL);
+}
+
+/* The round trip on the old listener is back (or failed: it is not listening either). */
 static void listen_old_synced(const PGresult *res, const char *err, void *arg)
 {
     (void)res;
     (void)err;
-    ((daemon_t *)arg)->listen_old_done = true;
-}
-
-/* Closes the listener a reload replaced, after handing on what it holds (hand_on; not when the
- * database changes or evictd stops, as for the main listener). */
-static void listen_old_close(daemon_t *d, bool hand_on)
-{
-    if (!d->listen_old)
-        return;
-    if (hand_on)
-        evd_pg_take_notifies(d->listen_old);
-    evd_pg_close(d->listen_old, NULL, NULL);
-    d->listen_old = NULL;
-    d->listen_old_done = false;
+    listen_old_close(arg, true);
 }
 
 static void listen_connected(evd_pg_t *pg, void *ud)
@@ -163,7 +162,7 @@ static void listen_connected(evd_pg_t *pg, void *ud)
     if (pg == d->listen && d->listen_old &&
         (!evd_pg_ready(d->listen_old) ||
          evd_pg_query(d->listen_old, "SELECT 1", 0, NULL, false, listen_old_synced, d) < 0))
-        d->listen_old_done = true;
+        listen_old_close(d, true);
     /* Notifications sent while we were away are lost: the outbox has them. */
     d->want_drain = true;
     maybe_drain(d);

@@ -142,7 +142,6 @@ struct daemon {
     cfgref_t *cfg;
     evd_pg_t *listen;
     evd_pg_t *listen_old;    /* the listener a reload replaced: it delivers until the new one listens */
-    bool listen_old_done;    /* ... and the round trip after that is back: close it (on_check) */
     claimer_t cl[NCLAIMERS]; /* cl[0] also reads evictd.watches and the backlog */
     claimer_t *claim_cl;     /* the claimer of the claim in flight, NULL when none */
     size_t claim_turn;       /* the claimer to try first next time */

@@ -2706,8 +2706,8 @@ class DaemonTest(unittest.TestCase):
         read-only: libpq closes that socket after the handshake and connects to the next host,
         usually under the same descriptor number. evictd follows it there (libuv registers the
         socket again because the poll events change; a review suspected a stall, this shows
-        none, also on the code before). The first host is a stub that answers the startup
-        handshake as a read-only server."""
+        none, also on the code before). The first host is a fake server that answers the
+        startup handshake as a read-only server."""
         ro = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         ro.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ro.bind(("127.0.0.1", 0))
@@ -2754,7 +2754,7 @@ class DaemonTest(unittest.TestCase):
             cfg["postgres"]["url"] = ("postgresql://postgres@127.0.0.1:%d,127.0.0.1:%d/postgres"
                                       "?target_session_attrs=read-write" % (ro.getsockname()[1], self.pg.port))
             d = self.start_ready(self.daemon(cfg))
-            self.assertGreaterEqual(len(served), 1, "the read-only stub was never asked")
+            self.assertGreaterEqual(len(served), 1, "the read-only fake server was never asked")
             self.assertEqual({r["port"] for r in d.find("connected") if r.get("conn")}, {str(self.pg.port)})
             self.step(d, "UPDATE products SET stock = 6 WHERE id = 2", [P(2), PL], [P(3)])
         finally:
